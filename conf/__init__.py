@@ -1,0 +1,1 @@
+"""Hydra configuration tree of wsol-bench (installed as wsol_bench.conf)."""

@@ -1,0 +1,137 @@
+"""The sample every dataset yields, the one transform that moves image and ground truth
+together, and the batch collation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+IGNORE_INDEX = 255  # mask value excluded from every pixel metric (VOC's "void")
+
+
+@dataclass
+class Sample:
+    """One image with its ground truth.
+
+    image: uint8 [3, H, W] as decoded, or float [3, H, W] normalised after `transform`.
+    boxes: float [K, 4] xyxy with continuous pixel edges in the coordinates of `image`
+        (a pixel column x spans [x, x+1)).
+    box_labels: long [K], the class of each box (the image label for single-class data).
+    mask: optional uint8 [H, W] semantic mask: 0 background, class index + 1 on objects,
+        255 ignore.
+    orig_boxes: the boxes in the coordinates of the image as stored on disk; protocols that
+        rasterise in the original integer convention (AG-CAM's GT boxes) read these.
+    orig_size: (width, height) of the image as stored on disk.
+    """
+
+    image: torch.Tensor
+    label: int
+    boxes: torch.Tensor
+    image_id: str
+    orig_size: tuple[int, int]
+    box_labels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    orig_boxes: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
+        if self.box_labels is None:
+            self.box_labels = torch.full((len(self.boxes),), int(self.label), dtype=torch.long)
+        if self.orig_boxes is None:
+            self.orig_boxes = self.boxes.clone()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the current image."""
+        return int(self.image.shape[-1]), int(self.image.shape[-2])
+
+
+def resize_sample(sample: Sample, size: tuple[int, int], interpolation: str = "bilinear") -> Sample:
+    """Squash-resize image, boxes and mask to `size` = (height, width), as the paper's
+    `Resize((224, 224))` does. Boxes scale with the image; the mask uses nearest neighbour so
+    class indices and the ignore value survive unchanged."""
+    height, width = size
+    w0, h0 = sample.size
+    if (h0, w0) == (height, width):
+        return sample
+    mode = TF.InterpolationMode(interpolation)
+    image = TF.resize(sample.image, [height, width], interpolation=mode, antialias=True)
+    scale = torch.tensor([width / w0, height / h0, width / w0, height / h0])
+    mask = sample.mask
+    if mask is not None:
+        mask = TF.resize(mask[None], [height, width], interpolation=TF.InterpolationMode.NEAREST)[0]
+    return replace(sample, image=image, boxes=sample.boxes * scale, mask=mask)
+
+
+def normalize_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 normalised with the model's mean and std."""
+    x = image.float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class EvalTransform:
+    """Resize image + ground truth to the model input and normalise the image.
+
+    The one place where a sample enters model space: after it, boxes and masks live in the
+    coordinates of the image the model sees, so every metric compares like with like."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bilinear") -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.interpolation = interpolation
+
+    def __call__(self, sample: Sample) -> Sample:
+        sample = resize_sample(sample, self.size, self.interpolation)
+        return replace(sample, image=normalize_image(sample.image, self.mean, self.std))
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std}, "
+                f"interpolation={self.interpolation!r})")
+
+
+@dataclass
+class Batch:
+    """A collated batch: stacked images and labels, per-image ground truth in lists."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def collate_samples(samples: list[Sample]) -> Batch:
+    """Stack images (they share one size after `EvalTransform`); keep ground truth per image."""
+    images = torch.stack([s.image for s in samples])
+    labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
+    return Batch(images=images, labels=labels, samples=samples)
+
+
+def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixels whose centre lies inside any continuous xyxy box; bool [H, W]."""
+    height, width = size
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    if len(boxes) == 0:
+        return torch.zeros(height, width, dtype=torch.bool)
+    b = boxes.float()
+    inside_y = (ys[None, :] > b[:, 1:2]) & (ys[None, :] < b[:, 3:4])  # [K, H]
+    inside_x = (xs[None, :] > b[:, 0:1]) & (xs[None, :] < b[:, 2:3])  # [K, W]
+    return (inside_y[:, :, None] & inside_x[:, None, :]).any(0)
+
+
+def pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad the first dimension of x with zeros to length n (helper for ragged stacking)."""
+    if len(x) >= n:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, n - len(x)))

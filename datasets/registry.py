@@ -1,0 +1,41 @@
+"""Dataset registry: names used in configs -> builder functions."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+
+from .synthetic import SyntheticShapes
+
+_BUILDERS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: make a dataset builder available under `name`."""
+    def wrap(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        _BUILDERS[name] = fn
+        return fn
+    return wrap
+
+
+@register_dataset("synthetic")
+def _synthetic(**params: Any) -> Dataset:
+    return SyntheticShapes(two_class=False, **params)
+
+
+@register_dataset("synthetic_two_class")
+def _synthetic_two_class(**params: Any) -> Dataset:
+    return SyntheticShapes(two_class=True, **params)
+
+
+def available() -> list[str]:
+    """Names of the registered datasets."""
+    return sorted(_BUILDERS)
+
+
+def build_dataset(name: str, *, transform=None, **params: Any) -> Dataset:
+    """Build dataset `name` with its parameters; an unknown name lists the valid ones."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(available())}")
+    return _BUILDERS[name](transform=transform, **params)

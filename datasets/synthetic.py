@@ -1,0 +1,211 @@
+"""The built-in synthetic localization dataset.
+
+Every image is a pure function of (seed, split, index): a cluttered background (a two-colour
+gradient, low-frequency noise, random lines) with one to three instances of the labelled shape
+class drawn with a random colour, size, rotation, aspect and texture. Masks and boxes are
+exact because the image is drawn from the masks. The `two_class` variant draws one instance
+each of two different classes, for class-sensitivity checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from .base import Sample
+
+CLASS_NAMES = ("circle", "triangle", "square", "star", "cross", "ring")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass
+class Scene:
+    """A rendered synthetic image with its instances."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    label: int  # the labelled class
+    instance_masks: np.ndarray  # bool [K, H, W], visible pixels of each instance
+    instance_labels: np.ndarray  # int [K]
+
+
+def _shape_polygon(cls: str, radius: float, angle: float, aspect: float) -> list[np.ndarray]:
+    """Outline(s) of a shape centred at the origin; a second polygon is a hole (ring)."""
+    def rotate(points: np.ndarray) -> np.ndarray:
+        points = points * np.array([aspect, 1.0 / aspect])
+        c, s = math.cos(angle), math.sin(angle)
+        return points @ np.array([[c, s], [-s, c]])
+
+    def regular(n: int, r: float, phase: float = 0.0) -> np.ndarray:
+        t = phase + np.arange(n) * 2 * math.pi / n
+        return r * np.stack([np.cos(t), np.sin(t)], 1)
+
+    if cls == "circle":
+        return [rotate(regular(64, radius))]
+    if cls == "ring":
+        return [rotate(regular(64, radius)), rotate(regular(64, radius * 0.55))]
+    if cls == "triangle":
+        return [rotate(regular(3, radius, -math.pi / 2))]
+    if cls == "square":
+        return [rotate(regular(4, radius, math.pi / 4))]
+    if cls == "star":
+        outer = regular(5, radius, -math.pi / 2)
+        inner = regular(5, radius * 0.42, -math.pi / 2 + math.pi / 5)
+        return [rotate(np.stack([outer, inner], 1).reshape(-1, 2))]
+    if cls == "cross":
+        a, b = radius, radius * 0.33
+        pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a],
+                        [-b, b], [-a, b], [-a, -b], [-b, -b]])
+        return [rotate(pts)]
+    raise ValueError(f"unknown synthetic class {cls!r}; valid: {CLASS_NAMES}")
+
+
+def _rasterise(polygons: list[np.ndarray], center: tuple[float, float], size: int) -> np.ndarray:
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, poly in enumerate(polygons):
+        pts = [(float(x + center[0]), float(y + center[1])) for x, y in poly]
+        draw.polygon(pts, fill=0 if i else 1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = np.linspace(0, 1, size)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None])
+    ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
+    img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    # Low-frequency noise: a coarse random grid upsampled, so the background has blotches
+    # at the scale of objects, not just pixel noise the model could ignore.
+    coarse = rng.normal(0, 28, (6, 6, 3)).astype(np.float32)
+    noise = np.asarray(Image.fromarray(coarse[..., 0]).resize((size, size), Image.BICUBIC))
+    img += np.stack([noise] * 3, -1) * rng.uniform(0.3, 1.0, 3)
+    img += rng.normal(0, 6, (size, size, 3))
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 12))):  # clutter: lines of random colour and width
+        pts = [tuple(map(float, rng.uniform(0, size, 2))) for _ in range(int(rng.integers(2, 4)))]
+        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)),
+                  width=int(rng.integers(1, 4)))
+    return np.asarray(canvas, dtype=np.float32)
+
+
+def _texture(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarray:
+    kind = rng.integers(0, 3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == 0:  # solid
+        return np.broadcast_to(base, (size, size, 3)).copy()
+    other = np.clip(base + rng.uniform(-90, 90, 3), 0, 255)
+    if kind == 1:  # stripes
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(5, 14)
+        wave = (np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period) > 0)
+    else:  # checks
+        period = rng.uniform(6, 14)
+        wave = ((xx // period + yy // period) % 2) == 0
+    return np.where(wave[..., None], base, other)
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    for _ in range(20):
+        colour = rng.uniform(0, 255, 3)
+        if np.abs(colour - background).sum() > 150:
+            return colour
+    return 255.0 - background
+
+
+def render_scene(index: int, *, seed: int = 0, split: str = "val", size: int = 224,
+                 two_class: bool = False, num_classes: int = len(CLASS_NAMES)) -> Scene:
+    """Draw scene `index` of `split`; the same arguments always give the same pixels."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
+    # Separate streams per split make train and val disjoint by construction.
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], int(two_class), index])
+    label = int(rng.integers(0, num_classes))
+    if two_class:
+        other = int((label + rng.integers(1, num_classes)) % num_classes)
+        classes = [label, other]
+    else:
+        classes = [label] * int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+    image = _background(rng, size)
+    masks: list[np.ndarray] = []
+    taken = np.zeros((size, size), dtype=bool)
+    lo, hi = (0.16, 0.30) if len(classes) > 1 else (0.18, 0.40)
+    for cls in classes:
+        for _attempt in range(30):
+            radius = rng.uniform(lo, hi) * size / 2 * 1.6
+            cx, cy = rng.uniform(radius * 0.9, size - radius * 0.9, 2)
+            polys = _shape_polygon(CLASS_NAMES[cls], radius, rng.uniform(0, 2 * math.pi),
+                                   rng.uniform(0.85, 1.15))
+            mask = _rasterise(polys, (cx, cy), size)
+            # Keep instances apart (with a margin) so every box is one object.
+            grown = _rasterise([p * 1.15 for p in polys[:1]], (cx, cy), size)
+            if mask.sum() > 30 and not (grown & taken).any():
+                break
+        taken |= _rasterise([p * 1.15 for p in polys[:1]], (cx, cy), size)
+        local_bg = image[mask].mean(0) if mask.any() else image.mean((0, 1))
+        tex = _texture(rng, size, _contrasting_colour(rng, local_bg))
+        image[mask] = tex[mask]
+        for m in masks:  # later instances occlude earlier ones
+            m &= ~mask
+        masks.append(mask)
+    labels = np.array(classes)
+    keep = np.array([m.any() for m in masks])
+    return Scene(image=np.clip(image, 0, 255).astype(np.uint8), label=label,
+                 instance_masks=np.stack(masks)[keep], instance_labels=labels[keep])
+
+
+def mask_boxes(instance_masks: np.ndarray) -> torch.Tensor:
+    """Continuous xyxy box of each instance mask: [x0, y0, x1 + 1, y1 + 1]."""
+    boxes = []
+    for m in instance_masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+class SyntheticShapes(Dataset):
+    """Procedural shapes dataset; `transform` maps a `Sample` (e.g. `EvalTransform`)."""
+
+    class_names = CLASS_NAMES
+
+    def __init__(self, split: str = "val", num_images: int = 500, *, seed: int = 0,
+                 image_size: int = 224, two_class: bool = False, transform=None) -> None:
+        if split not in SPLIT_CODES:
+            raise ValueError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
+        if num_images < 1:
+            raise ValueError(f"synthetic: num_images must be >= 1, got {num_images}")
+        self.split, self.num_images, self.seed = split, int(num_images), int(seed)
+        self.image_size, self.two_class, self.transform = int(image_size), two_class, transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(CLASS_NAMES)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
+        scene = render_scene(index, seed=self.seed, split=self.split, size=self.image_size,
+                             two_class=self.two_class)
+        semantic = np.zeros(scene.image.shape[:2], dtype=np.uint8)
+        for m, lab in zip(scene.instance_masks, scene.instance_labels):
+            semantic[m] = lab + 1
+        boxes = mask_boxes(scene.instance_masks)
+        sample = Sample(
+            image=torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),
+            label=scene.label,
+            boxes=boxes,
+            box_labels=torch.from_numpy(scene.instance_labels).long(),
+            mask=torch.from_numpy(semantic),
+            image_id=f"synthetic{'2c' if self.two_class else ''}_{self.split}_{self.seed}_{index:06d}",
+            orig_size=(self.image_size, self.image_size),
+        )
+        return self.transform(sample) if self.transform is not None else sample

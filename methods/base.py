@@ -1,0 +1,100 @@
+"""The explainer contract: `Explainer(model, **params)(images, targets) -> Explanation`.
+
+The base class owns what every method shares (device and dtype handling, target resolution
+and validation, the patch grid and prefix tokens); a method overrides `explain` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wsol_bench.capture import require_class_token
+from wsol_bench.models import patch_grid
+
+
+@dataclass
+class Explanation:
+    """Raw explanation of a batch.
+
+    maps: float32 [B, gh, gw], raw and unnormalised, on the model's patch grid.
+    logits: [B, C] of the unperturbed images. targets: [B], the class each map explains.
+    target_source: "given" or "predicted". class_specific: False for methods (rollout,
+    random, center) whose map does not depend on the target.
+    """
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    target_source: str
+    class_specific: bool = True
+
+
+class Explainer:
+    """Base class of every explainer. Subclasses set `name` and implement `explain`."""
+
+    name = "explainer"
+    class_specific = True
+    needs_class_token = True
+
+    def __init__(self, model: nn.Module, **params) -> None:
+        if params:
+            raise TypeError(f"{self.name}: unknown parameters {sorted(params)}")
+        self.model = model
+        if self.needs_class_token:
+            require_class_token(model, self.name)
+        self.grid = patch_grid(model)
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Explanation:
+        images = images.to(self.device, torch.float32)
+        if targets is not None:
+            targets = torch.as_tensor(targets, dtype=torch.long, device=self.device).reshape(-1)
+            if len(targets) != len(images):
+                raise ValueError(f"{self.name}: {len(targets)} targets for {len(images)} images")
+        maps, logits, used = self.explain(images, targets)
+        return Explanation(maps=maps.detach().float(), logits=logits.detach(), targets=used.detach(),
+                           target_source="given" if targets is not None else "predicted",
+                           class_specific=self.class_specific)
+
+    def explain(self, images: torch.Tensor, targets: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (maps [B, gh, gw], logits [B, C], targets [B])."""
+        raise NotImplementedError
+
+    # -- helpers shared by methods --------------------------------------------------------------
+    def resolve_targets(self, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The given targets (checked against the number of classes), else the predictions."""
+        if targets is None:
+            return logits.argmax(1)
+        num_classes = logits.shape[1]
+        bad = (targets < 0) | (targets >= num_classes)
+        if bad.any():
+            raise ValueError(f"{self.name}: target {int(targets[bad][0])} is out of range for "
+                             f"{type(self.model).__name__} with {num_classes} classes")
+        return targets
+
+    def patch_map(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """[B, N] scores over all tokens -> [B, gh, gw] over the patch tokens."""
+        gh, gw = self.grid
+        patches = token_scores[:, self.num_prefix:]
+        if patches.shape[1] != gh * gw:
+            raise ValueError(f"{self.name}: {patches.shape[1]} patch tokens do not fill the "
+                             f"{gh}x{gw} grid of {type(self.model).__name__}")
+        return patches.reshape(-1, gh, gw)
+
+    @torch.no_grad()
+    def logits_only(self, images: torch.Tensor) -> torch.Tensor:
+        """One inference pass, for methods whose map does not need the model."""
+        return self.model(images)
+
+
+def target_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_b logits[b, t_b]: in eval mode each image's gradient of this sum is its own."""
+    return logits.gather(1, targets[:, None]).sum()

@@ -1,0 +1,31 @@
+"""Raw patch-grid maps -> heatmaps at the evaluation size (PROTOCOL 3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsample [B, gh, gw] maps bilinearly (align_corners=False) to `size` = (H, W), THEN
+    min-max normalise each image to [0, 1].
+
+    Returns (heatmaps [B, H, W] float32, degenerate [B] bool). A map that is constant or
+    holds any non-finite value is degenerate: its heatmap is all zeros, never NaN.
+    """
+    maps = maps.float()
+    finite = torch.isfinite(maps).flatten(1).all(1)
+    safe = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
+    up = F.interpolate(safe[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    flat = up.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    degenerate = ~finite | ~(hi > lo)
+    span = torch.where(degenerate, torch.ones_like(hi), hi - lo)
+    heat = (up - lo[:, None, None]) / span[:, None, None]
+    heat = torch.where(degenerate[:, None, None], torch.zeros_like(heat), heat)
+    return heat, degenerate
+
+
+def binarize(heatmaps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """heatmap > threshold (strictly greater, as the AG-CAM and wsolevaluation code do)."""
+    return heatmaps > threshold

@@ -1,0 +1,40 @@
+"""AG-CAM pixel scores (PROTOCOL 4.1): pixel accuracy, IoU, Dice, precision, recall from the
+per-image confusion counts of a predicted and a ground-truth mask, with eps = 1e-5."""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+PIXEL_METRICS = ("pixel_acc", "iou", "dice", "precision", "recall")
+
+
+def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """tp, fp, fn, tn per image (float64 [B]) over [B, H, W] bool masks; pixels where `valid`
+    is False (ignore labels) are not counted anywhere."""
+    pred, gt = pred.bool(), gt.bool()
+    if valid is None:
+        valid = torch.ones_like(pred)
+    valid = valid.bool()
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        return (x & valid).flatten(1).sum(1).double()
+
+    return {"tp": count(pred & gt), "fp": count(pred & ~gt), "fn": count(~pred & gt),
+            "tn": count(~pred & ~gt)}
+
+
+def pixel_scores(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The five AG-CAM scores per image, as fractions (float64 [B] each)."""
+    c = confusion_counts(pred, gt, valid)
+    tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
+    total = tp + fp + fn + tn
+    return {
+        "pixel_acc": (tp + tn + EPS) / (total + EPS),
+        "iou": (tp + EPS) / (tp + fp + fn + EPS),
+        "dice": (2 * tp + EPS) / (2 * tp + fp + fn + EPS),
+        "precision": (tp + EPS) / (tp + fp + EPS),
+        "recall": (tp + EPS) / (tp + fn + EPS),
+    }

@@ -1,0 +1,213 @@
+"""Loading the Vision Transformers the benchmark explains.
+
+`load_model` builds any timm VisionTransformer by name, with weights from a timm pretrained
+tag (timm's own download and cache), a local checkpoint (safetensors or .pth), or the model
+shipped with the package; it returns the model in eval mode with fused attention switched off
+on every attention module and parameters frozen, ready for the explainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+# Models shipped inside the package: name -> (timm architecture, its kwargs, weights file).
+SHIPPED_MODELS: dict[str, dict[str, Any]] = {
+    "wsol_synthetic_vit": {
+        "architecture": "vit_tiny_patch16_224",
+        "kwargs": {"embed_dim": 96, "depth": 6, "num_heads": 3, "num_classes": 6,
+                   "img_size": 224, "patch_size": 16},
+        "weights": "wsol_synthetic_vit.safetensors",
+        "data_config": {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5),
+                        "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"},
+    },
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be built or its weights could not be loaded; the message says why
+    and what to do."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a model expects."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+
+def shipped_weights_path(name: str) -> Path:
+    """Location of a shipped model's safetensors file inside the installed package."""
+    spec = SHIPPED_MODELS[name]
+    return Path(str(resources.files("wsol_bench") / "weights" / spec["weights"]))
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DataParallel/DDP save "module.", Lightning-style wrappers save "model."; both may stack.
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "model."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from a .safetensors file or a .pth/.pt file (loaded with weights_only=True);
+    a {"state_dict": ...} or {"model": ...} wrapper is unwrapped and prefixes stripped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {path} (pass an existing file as "
+                             "model.checkpoint=...)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle with arbitrary objects, truncated files, ...
+            raise ModelLoadError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                                 f"{exc}. Re-save it as a plain state dict or safetensors.") from exc
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
+    return _strip_prefixes(state)
+
+
+def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
+    head = state.get("head.weight")
+    return int(head.shape[0]) if head is not None else None
+
+
+def disable_fused_attention(model: nn.Module) -> int:
+    """Switch every attention module to the explicit softmax path so hooks see the attention
+    matrix; returns how many modules were switched. Raises if one cannot be switched."""
+    count = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "fused_attn"):
+            try:
+                module.fused_attn = False
+            except Exception as exc:
+                raise ModelLoadError(f"cannot switch off fused attention in {name} "
+                                     f"({type(module).__name__}): {exc}") from exc
+            if module.fused_attn:
+                raise ModelLoadError(f"fused attention in {name} ({type(module).__name__}) "
+                                     "stayed on; explainers would see no attention")
+            count += 1
+    return count
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
+            known = sorted(SHIPPED_MODELS) + ["any timm model, e.g. vit_base_patch16_224.orig_in21k_ft_in1k"]
+            raise ModelLoadError(f"unknown model {name!r}: {exc}. Valid: {', '.join(known)}") from exc
+        raise
+
+
+def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
+    model = timm.create_model(name, pretrained=False)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    source = cfg.get("hf_hub_id") or cfg.get("url") or "timm's pretrained source"
+    filename = cfg.get("hf_hub_filename") or (cfg.get("url", "").rsplit("/", 1)[-1] or "the weights file")
+    return ModelLoadError(
+        f"pretrained weights for {name!r} could not be fetched ({type(exc).__name__}: {exc}). "
+        f"Without network, download {filename} from {source} on another machine and either pass "
+        f"model.checkpoint=/path/to/{filename} (with model.pretrained=false), or place it in the "
+        "Hugging Face hub cache (HF_HOME) / torch hub cache (TORCH_HOME/hub/checkpoints) where "
+        "timm looks for it.")
+
+
+def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
+               num_classes: int | None = None, device: str | torch.device = "cpu",
+               **timm_kwargs: Any) -> nn.Module:
+    """Build timm model `name` ready for explanation: eval mode, fused attention off,
+    parameters frozen, on `device`.
+
+    Weights come from the shipped file (shipped names), a timm pretrained tag
+    (`pretrained=True`), or `checkpoint` (a local .safetensors/.pth). `num_classes` is checked
+    against the checkpoint's head: a mismatch is an error, never a silently new head.
+    """
+    if name in SHIPPED_MODELS:
+        spec = SHIPPED_MODELS[name]
+        kwargs = {**spec["kwargs"], **timm_kwargs}
+        if checkpoint is None:
+            checkpoint = shipped_weights_path(name)
+            if not Path(checkpoint).is_file():
+                raise ModelLoadError(f"shipped weights missing: {checkpoint}; reinstall wsol-bench "
+                                     "or retrain with scripts/train_synthetic.py")
+        model = _create(spec["architecture"], pretrained=False, **kwargs)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **spec["data_config"],
+                                "architecture": name}
+    elif checkpoint is not None:
+        state = read_checkpoint(checkpoint)
+        ckpt_classes = _num_classes_in(state)
+        kwargs = dict(timm_kwargs)
+        if ckpt_classes is not None:
+            kwargs.setdefault("num_classes", ckpt_classes)
+        model = _create(name, pretrained=False, **kwargs)
+    else:
+        kwargs = dict(timm_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        try:
+            model = _create(name, pretrained=pretrained, **kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # network errors surface as many types (OSError, HTTP, hub)
+            if pretrained:
+                raise _pretrained_help(name, exc) from exc
+            raise
+
+    if checkpoint is not None:
+        state = read_checkpoint(checkpoint)
+        head_classes = _num_classes_in(state)
+        model_classes = getattr(model, "num_classes", None)
+        if num_classes is not None and head_classes is not None and head_classes != num_classes:
+            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+                                 f"num_classes={num_classes} was requested (dataset classes)")
+        if head_classes is not None and model_classes is not None and head_classes != model_classes:
+            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+                                 f"model {name} was built with {model_classes} classes")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not match {name}: missing "
+                                 f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    elif num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        raise ModelLoadError(f"model {name} has {model.num_classes} classes but num_classes="
+                             f"{num_classes} was requested")
+
+    disable_fused_attention(model)
+    model.requires_grad_(False)  # explainers take gradients w.r.t. activations, never weights
+    return model.eval().to(device)
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """Input size, mean, std and interpolation the model expects (timm's pretrained config)."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return DataConfig(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]),
+                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"))
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the patch grid, read from the model, never assumed."""
+    grid = model.patch_embed.grid_size
+    return int(grid[0]), int(grid[1])

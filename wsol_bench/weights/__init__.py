@@ -1,0 +1,1 @@
+"""Weights of the models shipped with wsol-bench."""
