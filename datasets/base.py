@@ -3,11 +3,10 @@ together, and the batch collation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 IGNORE_INDEX = 255  # mask value excluded from every pixel metric (VOC's "void")
@@ -36,7 +35,6 @@ class Sample:
     box_labels: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     orig_boxes: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
@@ -129,9 +127,3 @@ def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     inside_x = (xs[None, :] > b[:, 0:1]) & (xs[None, :] < b[:, 2:3])  # [K, W]
     return (inside_y[:, :, None] & inside_x[:, None, :]).any(0)
 
-
-def pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad the first dimension of x with zeros to length n (helper for ragged stacking)."""
-    if len(x) >= n:
-        return x
-    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, n - len(x)))

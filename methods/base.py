@@ -38,6 +38,9 @@ class Explainer:
     name = "explainer"
     class_specific = True
     needs_class_token = True
+    # False for methods whose map needs no model pass (baselines): they implement
+    # `model_free_map` and reuse logits the caller already has instead of a second forward.
+    uses_model = True
 
     def __init__(self, model: nn.Module, **params) -> None:
         if params:
@@ -52,13 +55,21 @@ class Explainer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Explanation:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None, *,
+                 logits: torch.Tensor | None = None) -> Explanation:
+        """Explain `images` for `targets` (None: the predicted classes). `logits` of the same
+        images, when the caller has them, spare model-free methods a forward pass."""
         images = images.to(self.device, torch.float32)
         if targets is not None:
             targets = torch.as_tensor(targets, dtype=torch.long, device=self.device).reshape(-1)
             if len(targets) != len(images):
                 raise ValueError(f"{self.name}: {len(targets)} targets for {len(images)} images")
-        maps, logits, used = self.explain(images, targets)
+        if self.uses_model:
+            maps, logits, used = self.explain(images, targets)
+        else:
+            logits = self.logits_only(images) if logits is None else logits.to(self.device)
+            used = self.resolve_targets(logits, targets)
+            maps = self.model_free_map(images, used)
         return Explanation(maps=maps.detach().float(), logits=logits.detach(), targets=used.detach(),
                            target_source="given" if targets is not None else "predicted",
                            class_specific=self.class_specific)
@@ -66,6 +77,10 @@ class Explainer:
     def explain(self, images: torch.Tensor, targets: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (maps [B, gh, gw], logits [B, C], targets [B])."""
+        raise NotImplementedError
+
+    def model_free_map(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[B, gh, gw] map of a method with `uses_model = False`."""
         raise NotImplementedError
 
     # -- helpers shared by methods --------------------------------------------------------------

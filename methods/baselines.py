@@ -18,21 +18,20 @@ class RandomMap(Explainer):
 
     class_specific = False
     needs_class_token = False
+    uses_model = False
 
     def __init__(self, model, seed: int = 0) -> None:
         super().__init__(model)
         self.seed = int(seed)
 
-    def explain(self, images, targets):
-        logits = self.logits_only(images)
-        used = self.resolve_targets(logits, targets)
+    def model_free_map(self, images, targets):
         maps = []
         for image in images:
             digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8,
                                      key=self.seed.to_bytes(8, "little", signed=True)).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
             maps.append(torch.rand(self.grid, generator=gen))
-        return torch.stack(maps).to(images.device), logits, used
+        return torch.stack(maps).to(images.device)
 
 
 @register_explainer("center")
@@ -41,6 +40,7 @@ class CenterGaussian(Explainer):
 
     class_specific = False
     needs_class_token = False
+    uses_model = False
 
     def __init__(self, model, sigma: float = 0.25) -> None:
         super().__init__(model)
@@ -48,11 +48,9 @@ class CenterGaussian(Explainer):
             raise ValueError(f"center: sigma={sigma} must be > 0")
         self.sigma = float(sigma)
 
-    def explain(self, images, targets):
-        logits = self.logits_only(images)
-        used = self.resolve_targets(logits, targets)
+    def model_free_map(self, images, targets):
         gh, gw = self.grid
         ys = (torch.arange(gh, dtype=torch.float32) + 0.5 - gh / 2) / (self.sigma * gh)
         xs = (torch.arange(gw, dtype=torch.float32) + 0.5 - gw / 2) / (self.sigma * gw)
         gauss = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
-        return gauss.expand(len(images), gh, gw).to(images.device), logits, used
+        return gauss.expand(len(images), gh, gw).to(images.device)

@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--render-cache", type=Path, default=None,
+                        help="folder to keep the rendered images in, so reruns skip rendering")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "wsol_bench" / "weights" / "wsol_synthetic_vit.safetensors")
     args = parser.parse_args()
@@ -90,8 +92,15 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     start = time.time()
-    train_x, train_y = render_split("train", args.train_images, 0, args.workers)
-    val_x, val_y = render_split("val", args.val_images, 0, args.workers)
+    cache = args.render_cache / f"synthetic_{args.train_images}_{args.val_images}.pt" if args.render_cache else None
+    if cache is not None and cache.is_file():
+        train_x, train_y, val_x, val_y = torch.load(cache, weights_only=True)
+    else:
+        train_x, train_y = render_split("train", args.train_images, 0, args.workers)
+        val_x, val_y = render_split("val", args.val_images, 0, args.workers)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((train_x, train_y, val_x, val_y), cache)
     render_s = time.time() - start
     print(f"rendered {len(train_x)} train + {len(val_x)} val images in {render_s:.0f}s", flush=True)
 

@@ -1,6 +1,7 @@
 """Recording what explainers need from the attention blocks of a timm ViT.
 
-`AttentionCapture` is a context manager: inside it, one forward pass of the model records,
+`AttentionCapture` is a context manager: inside it (with fused attention switched off on
+every attention module, and restored on exit), one forward pass of the model records,
 per block and for the whole batch, the post-softmax attention matrix (kept in the autograd
 graph when gradients are wanted) and, optionally, the scaled pre-softmax CLS-row scores
 computed in float32 from the module's own q and k (after q_norm/k_norm). It can detach the
@@ -38,11 +39,6 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             raise UnsupportedModelError(
                 f"{name}: block {i} ({type(block).__name__}) has no standard timm Attention "
                 f"(missing {', '.join(missing)}); this block type is not supported")
-        if getattr(attn, "fused_attn", False):
-            raise UnsupportedModelError(
-                f"{name}: block {i} uses fused attention, which never forms the attention "
-                "matrix; load the model with wsol_bench.models.load_model or call "
-                "wsol_bench.models.disable_fused_attention(model)")
         modules.append(attn)
     return modules
 
@@ -84,6 +80,7 @@ class AttentionCapture:
         self.scores: list[torch.Tensor] = []
         self._queries: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
+        self._fused_before: list[tuple[nn.Module, bool]] = []
 
     # -- hooks ------------------------------------------------------------------------------
     def _detach_hook(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -112,9 +109,25 @@ class AttentionCapture:
         return hook
 
     # -- context ----------------------------------------------------------------------------
+    def _switch_off_fused(self, index: int, attn: nn.Module) -> None:
+        # Fused SDPA never forms the attention matrix; switch it off for this pass only.
+        if not hasattr(attn, "fused_attn"):
+            return
+        self._fused_before.append((attn, attn.fused_attn))
+        try:
+            attn.fused_attn = False
+        except Exception as exc:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: cannot switch off fused "
+                                        f"attention in block {index}: {exc}") from exc
+        if attn.fused_attn:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: fused attention in block "
+                                        f"{index} cannot be switched off; its attention matrix "
+                                        "is never formed, so it cannot be explained")
+
     def __enter__(self) -> "AttentionCapture":
         try:
             for i, attn in enumerate(self.modules):
+                self._switch_off_fused(i, attn)
                 if self.detach_input:
                     self._handles.append(attn.register_forward_pre_hook(self._detach_hook, with_kwargs=True))
                 self._handles.append(attn.attn_drop.register_forward_hook(self._attention_hook(i)))
@@ -135,6 +148,12 @@ class AttentionCapture:
             handle.remove()
         self._handles.clear()
         self._queries.clear()
+        for attn, fused in reversed(self._fused_before):
+            try:
+                attn.fused_attn = fused
+            except Exception:  # a module that refused the switch keeps its own setting
+                pass
+        self._fused_before.clear()
 
     def reset(self) -> None:
         """Forget what was recorded (before a second forward inside the same context)."""

@@ -17,13 +17,14 @@ def to_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor
     finite = torch.isfinite(maps).flatten(1).all(1)
     safe = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
     up = F.interpolate(safe[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    up = up.double()  # float64: the range of an extreme (but finite) map cannot overflow
     flat = up.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     degenerate = ~finite | ~(hi > lo)
     span = torch.where(degenerate, torch.ones_like(hi), hi - lo)
     heat = (up - lo[:, None, None]) / span[:, None, None]
     heat = torch.where(degenerate[:, None, None], torch.zeros_like(heat), heat)
-    return heat, degenerate
+    return heat.float(), degenerate
 
 
 def binarize(heatmaps: torch.Tensor, threshold: float) -> torch.Tensor:

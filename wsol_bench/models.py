@@ -124,16 +124,18 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
-    model = timm.create_model(name, pretrained=False)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    source = cfg.get("hf_hub_id") or cfg.get("url") or "timm's pretrained source"
-    filename = cfg.get("hf_hub_filename") or (cfg.get("url", "").rsplit("/", 1)[-1] or "the weights file")
-    return ModelLoadError(
-        f"pretrained weights for {name!r} could not be fetched ({type(exc).__name__}: {exc}). "
-        f"Without network, download {filename} from {source} on another machine and either pass "
-        f"model.checkpoint=/path/to/{filename} (with model.pretrained=false), or place it in the "
-        "Hugging Face hub cache (HF_HOME) / torch hub cache (TORCH_HOME/hub/checkpoints) where "
-        "timm looks for it.")
+    cfg = getattr(timm.create_model(name, pretrained=False), "pretrained_cfg", {}) or {}
+    sources = []
+    if cfg.get("hf_hub_id"):
+        sources.append(f"the Hugging Face hub repo {cfg['hf_hub_id']} (model.safetensors; put the "
+                       "repo in the hub cache, HF_HOME, and set HF_HUB_OFFLINE=1)")
+    if cfg.get("url"):
+        filename = cfg["url"].rsplit("/", 1)[-1]
+        sources.append(f"the file {filename} from {cfg['url']} (put it in TORCH_HOME/hub/checkpoints, "
+                       f"or pass model.checkpoint=/path/to/{filename} model.pretrained=false)")
+    where = "; or ".join(sources) or "timm's pretrained source for this tag"
+    return ModelLoadError(f"pretrained weights for {name!r} could not be fetched "
+                          f"({type(exc).__name__}: {exc}). Offline, copy {where}.")
 
 
 def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,

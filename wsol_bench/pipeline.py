@@ -95,8 +95,10 @@ def run_localization(explainers: dict[str, Explainer], dataset: Dataset, *, reco
             size = tuple(batch.images.shape[-2:])
             gt = ground_truth(batch.samples, size, box_protocol)
             store.image_ids.extend(s.image_id for s in batch.samples)
+            logits = None  # the first model pass's logits serve the model-free baselines
             for method, explainer in explainers.items():
-                explanation = explainer(batch.images, explain_targets(batch, target_policy))
+                explanation = explainer(batch.images, explain_targets(batch, target_policy), logits=logits)
+                logits = explanation.logits
                 store.add(method, explanation.maps, explanation.logits, explanation.targets)
                 heat, degenerate = to_heatmaps(explanation.maps, size)
                 predictions = explanation.logits.argmax(1).cpu()

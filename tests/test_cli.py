@@ -1,0 +1,122 @@
+"""The `wsol-bench` command end to end: a small quickstart, its outputs, and bad settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from wsol_bench.models import shipped_weights_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "wsol-bench"
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    cwd = tmp_path_factory.mktemp("cli")
+    proc = _run(["dataset.params.num_images=24", "batch_size=8", "metric.thresholds=[0.3,0.5]",
+                 "progress=false", "hydra.run.dir=run"], cwd)
+    return proc, cwd / "run"
+
+
+def test_quickstart_writes_every_output(quickstart_run):
+    """Records, table, maps, resolved config and environment land in the run folder."""
+    proc, run = quickstart_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("records.csv", "table.csv", "config.yaml", "environment.json",
+                 "maps/agcam.pt", "maps/rollout.pt", "maps/random.pt", "maps/center.pt"):
+        assert (run / name).is_file(), name
+    assert "Pixel Acc" in proc.stdout and "agcam" in proc.stdout and "rollout" in proc.stdout
+
+
+def test_records_have_one_row_per_image_method_threshold(quickstart_run):
+    """24 images x 4 methods x 2 thresholds rows, with every id, flag and metric column."""
+    _, run = quickstart_run
+    records = pd.read_csv(run / "records.csv")
+    assert len(records) == 24 * 4 * 2
+    assert records.groupby(["image_id", "method", "threshold"]).size().eq(1).all()
+    for col in ("label", "prediction", "target", "target_source", "correct", "degenerate",
+                "box_pixel_acc", "box_iou", "box_dice", "box_precision", "box_recall", "mask_iou"):
+        assert col in records.columns, col
+    assert (records["target"] == records["prediction"]).all()  # target policy: predicted
+    assert records[["box_iou", "mask_iou"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_table_is_the_mean_of_correct_records(quickstart_run):
+    """The table equals the records averaged over correctly classified images, in percent."""
+    _, run = quickstart_run
+    records = pd.read_csv(run / "records.csv")
+    table = pd.read_csv(run / "table.csv")
+    correct = records[records["correct"] == 1]
+    for _, row in table.iterrows():
+        sel = correct[(correct["method"] == row["method"]) & (correct["threshold"] == row["threshold"])]
+        assert row["n_images"] == len(sel)
+        for metric in ("box_iou", "box_dice", "mask_pixel_acc"):
+            assert row[metric] == pytest.approx(100 * sel[metric].mean(), abs=1e-9)
+
+
+def test_maps_are_cached_with_logits_and_targets(quickstart_run):
+    """Each method's raw patch-grid maps are stored in dataset order with its logits."""
+    import torch
+
+    _, run = quickstart_run
+    payload = torch.load(run / "maps" / "agcam.pt", weights_only=True)
+    assert payload["maps"].shape == (24, 14, 14) and payload["logits"].shape == (24, 6)
+    records = pd.read_csv(run / "records.csv")
+    agcam = records[(records["method"] == "agcam") & (records["threshold"] == 0.5)]
+    assert list(agcam["image_id"]) == payload["image_ids"]
+    assert list(agcam["prediction"]) == payload["logits"].argmax(1).tolist()
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path):
+    """Unknown method (Hydra group), dataset or model names fail with the valid choices."""
+    proc = _run(["method=[agcam,nonexistent]"], tmp_path)
+    assert proc.returncode != 0 and "nonexistent" in proc.stderr and "agcam" in proc.stderr
+    proc = _run(["dataset.name=imagenett", "progress=false"], tmp_path)
+    assert proc.returncode == 2 and "valid: synthetic" in proc.stderr
+    proc = _run(["model.name=vit_nonexistent", "progress=false"], tmp_path)
+    assert proc.returncode == 2 and "unknown model 'vit_nonexistent'" in proc.stderr
+
+
+def test_class_count_mismatch_names_the_numbers(tmp_path):
+    """A 1000-class model on the 6-class synthetic dataset is refused before any work."""
+    proc = _run(["model.name=vit_tiny_patch16_224", "progress=false"], tmp_path)
+    assert proc.returncode == 2
+    assert "1000 classes" in proc.stderr and "has 6" in proc.stderr
+
+
+def test_non_editable_install_runs_from_any_directory(tmp_path):
+    """`pip install .` (not editable) ships code, config tree and weights: --help and the
+    shipped model work from an unrelated directory."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                    "--quiet", "--target", str(target), str(ROOT)], check=True, timeout=600,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    proc = subprocess.run([str(target / "bin" / "wsol-bench"), "--help"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "method: agcam, center, random, rollout" in proc.stdout
+    code = ("import wsol_bench.methods as m, wsol_bench.models as mo; print(m.__file__); "
+            "print(mo.shipped_weights_path('wsol_synthetic_vit'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    assert out[0].startswith(str(target)) and Path(out[1]).is_file() and out[1].startswith(str(target))
+
+
+def test_shipped_weights_are_small():
+    """The shipped model is a few MB of safetensors inside the package."""
+    path = shipped_weights_path("wsol_synthetic_vit")
+    assert path.is_file() and path.stat().st_size < 10 * 2**20

@@ -1,0 +1,90 @@
+"""The built-in synthetic dataset: determinism, disjoint splits, exact masks and boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsol_bench.datasets import EvalTransform, available, build_dataset
+from wsol_bench.datasets.synthetic import CLASS_NAMES, SyntheticShapes, mask_boxes, render_scene
+
+
+def test_same_arguments_give_identical_pixels():
+    """A scene is a pure function of (seed, split, index)."""
+    a, b = render_scene(7, seed=3, split="val"), render_scene(7, seed=3, split="val")
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.instance_masks, b.instance_masks)
+    assert a.label == b.label
+
+
+def test_seed_index_and_split_change_the_image():
+    """Different seed, index or split give different images (train and val are disjoint)."""
+    base = render_scene(5, seed=0, split="val").image
+    for other in (render_scene(5, seed=1, split="val"), render_scene(6, seed=0, split="val"),
+                  render_scene(5, seed=0, split="train")):
+        assert not np.array_equal(base, other.image)
+    train = {render_scene(i, split="train").image.tobytes() for i in range(40)}
+    val = {render_scene(i, split="val").image.tobytes() for i in range(40)}
+    assert not train & val
+
+
+def test_masks_boxes_and_labels_are_consistent():
+    """Every instance is non-empty, of the labelled class, and its box is its mask's extent."""
+    counts = set()
+    for i in range(30):
+        scene = render_scene(i, split="val")
+        k = len(scene.instance_labels)
+        counts.add(k)
+        assert 1 <= k <= 3 and (scene.instance_labels == scene.label).all()
+        assert scene.instance_masks.any(axis=(1, 2)).all()
+        # Instances never share a pixel.
+        assert scene.instance_masks.sum(0).max() == 1
+        for m, box in zip(scene.instance_masks, mask_boxes(scene.instance_masks)):
+            ys, xs = np.nonzero(m)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert counts == {1, 2, 3}
+
+
+def test_sample_fields_follow_the_contract():
+    """Samples carry uint8 image, float xyxy boxes, class+1 semantic mask and stable ids."""
+    ds = SyntheticShapes("val", num_images=4)
+    s = ds[2]
+    assert s.image.dtype == torch.uint8 and s.image.shape == (3, 224, 224)
+    assert s.boxes.dtype == torch.float32 and s.boxes.shape[1] == 4
+    assert set(torch.unique(s.mask).tolist()) == {0, s.label + 1}
+    assert s.image_id == "synthetic_val_0_000002" and s.orig_size == (224, 224)
+    assert 0 <= s.label < len(CLASS_NAMES) == ds.num_classes
+    with pytest.raises(IndexError):
+        ds[4]
+
+
+def test_two_class_variant_has_two_different_classes_with_masks():
+    """The two-class variant draws one instance each of two classes; the label is the first."""
+    ds = build_dataset("synthetic_two_class", split="val", num_images=10)
+    for i in range(10):
+        s = ds[i]
+        labels = s.box_labels.tolist()
+        assert len(labels) == 2 and labels[0] == s.label and labels[0] != labels[1]
+        assert set(torch.unique(s.mask).tolist()) == {0, labels[0] + 1, labels[1] + 1}
+
+
+def test_transform_moves_image_boxes_and_mask_together():
+    """Resizing 224 -> 112 halves the boxes and keeps mask values; orig boxes stay put."""
+    raw = SyntheticShapes("val", num_images=1)[0]
+    out = EvalTransform((112, 112), mean=(0.5,) * 3, std=(0.5,) * 3)(raw)
+    assert out.image.shape == (3, 112, 112) and out.image.dtype == torch.float32
+    assert torch.allclose(out.boxes, raw.boxes / 2)
+    assert torch.equal(out.orig_boxes, raw.orig_boxes)
+    assert set(torch.unique(out.mask).tolist()) <= set(torch.unique(raw.mask).tolist())
+    assert out.image.min() >= -1 and out.image.max() <= 1
+
+
+def test_bad_settings_are_named():
+    """Unknown dataset names and splits list the valid ones."""
+    assert {"synthetic", "synthetic_two_class"} <= set(available())
+    with pytest.raises(ValueError, match="valid: .*synthetic"):
+        build_dataset("imagenett")
+    with pytest.raises(ValueError, match="unknown split"):
+        SyntheticShapes("holdout")
+    with pytest.raises(ValueError, match="num_images"):
+        SyntheticShapes("val", num_images=0)
