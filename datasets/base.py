@@ -3,8 +3,8 @@ together, and the batch collation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as TF

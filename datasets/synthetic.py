@@ -74,24 +74,24 @@ def _rasterise(polygons: list[np.ndarray], center: tuple[float, float], size: in
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0 = rng.uniform(40, 215, 3)
+    c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 0, 255)
     t = np.linspace(0, 1, size)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = (math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None])
     ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
     img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
-    # Low-frequency noise: a coarse random grid upsampled, so the background has blotches
-    # at the scale of objects, not just pixel noise the model could ignore.
-    coarse = rng.normal(0, 28, (6, 6, 3)).astype(np.float32)
-    noise = np.asarray(Image.fromarray(coarse[..., 0]).resize((size, size), Image.BICUBIC))
-    img += np.stack([noise] * 3, -1) * rng.uniform(0.3, 1.0, 3)
-    img += rng.normal(0, 6, (size, size, 3))
+    # Low-frequency blotches (a coarse random grid upsampled) and pixel noise: mild, so the
+    # objects' outlines stay the strongest cue while the background is never flat.
+    coarse = rng.normal(0, 10, (6, 6)).astype(np.float32)
+    img += np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))[..., None]
+    img += rng.normal(0, 4, (size, size, 3))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(3, 12))):  # clutter: lines of random colour and width
+    for _ in range(int(rng.integers(1, 6))):  # clutter: thin lines of random colour
         pts = [tuple(map(float, rng.uniform(0, size, 2))) for _ in range(int(rng.integers(2, 4)))]
         draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)),
-                  width=int(rng.integers(1, 4)))
+                  width=int(rng.integers(1, 3)))
     return np.asarray(canvas, dtype=np.float32)
 
 
@@ -100,7 +100,7 @@ def _texture(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarra
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == 0:  # solid
         return np.broadcast_to(base, (size, size, 3)).copy()
-    other = np.clip(base + rng.uniform(-90, 90, 3), 0, 255)
+    other = np.clip(base + rng.uniform(-45, 45, 3), 0, 255)  # subtle: the outline stays the cue
     if kind == 1:  # stripes
         theta = rng.uniform(0, math.pi)
         period = rng.uniform(5, 14)

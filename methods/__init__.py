@@ -1,10 +1,9 @@
 """Explainers of wsol-bench (installed as wsol_bench.methods): one file per method."""
 
+# Importing the modules registers the built-in methods.
+from . import agcam, baselines, rollout  # noqa: F401
 from .base import Explainer, Explanation, target_score
 from .registry import available, get_explainer, register_explainer
-
-# Importing the modules registers the built-in methods.
-from . import agcam, baselines, rollout  # noqa: E402,F401
 
 __all__ = ["Explainer", "Explanation", "available", "get_explainer", "register_explainer",
            "target_score"]

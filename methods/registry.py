@@ -3,8 +3,9 @@ register through the entry-point group `wsol_bench.explainers`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

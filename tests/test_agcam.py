@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-
 from conftest import make_vit
+
 from methods import get_explainer
 from wsol_bench.capture import UnsupportedModelError
 from wsol_bench.models import disable_fused_attention

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_vit
 
 import methods
-from conftest import make_vit
 from methods import get_explainer
 
 

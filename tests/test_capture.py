@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_vit
 from torch import nn
 
-from conftest import make_vit
 from methods import get_explainer
 from wsol_bench.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 

@@ -120,3 +120,13 @@ def test_shipped_weights_are_small():
     """The shipped model is a few MB of safetensors inside the package."""
     path = shipped_weights_path("wsol_synthetic_vit")
     assert path.is_file() and path.stat().st_size < 10 * 2**20
+
+
+def test_multirun_sweeps_a_parameter(tmp_path):
+    """`-m` runs one job per value, each with its own run folder and table."""
+    proc = _run(["-m", "method=[center]", "method.center.params.sigma=0.2,0.4",
+                 "dataset.params.num_images=8", "progress=false", "hydra.sweep.dir=sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = [pd.read_csv(tmp_path / "sweep" / str(i) / "table.csv") for i in (0, 1)]
+    assert all(list(t["method"]) == ["center"] for t in tables)
+    assert tables[0]["box_iou"].iloc[0] != tables[1]["box_iou"].iloc[0]

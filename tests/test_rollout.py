@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_vit
+
 from methods import get_explainer
 from methods.rollout import discard_lowest
 

@@ -12,7 +12,7 @@ gradient method run on the same model.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -124,7 +124,7 @@ class AttentionCapture:
                                         f"{index} cannot be switched off; its attention matrix "
                                         "is never formed, so it cannot be explained")
 
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         try:
             for i, attn in enumerate(self.modules):
                 self._switch_off_fused(i, attn)

@@ -9,25 +9,54 @@ on every attention module and parameters frozen, ready for the explainers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
-# Models shipped inside the package: name -> (timm architecture, its kwargs, weights file).
+
+def conv_stem(channels: tuple[int, ...] = (16, 32, 64, 96)) -> nn.Sequential:
+    """Stride-2 3x3 conv + BatchNorm + ReLU layers (224 -> 14 with four of them): the
+    convolutional stem of "Early convolutions help transformers see better" (Xiao et al.
+    2021), which lets a small ViT learn shapes from scratch in minutes on a CPU."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in channels:
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
+def _conv_stem_vit(**kwargs: Any) -> nn.Module:
+    # A timm VisionTransformer whose patch embedding is timm's HybridEmbed over the conv stem:
+    # 14x14 tokens at 224, one CLS token, standard blocks, so every explainer applies.
+    stem = kwargs.pop("stem_channels", (16, 32, 64, 96))
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=1,
+                             embed_layer=partial(HybridEmbed, backbone=conv_stem(tuple(stem))), **kwargs)
+
+
+# Models shipped inside the package: name -> builder, its kwargs, weights file, preprocessing.
 SHIPPED_MODELS: dict[str, dict[str, Any]] = {
     "wsol_synthetic_vit": {
-        "architecture": "vit_tiny_patch16_224",
-        "kwargs": {"embed_dim": 96, "depth": 6, "num_heads": 3, "num_classes": 6,
-                   "img_size": 224, "patch_size": 16},
+        "build": _conv_stem_vit,
+        "kwargs": {"embed_dim": 96, "depth": 6, "num_heads": 3, "num_classes": 6, "img_size": 224,
+                   "stem_channels": (16, 32, 64, 96)},
         "weights": "wsol_synthetic_vit.safetensors",
         "data_config": {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5),
                         "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"},
     },
 }
+
+
+def build_shipped(name: str, **overrides: Any) -> nn.Module:
+    """A shipped architecture with random weights (training starts here)."""
+    spec = SHIPPED_MODELS[name]
+    return spec["build"](**{**spec["kwargs"], **overrides})
 
 
 class ModelLoadError(RuntimeError):
@@ -148,28 +177,27 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
     (`pretrained=True`), or `checkpoint` (a local .safetensors/.pth). `num_classes` is checked
     against the checkpoint's head: a mismatch is an error, never a silently new head.
     """
+    if name in SHIPPED_MODELS and checkpoint is None:
+        checkpoint = shipped_weights_path(name)
+        if not Path(checkpoint).is_file():
+            raise ModelLoadError(f"shipped weights missing: {checkpoint}; reinstall wsol-bench "
+                                 "or retrain with scripts/train_synthetic.py")
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    head_classes = _num_classes_in(state) if state is not None else None
+    if num_classes is not None and head_classes is not None and head_classes != num_classes:
+        raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+                             f"num_classes={num_classes} was requested (dataset classes)")
+    kwargs = dict(timm_kwargs)
+    if num_classes is not None or head_classes is not None:
+        kwargs.setdefault("num_classes", num_classes if num_classes is not None else head_classes)
+
     if name in SHIPPED_MODELS:
-        spec = SHIPPED_MODELS[name]
-        kwargs = {**spec["kwargs"], **timm_kwargs}
-        if checkpoint is None:
-            checkpoint = shipped_weights_path(name)
-            if not Path(checkpoint).is_file():
-                raise ModelLoadError(f"shipped weights missing: {checkpoint}; reinstall wsol-bench "
-                                     "or retrain with scripts/train_synthetic.py")
-        model = _create(spec["architecture"], pretrained=False, **kwargs)
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **spec["data_config"],
-                                "architecture": name}
-    elif checkpoint is not None:
-        state = read_checkpoint(checkpoint)
-        ckpt_classes = _num_classes_in(state)
-        kwargs = dict(timm_kwargs)
-        if ckpt_classes is not None:
-            kwargs.setdefault("num_classes", ckpt_classes)
+        model = build_shipped(name, **kwargs)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
+                                **SHIPPED_MODELS[name]["data_config"], "architecture": name}
+    elif state is not None:
         model = _create(name, pretrained=False, **kwargs)
     else:
-        kwargs = dict(timm_kwargs)
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
         try:
             model = _create(name, pretrained=pretrained, **kwargs)
         except ModelLoadError:
@@ -179,17 +207,15 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
                 raise _pretrained_help(name, exc) from exc
             raise
 
-    if checkpoint is not None:
-        state = read_checkpoint(checkpoint)
-        head_classes = _num_classes_in(state)
+    if state is not None:
         model_classes = getattr(model, "num_classes", None)
-        if num_classes is not None and head_classes is not None and head_classes != num_classes:
-            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
-                                 f"num_classes={num_classes} was requested (dataset classes)")
         if head_classes is not None and model_classes is not None and head_classes != model_classes:
             raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
                                  f"model {name} was built with {model_classes} classes")
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensor shape mismatches
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {name}: {exc}") from exc
         if missing or unexpected:
             raise ModelLoadError(f"checkpoint {checkpoint} does not match {name}: missing "
                                  f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")

@@ -7,9 +7,9 @@ Records are appended to the run's CSV after every batch, so a crash loses no fin
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
