@@ -199,7 +199,7 @@ def test_fused_attention_that_cannot_be_switched_off_is_refused(tiny_vit):
             pass
 
     tiny_vit.blocks[1].attn.__class__ = StubbornAttention
-    with pytest.raises(UnsupportedModelError, match="block 1 cannot be switched off"):
+    with pytest.raises(UnsupportedModelError, match="block 1: fused attention cannot be switched off"):
         with AttentionCapture(tiny_vit):
             pass
     _assert_no_hooks(tiny_vit)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from wsol_bench.models import UnsupportedModelError, switch_off_fused
 
-class UnsupportedModelError(ValueError):
-    """The model lacks a structure an explainer relies on; the message names it."""
+__all__ = ["AttentionCapture", "UnsupportedModelError", "attention_modules", "require_class_token"]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -109,25 +109,12 @@ class AttentionCapture:
         return hook
 
     # -- context ----------------------------------------------------------------------------
-    def _switch_off_fused(self, index: int, attn: nn.Module) -> None:
-        # Fused SDPA never forms the attention matrix; switch it off for this pass only.
-        if not hasattr(attn, "fused_attn"):
-            return
-        self._fused_before.append((attn, attn.fused_attn))
-        try:
-            attn.fused_attn = False
-        except Exception as exc:
-            raise UnsupportedModelError(f"{type(self.model).__name__}: cannot switch off fused "
-                                        f"attention in block {index}: {exc}") from exc
-        if attn.fused_attn:
-            raise UnsupportedModelError(f"{type(self.model).__name__}: fused attention in block "
-                                        f"{index} cannot be switched off; its attention matrix "
-                                        "is never formed, so it cannot be explained")
-
     def __enter__(self) -> AttentionCapture:
         try:
             for i, attn in enumerate(self.modules):
-                self._switch_off_fused(i, attn)
+                before = switch_off_fused(attn, f"{type(self.model).__name__} block {i}")
+                if before is not None:
+                    self._fused_before.append((attn, before))
                 if self.detach_input:
                     self._handles.append(attn.register_forward_pre_hook(self._detach_hook, with_kwargs=True))
                 self._handles.append(attn.attn_drop.register_forward_hook(self._attention_hook(i)))

@@ -124,22 +124,31 @@ def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
     return int(head.shape[0]) if head is not None else None
 
 
+class UnsupportedModelError(ValueError):
+    """The model lacks a structure an explainer relies on; the message names it."""
+
+
+def switch_off_fused(module: nn.Module, label: str) -> bool | None:
+    """Set `module.fused_attn = False` so the attention matrix is formed (and hookable);
+    returns the previous value (None when the module has no such switch)."""
+    if not hasattr(module, "fused_attn"):
+        return None
+    before = bool(module.fused_attn)
+    try:
+        module.fused_attn = False
+    except Exception as exc:
+        raise UnsupportedModelError(f"{label}: cannot switch off fused attention: {exc}") from exc
+    if module.fused_attn:
+        raise UnsupportedModelError(f"{label}: fused attention cannot be switched off; its attention "
+                                    "matrix is never formed, so it cannot be explained")
+    return before
+
+
 def disable_fused_attention(model: nn.Module) -> int:
     """Switch every attention module to the explicit softmax path so hooks see the attention
     matrix; returns how many modules were switched. Raises if one cannot be switched."""
-    count = 0
-    for name, module in model.named_modules():
-        if hasattr(module, "fused_attn"):
-            try:
-                module.fused_attn = False
-            except Exception as exc:
-                raise ModelLoadError(f"cannot switch off fused attention in {name} "
-                                     f"({type(module).__name__}): {exc}") from exc
-            if module.fused_attn:
-                raise ModelLoadError(f"fused attention in {name} ({type(module).__name__}) "
-                                     "stayed on; explainers would see no attention")
-            count += 1
-    return count
+    switched = [switch_off_fused(m, f"{type(model).__name__}.{name}") for name, m in model.named_modules()]
+    return sum(s is not None for s in switched)
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
