@@ -75,7 +75,7 @@ def _rasterise(polygons: list[np.ndarray], center: tuple[float, float], size: in
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     c0 = rng.uniform(40, 215, 3)
-    c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 0, 255)
+    c1 = np.clip(c0 + rng.uniform(-40, 40, 3), 0, 255)
     t = np.linspace(0, 1, size)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = (math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None])
@@ -83,15 +83,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
     # Low-frequency blotches (a coarse random grid upsampled) and pixel noise: mild, so the
     # objects' outlines stay the strongest cue while the background is never flat.
-    coarse = rng.normal(0, 10, (6, 6)).astype(np.float32)
+    coarse = rng.normal(0, 6, (6, 6)).astype(np.float32)
     img += np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))[..., None]
     img += rng.normal(0, 4, (size, size, 3))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(1, 6))):  # clutter: thin lines of random colour
+    for _ in range(int(rng.integers(1, 5))):  # clutter: thin lines of random colour
         pts = [tuple(map(float, rng.uniform(0, size, 2))) for _ in range(int(rng.integers(2, 4)))]
         draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)),
-                  width=int(rng.integers(1, 3)))
+                  width=1)
     return np.asarray(canvas, dtype=np.float32)
 
 

@@ -1,0 +1,123 @@
+"""The benchmark loop: records per (image, method, threshold), batching invariance, target
+policies, degenerate maps, and crash safety of the records file."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_vit
+
+from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.methods import Explainer, get_explainer
+from wsol_bench.pipeline import run_localization
+from wsol_bench.tables import localization_table
+
+
+class ConstantMap(Explainer):
+    """A broken explainer: the same value everywhere (degenerate)."""
+
+    class_specific = False
+
+    def explain(self, images, targets):
+        logits = self.logits_only(images)
+        return torch.ones(len(images), *self.grid), logits, self.resolve_targets(logits, targets)
+
+
+class FailsOnSecondBatch(ConstantMap):
+    calls = 0
+
+    def explain(self, images, targets):
+        type(self).calls += 1
+        if type(self).calls == 2:
+            raise RuntimeError("simulated crash")
+        return super().explain(images, targets)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_vit(0, img_size=64, patch_size=16, num_classes=6)
+    ds = build_dataset("synthetic", split="val", num_images=6,
+                       transform=EvalTransform((64, 64), (0.5,) * 3, (0.5,) * 3))
+    return model, ds
+
+
+def _run(setup, tmp_path, explainers, **kwargs):
+    model, ds = setup
+    path = tmp_path / "records.csv"
+    params = {"thresholds": [0.5], "dataset_name": "synthetic", "split": "val", "progress": False, **kwargs}
+    store = run_localization(explainers, ds, records_path=path, **params)
+    return pd.read_csv(path), store
+
+
+def test_batch_size_does_not_change_any_number(setup, tmp_path):
+    """Records with batch size 4 equal records with batch size 1."""
+    model, _ = setup
+    methods = {"agcam": get_explainer("agcam", model), "rollout": get_explainer("rollout", model)}
+    a, _ = _run(setup, tmp_path / "a", methods, batch_size=4)
+    b, _ = _run(setup, tmp_path / "b", methods, batch_size=1)
+    def order(df):
+        return df.sort_values(["method", "threshold", "image_id"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(order(a), order(b), check_exact=False, atol=1e-6)
+
+
+def test_threshold_sweep_rows_equal_single_threshold_runs(setup, tmp_path):
+    """A run with thresholds [0.3, 0.6] gives, at 0.6, exactly the run with [0.6]."""
+    model, _ = setup
+    methods = {"agcam": get_explainer("agcam", model)}
+    both, _ = _run(setup, tmp_path / "a", methods, thresholds=[0.3, 0.6])
+    single, _ = _run(setup, tmp_path / "b", methods, thresholds=[0.6])
+    assert len(both) == 12 and len(single) == 6
+    at = both[both["threshold"] == 0.6].reset_index(drop=True)
+    pd.testing.assert_frame_equal(at, single)
+
+
+def test_label_policy_explains_the_ground_truth_class(setup, tmp_path):
+    """target=label hands the labels to the explainer and records them as given targets."""
+    model, _ = setup
+    records, store = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model)}, target_policy="label")
+    assert (records["target"] == records["label"]).all() and (records["target_source"] == "given").all()
+    assert store.targets["agcam"][0].tolist() == records["label"].tolist()[: len(store.targets["agcam"][0])]
+    with pytest.raises(ValueError, match="target policy"):
+        _run(setup, tmp_path / "x", {"agcam": get_explainer("agcam", model)}, target_policy="gt")
+
+
+def test_degenerate_maps_are_flagged_not_nan(setup, tmp_path):
+    """A constant map is recorded with degenerate=1, no boxes and finite scores."""
+    model, _ = setup
+    records, _ = _run(setup, tmp_path, {"const": ConstantMap(model)})
+    assert (records["degenerate"] == 1).all() and (records["n_pred_boxes"] == 0).all()
+    assert records.filter(like="box_").notna().all().all()
+    table = localization_table(records, "all")
+    assert table.loc[("const", 0.5), "n_degenerate"] == 6
+
+
+def test_a_crash_keeps_the_finished_batches(setup, tmp_path):
+    """Rows of batches finished before a crash are on disk, complete."""
+    model, _ = setup
+    FailsOnSecondBatch.calls = 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(setup, tmp_path, {"bad": FailsOnSecondBatch(model)}, batch_size=2)
+    records = pd.read_csv(tmp_path / "records.csv")
+    assert len(records) == 2 and records["box_iou"].notna().all()
+
+
+def test_model_free_baselines_reuse_logits(setup, tmp_path):
+    """random and center after agcam add no model pass: one forward per batch in total."""
+    model, _ = setup
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _run(setup, tmp_path, {"agcam": get_explainer("agcam", model), "random": get_explainer("random", model),
+                               "center": get_explainer("center", model)}, batch_size=3)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # 6 images, batch 3: AG-CAM's pass only
+
+
+def test_empty_threshold_list_is_refused(setup, tmp_path):
+    """No thresholds is a configuration error naming the setting."""
+    model, _ = setup
+    with pytest.raises(ValueError, match="metric.thresholds"):
+        _run(setup, tmp_path, {"center": get_explainer("center", model)}, thresholds=[])
