@@ -81,17 +81,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     ramp = (math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None])
     ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
     img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
-    # Low-frequency blotches (a coarse random grid upsampled) and pixel noise: mild, so the
-    # objects' outlines stay the strongest cue while the background is never flat.
-    coarse = rng.normal(0, 6, (6, 6)).astype(np.float32)
+    # Low-frequency blotches (a coarse random grid upsampled) make the background uneven
+    # without adding edges; the clutter lines are faint (blended towards the background) so
+    # the objects' outlines stay the strongest cue.
+    coarse = rng.normal(0, 8, (6, 6)).astype(np.float32)
     img += np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))[..., None]
-    img += rng.normal(0, 4, (size, size, 3))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(1, 5))):  # clutter: thin lines of random colour
+    for _ in range(int(rng.integers(1, 5))):
         pts = [tuple(map(float, rng.uniform(0, size, 2))) for _ in range(int(rng.integers(2, 4)))]
-        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)),
-                  width=1)
+        colour = 0.65 * c0 + 0.35 * rng.uniform(0, 255, 3)
+        draw.line(pts, fill=tuple(int(v) for v in colour), width=1)
     return np.asarray(canvas, dtype=np.float32)
 
 

@@ -108,7 +108,7 @@ def test_non_editable_install_runs_from_any_directory(tmp_path):
     proc = subprocess.run([str(target / "bin" / "wsol-bench"), "--help"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "method: agcam, center, generic_attention, gradcam, random, rollout" in proc.stdout
+    assert "method: agcam, center, generic_attention, gradcam, random, rollout, transformer_attribution" in proc.stdout
     code = ("import wsol_bench.methods as m, wsol_bench.models as mo; print(m.__file__); "
             "print(mo.shipped_weights_path('wsol_synthetic_vit'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,

@@ -9,12 +9,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import wsol_bench.methods.transformer_attribution as ta
 import yaml
 from conftest import make_vit
-
-import wsol_bench.methods.transformer_attribution as ta
-from wsol_bench.capture import AttentionCapture, UnsupportedModelError
 from wsol_bench.methods.registry import available, get_explainer
+
+from wsol_bench.capture import AttentionCapture, UnsupportedModelError
 
 NAME = "transformer_attribution"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "transformer_attribution.yaml"
@@ -79,7 +79,8 @@ def reference_map(model, image, target, start_layer=0):
         h2 = _ln(blk.norm2, mid)
         f = F.gelu(h2 @ mlp.fc1.weight.T + mlp.fc1.bias)
         m = f @ mlp.fc2.weight.T + mlp.fc2.bias
-        saved.append(dict(x=x, h1=h1, q=q, k=k, v=v, attn=attn, o=o, a=a, mid=mid, h2=h2, f=f, m=m))
+        saved.append(dict(zip(["x", "h1", "q", "k", "v", "attn", "o", "a", "mid", "h2", "f", "m"],
+                               (x, h1, q, k, v, attn, o, a, mid, h2, f, m))))
         x = mid + m
     final = _ln(model.norm, x)
     logits = final[0] @ model.head.weight.T + model.head.bias
