@@ -13,7 +13,10 @@ from .registry import register_explainer
 
 @register_explainer("gradcam")
 class GradCAM(Explainer):
-    """Grad-CAM on the activations of `blocks[-1].norm1`; works with fused attention."""
+    """Grad-CAM on the activations of `blocks[-1].norm1`; works with fused attention and with
+    average-pooled models (it never reads the CLS row)."""
+
+    needs_class_token = False
 
     def explain(self, images, targets):
         captured: list[torch.Tensor] = []
