@@ -125,8 +125,8 @@ def test_batched_equals_one_at_a_time_and_class_sensitive(name):
     assert explainer.class_specific
 
 
-@pytest.mark.parametrize("name", ["gradcam", "generic_attention"])
-def test_one_forward_and_one_backward_per_batch(name):
+@pytest.mark.parametrize("name", ["agcam", "rollout", "gradcam", "generic_attention"])
+def test_one_forward_per_batch(name):
     """The gradient methods run the model once per batch (counted with a forward hook)."""
     model = make_vit(8)
     calls = []

@@ -42,13 +42,13 @@ def components_to_boxes(binary: torch.Tensor | np.ndarray, largest_only: bool = 
 
 def predicted_box_mask(boxes: torch.Tensor, size: tuple[int, int], protocol: str = "agcam") -> torch.Tensor:
     """Union of predicted boxes as a bool [H, W] mask under `protocol`."""
-    height, width = size
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    extra = 1 if protocol == "agcam" else 0  # the reference fills x..x+w inclusive
     _check_protocol(protocol)
-    for x0, y0, x1, y1 in boxes.round().long().tolist():
+    height, width = size
+    mask = np.zeros((height, width), dtype=bool)  # numpy: slice fills cost microseconds
+    extra = 1 if protocol == "agcam" else 0  # the reference fills x..x+w inclusive
+    for x0, y0, x1, y1 in np.rint(boxes.detach().cpu().numpy()).astype(np.int64).tolist():
         mask[max(y0, 0):min(y1 + extra, height), max(x0, 0):min(x1 + extra, width)] = True
-    return mask
+    return torch.from_numpy(mask)
 
 
 def ground_truth_box_mask(orig_boxes: torch.Tensor, orig_size: tuple[int, int], size: tuple[int, int],
@@ -61,14 +61,14 @@ def ground_truth_box_mask(orig_boxes: torch.Tensor, orig_size: tuple[int, int], 
     if protocol == "exact":
         scale = torch.tensor([width / orig_w, height / orig_h] * 2)
         return boxes_to_mask(orig_boxes.float() * scale, size)
-    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in orig_boxes.double().tolist():
         # Integer inclusive corners (x1 - 1: our boxes have continuous edges), scaled as the
         # reference does: int(v * size / orig), multiplication first.
         c0, r0 = int(x0 * width / orig_w), int(y0 * height / orig_h)
         c1, r1 = int((x1 - 1) * width / orig_w), int((y1 - 1) * height / orig_h)
         mask[max(r0, 0):min(r1 + 1, height), max(c0, 0):min(c1 + 1, width)] = True
-    return mask
+    return torch.from_numpy(mask)
 
 
 def _check_protocol(protocol: str) -> None:

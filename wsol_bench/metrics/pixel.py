@@ -14,15 +14,18 @@ def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor |
     """tp, fp, fn, tn per image (float64 [B]) over [B, H, W] bool masks; pixels where `valid`
     is False (ignore labels) are not counted anywhere."""
     pred, gt = pred.bool(), gt.bool()
-    if valid is None:
-        valid = torch.ones_like(pred)
-    valid = valid.bool()
+    if valid is not None:
+        valid = valid.bool()
+        pred, gt = pred & valid, gt & valid
 
     def count(x: torch.Tensor) -> torch.Tensor:
-        return (x & valid).flatten(1).sum(1).double()
+        return torch.count_nonzero(x.flatten(1), dim=1).double()
 
-    return {"tp": count(pred & gt), "fp": count(pred & ~gt), "fn": count(~pred & gt),
-            "tn": count(~pred & ~gt)}
+    n = count(valid) if valid is not None else torch.full((len(pred),), float(pred[0].numel()), dtype=torch.float64)
+    tp = count(pred & gt)
+    fp = count(pred) - tp
+    fn = count(gt) - tp
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": n - tp - fp - fn}
 
 
 def pixel_scores(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
