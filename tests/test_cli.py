@@ -33,7 +33,7 @@ def test_quickstart_writes_every_output(quickstart_run):
     """Records, table, maps, resolved config and environment land in the run folder."""
     proc, run = quickstart_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("records.csv", "table.csv", "config.yaml", "environment.json",
+    for name in ("records.csv", "table.csv", "config.yaml", "environment.json", "gallery.png",
                  "maps/agcam.pt", "maps/rollout.pt", "maps/random.pt", "maps/center.pt"):
         assert (run / name).is_file(), name
     assert "Pixel Acc" in proc.stdout and "agcam" in proc.stdout and "rollout" in proc.stdout
@@ -86,6 +86,9 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     assert proc.returncode == 2 and "valid: synthetic" in proc.stderr
     proc = _run(["model.name=vit_nonexistent", "progress=false"], tmp_path)
     assert proc.returncode == 2 and "unknown model 'vit_nonexistent'" in proc.stderr
+    proc = _run(["model.checkpoint=missing/weights.safetensors", "progress=false"], tmp_path)
+    assert proc.returncode == 2 and "missing/weights.safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_class_count_mismatch_names_the_numbers(tmp_path):

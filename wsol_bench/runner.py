@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.figures import denormalize, heatmap_gallery
 from wsol_bench.methods import get_explainer
 from wsol_bench.models import ModelLoadError, data_config, load_model
 from wsol_bench.outputs import environment, write_json
@@ -69,6 +70,15 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         num_workers=int(cfg.num_workers), box_protocol=cfg.metric.box_protocol,
         progress=bool(cfg.progress))
     store.save(out_dir / "maps")
+
+    if int(cfg.gallery_images) > 0:
+        count = min(int(cfg.gallery_images), len(dataset))
+        samples = [dataset[i] for i in range(count)]
+        heatmap_gallery([denormalize(s.image, transform.mean, transform.std) for s in samples],
+                        [s.boxes[s.box_labels == s.label] for s in samples],
+                        {m: torch.cat(store.maps[m])[:count] for m in store.maps},
+                        out_dir / "gallery.png", threshold=float(cfg.metric.thresholds[0]),
+                        titles=[s.image_id for s in samples])
 
     records = pd.read_csv(out_dir / "records.csv")
     table = localization_table(records, cfg.metric.image_filter)
