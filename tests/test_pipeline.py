@@ -121,3 +121,27 @@ def test_empty_threshold_list_is_refused(setup, tmp_path):
     model, _ = setup
     with pytest.raises(ValueError, match="metric.thresholds"):
         _run(setup, tmp_path, {"center": get_explainer("center", model)}, thresholds=[])
+
+
+def test_markdown_and_latex_tables_round_trip(setup, tmp_path):
+    """The paper-layout Markdown and LaTeX tables parse back to the CSV table's numbers."""
+    from wsol_bench.tables import paper_table, write_tables
+
+    model, _ = setup
+    records, _ = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model),
+                                        "center": get_explainer("center", model)})
+    table = localization_table(records, "all")
+    paths = write_tables(table, tmp_path)
+    assert sorted(p.name for p in paths) == ["table_box.md", "table_box.tex", "table_mask.md", "table_mask.tex"]
+    expected = paper_table(table, "box")
+    md = pd.read_csv(tmp_path / "table_box.md", sep="|", skipinitialspace=True).iloc[1:, 1:-1]
+    md.columns = [c.strip() for c in md.columns]
+    assert list(md.columns) == list(expected.columns)
+    assert [m.strip() for m in md["method"]] == list(expected["method"])
+    for col in ("Pixel Acc", "IoU", "Dice"):
+        assert [float(v) for v in md[col]] == [round(v, 2) for v in expected[col]]
+    tex = (tmp_path / "table_box.tex").read_text()
+    body = tex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+    rows = [[c.strip().rstrip("\\").strip() for c in line.split("&")] for line in body]
+    assert [r[0] for r in rows] == list(expected["method"])
+    assert [float(r[2]) for r in rows] == [round(v, 2) for v in expected["IoU"]]

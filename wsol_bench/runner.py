@@ -16,7 +16,7 @@ from wsol_bench.methods import get_explainer
 from wsol_bench.models import ModelLoadError, data_config, load_model
 from wsol_bench.outputs import environment, write_json
 from wsol_bench.pipeline import run_localization
-from wsol_bench.tables import format_table, localization_table
+from wsol_bench.tables import format_table, localization_table, write_tables
 
 log = logging.getLogger("wsol_bench")
 
@@ -83,6 +83,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     records = pd.read_csv(out_dir / "records.csv")
     table = localization_table(records, cfg.metric.image_filter)
     table.to_csv(out_dir / "table.csv")
+    write_tables(table, out_dir)
     variants = ["box"] + (["mask"] if "mask_iou" in table.columns else [])
     for variant in variants:
         gt = "union of ground-truth boxes" if variant == "box" else "ground-truth segmentation mask"

@@ -34,12 +34,37 @@ def localization_table(records: pd.DataFrame, image_filter: str = "correct") -> 
     return table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
 
 
-def format_table(table: pd.DataFrame, variant: str = "box") -> str:
-    """The paper's layout for one ground-truth variant: methods as rows, five scores in percent
-    with two decimals, then the number of images scored."""
+def paper_table(table: pd.DataFrame, variant: str = "box") -> pd.DataFrame:
+    """The paper's layout for one ground-truth variant: methods as rows, the five scores in
+    percent, then the number of images scored (the threshold column only when it varies)."""
     cols = [f"{variant}_{m}" for m in PIXEL_METRICS if f"{variant}_{m}" in table.columns]
     view = table[cols + ["n_images"]].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
     view = view.reset_index()
     if view["threshold"].nunique() == 1:
         view = view.drop(columns="threshold")
-    return view.to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    return view
+
+
+def format_table(table: pd.DataFrame, variant: str = "box") -> str:
+    """`paper_table` as aligned text with two decimals, for the terminal."""
+    return paper_table(table, variant).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+
+
+def write_tables(table: pd.DataFrame, folder, stem: str = "table") -> list:
+    """Write the paper-layout table of each ground-truth variant as Markdown and LaTeX
+    (`<stem>_<variant>.md`, `.tex`); returns the paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    paths = []
+    for variant in ("box", "mask"):
+        if f"{variant}_iou" not in table.columns:
+            continue
+        view = paper_table(table, variant)
+        md = folder / f"{stem}_{variant}.md"
+        md.write_text(view.to_markdown(index=False, floatfmt=".2f") + "\n")
+        tex = folder / f"{stem}_{variant}.tex"
+        styler = view.style.hide(axis="index").format(precision=2)
+        tex.write_text(styler.to_latex(hrules=True, column_format="l" + "r" * (view.shape[1] - 1)))
+        paths += [md, tex]
+    return paths
