@@ -236,7 +236,9 @@ def check_forward(model: VisionTransformer, rel_tol: float = 1e-4,
     """Refuse the model unless `lrp_forward` reproduces its logits on a seeded random input
     (max abs difference <= rel_tol * max(1, max |logit|)); returns the difference."""
     h, w = model.patch_embed.img_size
-    channels = getattr(getattr(model.patch_embed, "proj", None), "in_channels", 3)
+    # HybridEmbed records its input channels; a plain PatchEmbed's projection reads them.
+    channels = getattr(model.patch_embed, "in_chans", None) or getattr(
+        getattr(model.patch_embed, "proj", None), "in_channels", 3)
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
     images = torch.randn(1, channels, h, w, generator=gen).to(param.device, param.dtype)

@@ -37,10 +37,10 @@ def _render(args: tuple[int, str, int]) -> tuple[np.ndarray, int]:
     return scene.image, scene.label
 
 
-def render_split(split: str, count: int, seed: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-render `count` images of `split` into uint8 [N, 3, 224, 224] and labels [N]."""
+def render_split(split: str, count: int, seed: int, workers: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-render images first..first+count-1 of `split` into uint8 [N, 3, 224, 224] and labels [N]."""
     with Pool(workers) as pool:
-        out = pool.map(_render, [(i, split, seed) for i in range(count)], chunksize=64)
+        out = pool.map(_render, [(i, split, seed) for i in range(first, first + count)], chunksize=64)
     images = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([o[1] for o in out], dtype=torch.long)
     return images, labels
@@ -82,6 +82,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--first-train-index", type=int, default=0,
+                        help="index of the first synthetic train image (a second phase sees new images)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from these weights (safetensors) instead of a random init")
     parser.add_argument("--stop-at", type=float, default=0.985,
                         help="stop after the first epoch whose val accuracy reaches this")
     parser.add_argument("--render-cache", type=Path, default=None,
@@ -100,12 +104,13 @@ def main() -> None:
     # The cache name carries a hash of the generator's source, so a changed generator never
     # trains on stale images.
     source = Path(synthetic.__file__).read_bytes()
-    key = f"{args.train_images}_{args.val_images}_{hashlib.sha256(source).hexdigest()[:12]}"
+    key = (f"{args.first_train_index}_{args.train_images}_{args.val_images}_"
+           f"{hashlib.sha256(source).hexdigest()[:12]}")
     cache = args.render_cache / f"synthetic_{key}.pt" if args.render_cache else None
     if cache is not None and cache.is_file():
         train_x, train_y, val_x, val_y = torch.load(cache, weights_only=True)
     else:
-        train_x, train_y = render_split("train", args.train_images, 0, args.workers)
+        train_x, train_y = render_split("train", args.train_images, 0, args.workers, args.first_train_index)
         val_x, val_y = render_split("val", args.val_images, 0, args.workers)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +120,9 @@ def main() -> None:
 
     spec = SHIPPED_MODELS["wsol_synthetic_vit"]
     model = build_shipped("wsol_synthetic_vit")
+    if args.init_from is not None:  # a second phase continues from the first phase's weights
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(args.init_from)))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
@@ -162,11 +170,16 @@ def main() -> None:
             break
     record = {
         "model": "wsol_synthetic_vit", "kwargs": spec["kwargs"],
-        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("out", "render_cache")},
         "best_val_acc": best, "val_images": args.val_images, "history": history,
         "render_seconds": round(render_s, 1), "train_seconds": round(time.time() - train_start, 1),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+    previous = args.init_from.with_suffix(".json") if args.init_from is not None else None
+    if previous is not None and previous.is_file():
+        record["previous_phase"] = json.loads(previous.read_text())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
 

@@ -33,8 +33,45 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def unknown_methods(overrides: list[str]) -> list[str]:
+    """Method names selected on the command line that have no config in wsol_bench.conf and
+    no registered explainer. Hydra's own error for a list of group options does not say
+    which options exist, so the CLI checks first. A custom hydra.searchpath (plugin configs)
+    disables the check: those configs are only known to Hydra."""
+    from importlib import resources
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from wsol_bench.methods import available
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except Exception:  # let Hydra report malformed overrides in its own words
+        return []
+    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+        return []
+    known = {f.name[:-5] for f in (resources.files("wsol_bench.conf") / "method").iterdir()
+             if f.name.endswith(".yaml")} | set(available())
+    unknown = []
+    for o in parsed:
+        if o.key_or_group == "method" and not o.is_sweep_override():
+            value = o.value()
+            names = value if isinstance(value, list) else [value]
+            unknown += [str(n) for n in names if str(n) not in known]
+    return unknown
+
+
 def main() -> None:
     """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
+    bad = unknown_methods(sys.argv[1:])
+    if bad:
+        from importlib import resources
+
+        valid = sorted(f.name[:-5] for f in (resources.files("wsol_bench.conf") / "method").iterdir()
+                       if f.name.endswith(".yaml"))
+        print(f"wsol-bench: error: unknown method {', '.join(map(repr, bad))}; valid: {', '.join(valid)} "
+              "(plugins: add their config folder with hydra.searchpath=[pkg://<plugin>.conf])", file=sys.stderr)
+        sys.exit(2)
     _main()
 
 
