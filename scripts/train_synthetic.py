@@ -95,8 +95,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from safetensors.torch import save_file
-
     from wsol_bench.datasets import synthetic
+
     from wsol_bench.models import SHIPPED_MODELS, build_shipped
 
     torch.manual_seed(args.seed)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_vit
-
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
+
 from wsol_bench.pipeline import run_localization
 from wsol_bench.tables import localization_table
 

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_vit
-
 from wsol_bench.methods import registry
 
 PLUGIN = textwrap.dedent('''

@@ -33,13 +33,19 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def method_config_names() -> list[str]:
+    """Names of the method configs shipped in wsol_bench.conf/method."""
+    from importlib import resources
+
+    folder = resources.files("wsol_bench.conf") / "method"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
 def unknown_methods(overrides: list[str]) -> list[str]:
     """Method names selected on the command line that have no config in wsol_bench.conf and
     no registered explainer. Hydra's own error for a list of group options does not say
     which options exist, so the CLI checks first. A custom hydra.searchpath (plugin configs)
     disables the check: those configs are only known to Hydra."""
-    from importlib import resources
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from wsol_bench.methods import available
@@ -50,8 +56,7 @@ def unknown_methods(overrides: list[str]) -> list[str]:
         return []
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
         return []
-    known = {f.name[:-5] for f in (resources.files("wsol_bench.conf") / "method").iterdir()
-             if f.name.endswith(".yaml")} | set(available())
+    known = set(method_config_names()) | set(available())
     unknown = []
     for o in parsed:
         if o.key_or_group == "method" and not o.is_sweep_override():
@@ -65,10 +70,7 @@ def main() -> None:
     """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
     bad = unknown_methods(sys.argv[1:])
     if bad:
-        from importlib import resources
-
-        valid = sorted(f.name[:-5] for f in (resources.files("wsol_bench.conf") / "method").iterdir()
-                       if f.name.endswith(".yaml"))
+        valid = method_config_names()
         print(f"wsol-bench: error: unknown method {', '.join(map(repr, bad))}; valid: {', '.join(valid)} "
               "(plugins: add their config folder with hydra.searchpath=[pkg://<plugin>.conf])", file=sys.stderr)
         sys.exit(2)

@@ -9,12 +9,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.patches import Rectangle
 
-from wsol_bench.boxes import components_to_boxes  # noqa: E402
-from wsol_bench.heatmaps import binarize, to_heatmaps  # noqa: E402
+from wsol_bench.boxes import components_to_boxes
+from wsol_bench.heatmaps import binarize, to_heatmaps
 
 
 def denormalize(image: torch.Tensor, mean, std) -> torch.Tensor:
