@@ -4,7 +4,7 @@ together, and the batch collation."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -87,7 +87,9 @@ class EvalTransform:
         self.std = tuple(float(s) for s in std)
         self.interpolation = interpolation
 
-    def __call__(self, sample: Sample) -> Sample:
+    def __call__(self, sample: Sample | SkippedSample) -> Sample | SkippedSample:
+        if isinstance(sample, SkippedSample):
+            return sample
         sample = resize_sample(sample, self.size, self.interpolation)
         return replace(sample, image=normalize_image(sample.image, self.mean, self.std))
 
@@ -96,23 +98,38 @@ class EvalTransform:
                 f"interpolation={self.interpolation!r})")
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """What a dataset returns instead of a `Sample` for an item it cannot use (corrupt or
+    unreadable image, no usable annotation). The pipeline records and counts it; it never
+    reaches a model or a metric, and it never stops a run."""
+
+    image_id: str
+    reason: str
+
+
 @dataclass
 class Batch:
-    """A collated batch: stacked images and labels, per-image ground truth in lists."""
+    """A collated batch: stacked images and labels, per-image ground truth in lists, and the
+    items of this batch that were skipped (with their reasons)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     samples: list[Sample]
+    skipped: list[SkippedSample] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
-def collate_samples(samples: list[Sample]) -> Batch:
-    """Stack images (they share one size after `EvalTransform`); keep ground truth per image."""
-    images = torch.stack([s.image for s in samples])
+def collate_samples(items: list[Sample | SkippedSample]) -> Batch:
+    """Stack images (they share one size after `EvalTransform`); keep ground truth per image;
+    set skipped items aside. A batch may be empty (every item skipped)."""
+    samples = [s for s in items if isinstance(s, Sample)]
+    skipped = [s for s in items if isinstance(s, SkippedSample)]
+    images = torch.stack([s.image for s in samples]) if samples else torch.empty(0, 3, 0, 0)
     labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
-    return Batch(images=images, labels=labels, samples=samples)
+    return Batch(images=images, labels=labels, samples=samples, skipped=skipped)
 
 
 def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
