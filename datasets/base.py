@@ -25,6 +25,8 @@ class Sample:
     orig_boxes: the boxes in the coordinates of the image as stored on disk; protocols that
         rasterise in the original integer convention (AG-CAM's GT boxes) read these.
     orig_size: (width, height) of the image as stored on disk.
+    notes: what the loader had to change to make the item usable (e.g. "cmyk converted to
+        rgb", "box clipped to image"), so a run can count and report it; empty when nothing.
     """
 
     image: torch.Tensor
@@ -35,6 +37,7 @@ class Sample:
     box_labels: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     orig_boxes: torch.Tensor | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
