@@ -34,8 +34,8 @@ def test_quickstart_writes_every_output(quickstart_run):
     """Records, table, maps, resolved config and environment land in the run folder."""
     proc, run = quickstart_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("records.csv", "table.csv", "config.yaml", "environment.json", "gallery.png",
-                 "maps/agcam.pt", "maps/rollout.pt", "maps/random.pt", "maps/center.pt"):
+    for name in ("records.csv", "table.csv", "config.yaml", "environment.json", "gallery.png", "maps.json",
+                 "skipped.csv", "data.json"):
         assert (run / name).is_file(), name
     assert "Pixel Acc" in proc.stdout and "agcam" in proc.stdout and "rollout" in proc.stdout
 
@@ -67,16 +67,24 @@ def test_table_is_the_mean_of_correct_records(quickstart_run):
 
 
 def test_maps_are_cached_with_logits_and_targets(quickstart_run):
-    """Each method's raw patch-grid maps are stored in dataset order with its logits."""
+    """Each method's raw patch-grid maps are in the map store, in dataset order with its
+    logits; maps.json says where."""
+    import json
+
     import torch
 
     _, run = quickstart_run
-    payload = torch.load(run / "maps" / "agcam.pt", weights_only=True)
-    assert payload["maps"].shape == (24, 14, 14) and payload["logits"].shape == (24, 6)
+    where = json.loads((run / "maps.json").read_text())
+    assert sorted(where) == ["agcam", "center", "random", "rollout"]
+    shards = sorted(Path(where["agcam"]["folder"]).glob("shard_*.pt"))
+    payload = [torch.load(p, weights_only=True) for p in shards]
+    maps = torch.cat([p["maps"] for p in payload])
+    logits = torch.cat([p["logits"] for p in payload])
+    assert maps.shape == (24, 14, 14) and logits.shape == (24, 6)
     records = pd.read_csv(run / "records.csv")
     agcam = records[(records["method"] == "agcam") & (records["threshold"] == 0.5)]
-    assert list(agcam["image_id"]) == payload["image_ids"]
-    assert list(agcam["prediction"]) == payload["logits"].argmax(1).tolist()
+    assert list(agcam["image_id"]) == [i for p in payload for i in p["image_ids"]]
+    assert list(agcam["prediction"]) == logits.argmax(1).tolist()
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path):

@@ -45,9 +45,10 @@ def setup():
 def _run(setup, tmp_path, explainers, **kwargs):
     model, ds = setup
     path = tmp_path / "records.csv"
-    params = {"thresholds": [0.5], "dataset_name": "synthetic", "split": "val", "progress": False, **kwargs}
-    store = run_localization(explainers, ds, records_path=path, **params)
-    return pd.read_csv(path), store
+    params = {"thresholds": [0.5], "dataset_name": "synthetic", "split": "val", "progress": False,
+              "store_root": tmp_path / "cache", **kwargs}
+    stores = run_localization(explainers, ds, records_path=path, **params)
+    return pd.read_csv(path), stores
 
 
 def test_batch_size_does_not_change_any_number(setup, tmp_path):
@@ -76,9 +77,10 @@ def test_threshold_sweep_rows_equal_single_threshold_runs(setup, tmp_path):
 def test_label_policy_explains_the_ground_truth_class(setup, tmp_path):
     """target=label hands the labels to the explainer and records them as given targets."""
     model, _ = setup
-    records, store = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model)}, target_policy="label")
+    records, stores = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model)}, target_policy="label")
     assert (records["target"] == records["label"]).all() and (records["target_source"] == "given").all()
-    assert store.targets["agcam"][0].tolist() == records["label"].tolist()[: len(store.targets["agcam"][0])]
+    stored = torch.cat([s.targets for s in stores["agcam"].shards(6)])
+    assert stored.tolist() == records["label"].tolist()
     with pytest.raises(ValueError, match="target policy"):
         _run(setup, tmp_path / "x", {"agcam": get_explainer("agcam", model)}, target_policy="gt")
 
@@ -93,14 +95,35 @@ def test_degenerate_maps_are_flagged_not_nan(setup, tmp_path):
     assert table.loc[("const", 0.5), "n_degenerate"] == 6
 
 
-def test_a_crash_keeps_the_finished_batches(setup, tmp_path):
-    """Rows of batches finished before a crash are on disk, complete."""
+def test_a_crash_keeps_the_finished_shards_and_a_rerun_computes_only_the_rest(setup, tmp_path):
+    """Shards finished before a crash stay on disk; the rerun explains only the missing
+    shards and its records equal an uninterrupted run's."""
     model, _ = setup
     FailsOnSecondBatch.calls = 0
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(setup, tmp_path, {"bad": FailsOnSecondBatch(model)}, batch_size=2)
-    records = pd.read_csv(tmp_path / "records.csv")
-    assert len(records) == 2 and records["box_iou"].notna().all()
+        _run(setup, tmp_path, {"const": FailsOnSecondBatch(model)}, batch_size=2, shard_size=2)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("shard_*.pt")) == ["shard_000000.pt"]
+    FailsOnSecondBatch.calls = 10  # no more crashes
+    resumed, _ = _run(setup, tmp_path, {"const": FailsOnSecondBatch(model)}, batch_size=2, shard_size=2)
+    assert FailsOnSecondBatch.calls == 12  # shards 1 and 2 only
+    straight, _ = _run(setup, tmp_path / "straight", {"const": ConstantMap(model)}, batch_size=2, shard_size=2)
+    pd.testing.assert_frame_equal(resumed, straight)
+
+
+def test_a_finished_run_is_rescored_without_any_model_pass(setup, tmp_path):
+    """Second run on the same settings with other thresholds: no forward pass at all."""
+    model, _ = setup
+    methods = {"agcam": get_explainer("agcam", model), "center": get_explainer("center", model)}
+    first, _ = _run(setup, tmp_path, methods, thresholds=[0.5])
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again, _ = _run(setup, tmp_path, methods, thresholds=[0.3, 0.5])
+    finally:
+        hook.remove()
+    assert calls == []
+    at = again[again["threshold"] == 0.5].reset_index(drop=True)
+    pd.testing.assert_frame_equal(at, first)
 
 
 def test_model_free_baselines_reuse_logits(setup, tmp_path):

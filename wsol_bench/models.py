@@ -244,6 +244,19 @@ def data_config(model: nn.Module) -> DataConfig:
                       std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"))
 
 
+def architecture_data_config(name: str, **timm_kwargs: Any) -> DataConfig:
+    """`data_config` of architecture `name` without reading any weights: the model is built
+    on the meta device, so a re-scoring run learns the preprocessing (part of the map cache
+    key) in milliseconds instead of loading a checkpoint it does not need."""
+    with torch.device("meta"):
+        if name in SHIPPED_MODELS:
+            model = build_shipped(name, **timm_kwargs)
+            model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **SHIPPED_MODELS[name]["data_config"]}
+        else:
+            model = _create(name, pretrained=False, **timm_kwargs)
+    return data_config(model)
+
+
 def patch_grid(model: nn.Module) -> tuple[int, int]:
     """(rows, cols) of the patch grid, read from the model, never assumed."""
     grid = model.patch_embed.grid_size

@@ -1,9 +1,11 @@
-"""One benchmark run from a resolved configuration: build model, dataset and explainers,
-explain and score, write records, maps, tables, config and environment to the run folder."""
+"""One benchmark run from a resolved configuration: find (or compute) the maps in the map
+store, score them, and write records, tables, figures, config and environment to the run
+folder. The model is loaded only when some maps are missing or a metric needs it."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.figures import denormalize, heatmap_gallery
 from wsol_bench.methods import get_explainer
-from wsol_bench.models import ModelLoadError, data_config, load_model
+from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
+                               shipped_weights_path)
 from wsol_bench.outputs import environment, write_json
-from wsol_bench.pipeline import run_localization
+from wsol_bench.pipeline import (LocalizationRecords, MethodBatch, explain_dataset, has_masks,
+                                 score_dataset)
+from wsol_bench.store import MapStore, file_digest
 from wsol_bench.tables import format_table, localization_table, write_tables
 
 log = logging.getLogger("wsol_bench")
@@ -26,14 +31,118 @@ def as_dict(node) -> dict:
     return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
 
 
-def build_transform(cfg: DictConfig, model: torch.nn.Module) -> EvalTransform:
-    """The model's preprocessing, with any value the config sets taking precedence."""
-    dc = data_config(model)
+def build_transform(cfg: DictConfig) -> EvalTransform:
+    """The model's preprocessing (read from its architecture, no weights needed), with any
+    value the config sets taking precedence."""
+    dc = architecture_data_config(cfg.model.name, **as_dict(cfg.model.kwargs))
     pre = cfg.preprocess
     size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
     return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
                          std=pre.std if pre.std is not None else dc.std,
                          interpolation=pre.interpolation or dc.interpolation)
+
+
+def model_identity(mcfg: DictConfig, seed: int) -> dict:
+    """What determines the model's function: architecture, its options and the weights'
+    content (checkpoint or shipped file digest, or the timm pretrained tag)."""
+    ident = {"name": mcfg.name, "kwargs": as_dict(mcfg.kwargs)}
+    if mcfg.checkpoint is not None:
+        path = Path(mcfg.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.checkpoint={mcfg.checkpoint} does not exist; pass the path "
+                                    "of a .safetensors or .pth file")
+        ident["weights"] = f"sha256:{file_digest(path)}"
+    elif mcfg.name in SHIPPED_MODELS:
+        ident["weights"] = f"sha256:{file_digest(shipped_weights_path(mcfg.name))}"
+    elif mcfg.pretrained:
+        ident["weights"] = f"timm-pretrained:{mcfg.name}"
+    else:
+        ident["weights"] = f"random-init:seed={seed}"
+    return ident
+
+
+def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, target_policy: str) -> dict:
+    """Exactly the settings that determine a method's maps (the map-store key)."""
+    m = cfg.method[method_key]
+    return {
+        "model": model_identity(cfg.model, int(cfg.seed)),
+        "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params)},
+        "preprocess": {"size": list(transform.size), "mean": list(transform.mean), "std": list(transform.std),
+                       "interpolation": transform.interpolation},
+        "method": {"name": m.name, "params": as_dict(m.params)},
+        "target_policy": target_policy,
+    }
+
+
+class LazyModel:
+    """Loads the model on first use only: a run whose maps are all cached never reads weights."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int | None) -> None:
+        self.cfg, self.num_classes, self._model = cfg, num_classes, None
+
+    def get(self) -> torch.nn.Module:
+        if self._model is None:
+            mcfg = self.cfg.model
+            torch.manual_seed(int(self.cfg.seed))  # random-init models are a function of the seed
+            self._model = load_model(mcfg.name, pretrained=bool(mcfg.pretrained), checkpoint=mcfg.checkpoint,
+                                     device=self.cfg.device, **as_dict(mcfg.kwargs))
+            classes = getattr(self._model, "num_classes", None)
+            if classes is not None and self.num_classes is not None and classes != self.num_classes:
+                raise ModelLoadError(f"model {mcfg.name} predicts {classes} classes but dataset "
+                                     f"{self.cfg.dataset.name} has {self.num_classes}; load a checkpoint "
+                                     "trained on it (model.checkpoint=...)")
+        return self._model
+
+
+def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyModel,
+                target_policy: str) -> dict[str, MapStore]:
+    """The map stores of every configured method for `target_policy`, computing the missing
+    shards (and only those) with the model."""
+    if not cfg.method:
+        raise ValueError("no method selected; e.g. method=[agcam,rollout]")
+    stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy),
+                            int(cfg.store.shard_size)) for key in cfg.method}
+    missing = {key for key, s in stores.items() if s.missing(len(dataset))}
+    if missing:
+        explainers = {key: get_explainer(cfg.method[key].name, model.get(), **as_dict(cfg.method[key].params))
+                      for key in stores if key in missing}
+        log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
+        explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,
+                        batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+                        progress=bool(cfg.progress))
+    else:
+        log.info("all maps found in the cache %s (target %s); no model pass", cfg.store.root, target_policy)
+    return stores
+
+
+class NoteCounter:
+    """Counts what loaders changed to make items usable (Sample.notes), once per image."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._method: str | None = None
+
+    def update(self, mb: MethodBatch) -> None:
+        if self._method is None:
+            self._method = mb.method
+        if mb.method == self._method:
+            self.counts.update(note for s in mb.samples for note in s.notes)
+
+    def finish(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def write_gallery(cfg: DictConfig, dataset, transform: EvalTransform, stores: dict[str, MapStore],
+                  path: Path) -> None:
+    """The first `gallery_images` usable images with every method's stored map."""
+    count = min(int(cfg.gallery_images), len(dataset))
+    first = {m: s.load(0) for m, s in stores.items()}
+    positions = [int(p) for p in next(iter(first.values())).positions[:count]]
+    samples = [dataset[p] for p in positions]
+    maps = {m: shard.maps[:len(positions)] for m, shard in first.items()}
+    heatmap_gallery([denormalize(s.image, transform.mean, transform.std) for s in samples],
+                    [s.boxes[s.box_labels == s.label] for s in samples], maps, path,
+                    threshold=float(cfg.metric.thresholds[0]), titles=[s.image_id for s in samples])
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
@@ -43,52 +152,55 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(out_dir / "environment.json", environment(cfg.device))
 
-    mcfg = cfg.model
-    model = load_model(mcfg.name, pretrained=bool(mcfg.pretrained), checkpoint=mcfg.checkpoint,
-                       device=cfg.device, **as_dict(mcfg.kwargs))
-    transform = build_transform(cfg, model)
+    transform = build_transform(cfg)
     dcfg = cfg.dataset
-    dataset = build_dataset(dcfg.name, transform=transform,
-                            **as_dict(dcfg.params))
-    model_classes = getattr(model, "num_classes", None)
-    data_classes = getattr(dataset, "num_classes", None)
-    if model_classes is not None and data_classes is not None and model_classes != data_classes:
-        raise ModelLoadError(f"model {mcfg.name} predicts {model_classes} classes but dataset "
-                             f"{dcfg.name} has {data_classes}; load a checkpoint trained on it "
-                             "(model.checkpoint=...)")
-    if not cfg.method:
-        raise ValueError("no method selected; e.g. method=[agcam,rollout]")
-    explainers = {key: get_explainer(m.name, model, **as_dict(m.params))
-                  for key, m in cfg.method.items()}
-    log.info("model %s on %s, dataset %s/%s (%d images), methods %s", mcfg.name, cfg.device,
-             dcfg.name, dcfg.split, len(dataset), ", ".join(explainers))
+    dataset = build_dataset(dcfg.name, transform=transform, **as_dict(dcfg.params))
+    model = LazyModel(cfg, getattr(dataset, "num_classes", None))
+    log.info("model %s on %s, dataset %s/%s (%d images), methods %s", cfg.model.name, cfg.device,
+             dcfg.name, dcfg.split, len(dataset), ", ".join(cfg.method))
 
-    store = run_localization(
-        explainers, dataset, records_path=out_dir / "records.csv",
-        thresholds=[float(t) for t in cfg.metric.thresholds], dataset_name=dcfg.name,
-        split=dcfg.split, target_policy=cfg.target, batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers), box_protocol=cfg.metric.box_protocol,
-        progress=bool(cfg.progress))
-    store.save(out_dir / "maps")
+    stores = ensure_maps(cfg, dataset, transform, model, cfg.target)
+    write_json(out_dir / "maps.json", {m: {"folder": str(s.folder.resolve()), "key": s.key,
+                                           "shard_size": s.shard_size, "num_items": len(dataset)}
+                                       for m, s in stores.items()})
+    thresholds = [float(t) for t in cfg.metric.thresholds]
+    records = LocalizationRecords(out_dir / "records.csv", thresholds, dataset_name=dcfg.name, split=dcfg.split,
+                                  box_protocol=cfg.metric.box_protocol, has_masks=has_masks(dataset))
+    notes = NoteCounter()
+    try:
+        skipped = score_dataset(stores, dataset, [records, notes], box_protocol=cfg.metric.box_protocol,
+                                batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+                                progress=bool(cfg.progress))
+    finally:
+        records.finish()
+    index_skipped = [(s.image_id, s.reason) for s in getattr(dataset, "skipped", [])]
+    write_data_report(out_dir, index_skipped + skipped, notes.finish(), len(dataset))
 
     if int(cfg.gallery_images) > 0:
-        count = min(int(cfg.gallery_images), len(dataset))
-        samples = [dataset[i] for i in range(count)]
-        heatmap_gallery([denormalize(s.image, transform.mean, transform.std) for s in samples],
-                        [s.boxes[s.box_labels == s.label] for s in samples],
-                        {m: torch.cat(store.maps[m])[:count] for m in store.maps},
-                        out_dir / "gallery.png", threshold=float(cfg.metric.thresholds[0]),
-                        titles=[s.image_id for s in samples])
+        write_gallery(cfg, dataset, transform, stores, out_dir / "gallery.png")
 
-    records = pd.read_csv(out_dir / "records.csv")
-    table = localization_table(records, cfg.metric.image_filter)
+    table = localization_table(pd.read_csv(out_dir / "records.csv"), cfg.metric.image_filter)
     table.to_csv(out_dir / "table.csv")
     write_tables(table, out_dir)
     variants = ["box"] + (["mask"] if "mask_iou" in table.columns else [])
     for variant in variants:
         gt = "union of ground-truth boxes" if variant == "box" else "ground-truth segmentation mask"
-        print(f"\n{dcfg.name}/{dcfg.split}, model {mcfg.name}, target {cfg.target}, images: "
+        print(f"\n{dcfg.name}/{dcfg.split}, model {cfg.model.name}, target {cfg.target}, images: "
               f"{cfg.metric.image_filter}; predicted box-union vs {gt} (percent)")
         print(format_table(table, variant))
     print(f"\nrun folder: {out_dir}")
     return table
+
+
+def write_data_report(out_dir: Path, skipped: list[tuple[str, str]], notes: dict[str, int], total: int) -> None:
+    """skipped.csv (every item not scored, with its reason) and data.json (counts), and a log
+    line when anything was skipped or changed, so it is never silent."""
+    pd.DataFrame(skipped, columns=["image_id", "reason"]).to_csv(out_dir / "skipped.csv", index=False)
+    reasons = Counter(reason for _, reason in skipped)
+    write_json(out_dir / "data.json", {"items": total, "skipped": len(skipped),
+                                       "skipped_by_reason": dict(reasons), "notes": notes})
+    if skipped:
+        log.warning("%d of %d items skipped (%s); see skipped.csv", len(skipped), total,
+                    "; ".join(f"{r}: {n}" for r, n in reasons.most_common()))
+    if notes:
+        log.warning("loader changes: %s; see data.json", "; ".join(f"{k}: {v}" for k, v in notes.items()))
