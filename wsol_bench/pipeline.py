@@ -152,6 +152,7 @@ class MethodBatch:
     targets: torch.Tensor  # [B], the class each map explains
     gt: GroundTruth
     shard: Shard  # the stored shard the rows come from (target source, class specificity)
+    positions: list[int]  # dataset positions of the samples
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -204,7 +205,8 @@ class LocalizationRecords:
         return self.writer.path
 
 
-def _rows_at(shard: Shard, positions: list[int]) -> torch.Tensor:
+def rows_at(shard: Shard, positions: list[int]) -> torch.Tensor:
+    """Row indices of dataset `positions` in a stored shard."""
     where = {int(p): i for i, p in enumerate(shard.positions)}
     missing = [p for p in positions if p not in where]
     if missing:
@@ -242,12 +244,13 @@ def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequen
             size = tuple(batch.images.shape[-2:])
             gt = ground_truth(batch.samples, size, box_protocol)
             for method, shard in shards.items():
-                rows = _rows_at(shard, pb.positions)
+                rows = rows_at(shard, pb.positions)
                 maps = shard.maps[rows]
                 heat, degenerate = to_heatmaps(maps, size)
                 mb = MethodBatch(method=method, samples=batch.samples, images=batch.images, maps=maps,
                                  heatmaps=heat, degenerate=degenerate, logits=shard.logits[rows],
-                                 targets=shard.targets[rows], gt=gt, shard=shard)
+                                 targets=shard.targets[rows], gt=gt, shard=shard,
+                                 positions=pb.positions)
                 for scorer in scorers:
                     scorer.update(mb)
     bar.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +19,10 @@ from wsol_bench.methods import get_explainer
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
                                shipped_weights_path)
 from wsol_bench.outputs import environment, write_json
-from wsol_bench.pipeline import (LocalizationRecords, MethodBatch, explain_dataset, has_masks,
-                                 score_dataset)
+from wsol_bench.curves import plot_perturbation_curves
+from wsol_bench.metrics.faithfulness import FaithfulnessSettings
+from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
+from wsol_bench.scorers import FaithfulnessScorer, NoteCounter
 from wsol_bench.store import MapStore, file_digest
 from wsol_bench.tables import format_table, localization_table, write_tables
 
@@ -115,21 +118,16 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
     return stores
 
 
-class NoteCounter:
-    """Counts what loaders changed to make items usable (Sample.notes), once per image."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self._method: str | None = None
-
-    def update(self, mb: MethodBatch) -> None:
-        if self._method is None:
-            self._method = mb.method
-        if mb.method == self._method:
-            self.counts.update(note for s in mb.samples for note in s.notes)
-
-    def finish(self) -> dict[str, int]:
-        return dict(self.counts)
+def faithfulness_settings(node: DictConfig) -> FaithfulnessSettings:
+    """The `faithfulness` config group as settings; unknown keys name themselves."""
+    params = as_dict(node)
+    known = {f.name for f in fields(FaithfulnessSettings)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown faithfulness setting(s) {unknown}; valid: {sorted(known)}")
+    if isinstance(params.get("baseline"), list):
+        params["baseline"] = tuple(params["baseline"])
+    return FaithfulnessSettings(**params)
 
 
 def write_gallery(cfg: DictConfig, dataset, transform: EvalTransform, stores: dict[str, MapStore],
@@ -167,12 +165,22 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     records = LocalizationRecords(out_dir / "records.csv", thresholds, dataset_name=dcfg.name, split=dcfg.split,
                                   box_protocol=cfg.metric.box_protocol, has_masks=has_masks(dataset))
     notes = NoteCounter()
+    scorers = [records, notes]
+    faithfulness = None
+    if cfg.get("faithfulness"):
+        label_stores = stores if cfg.target == "label" else ensure_maps(cfg, dataset, transform, model, "label")
+        faithfulness = FaithfulnessScorer(model.get, label_stores, faithfulness_settings(cfg.faithfulness),
+                                          out_dir / "faithfulness.csv", dataset_name=dcfg.name, split=dcfg.split)
+        scorers.append(faithfulness)
     try:
-        skipped = score_dataset(stores, dataset, [records, notes], box_protocol=cfg.metric.box_protocol,
+        skipped = score_dataset(stores, dataset, scorers, box_protocol=cfg.metric.box_protocol,
                                 batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
                                 progress=bool(cfg.progress))
     finally:
         records.finish()
+    if faithfulness is not None:
+        frame = pd.read_csv(faithfulness.finish())
+        plot_perturbation_curves(frame, out_dir / "faithfulness_curves.png")
     index_skipped = [(s.image_id, s.reason) for s in getattr(dataset, "skipped", [])]
     write_data_report(out_dir, index_skipped + skipped, notes.finish(), len(dataset))
 

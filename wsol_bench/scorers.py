@@ -1,0 +1,122 @@
+"""Scorers a run feeds batch by batch (`pipeline.score_dataset`) besides the per-image
+localization records: loader-change counts and pixel-perturbation faithfulness."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
+                                             faithfulness_rows, score_batch)
+from wsol_bench.pipeline import MethodBatch, rows_at
+from wsol_bench.store import MapStore, settings_key
+
+FAITHFULNESS_ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target"]
+
+
+class NoteCounter:
+    """Counts what loaders changed to make items usable (Sample.notes), once per image."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._method: str | None = None
+
+    def update(self, mb: MethodBatch) -> None:
+        if self._method is None:
+            self._method = mb.method
+        if mb.method == self._method:
+            self.counts.update(note for s in mb.samples for note in s.notes)
+
+    def finish(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class FaithfulnessScorer:
+    """Pixel-perturbation curves (PROTOCOL 5) of every method's ground-truth-class maps.
+
+    The maps come from `label_stores` (target policy "label"), which may be the run's own
+    stores. Per-image rows are cached next to those maps, one CSV per shard and settings, so
+    a killed run does not redo finished shards and a re-scoring run costs no model pass.
+    """
+
+    def __init__(self, model_fn, label_stores: dict[str, MapStore], settings: FaithfulnessSettings,
+                 path: Path, *, dataset_name: str, split: str) -> None:
+        self.model_fn, self.stores, self.settings = model_fn, label_stores, settings
+        self.path, self.dataset_name, self.split = path, dataset_name, split
+        self.key = settings_key({"faithfulness": vars(settings)})
+        self._rows: dict[tuple[str, int], list[dict]] = {}
+        self._cached: dict[tuple[str, int], dict[str, dict]] = {}
+        self._shards: dict[tuple[str, int], object] = {}
+        self._full_probs: torch.Tensor | None = None
+        self.all_rows: list[dict] = []
+
+    def _cache_file(self, method: str, shard_index: int) -> Path:
+        return self.stores[method].folder / f"faithfulness_{self.key}" / f"shard_{shard_index:06d}.csv"
+
+    def _cached_rows(self, method: str, shard_index: int) -> dict[str, dict] | None:
+        key = (method, shard_index)
+        if key not in self._cached:
+            file = self._cache_file(method, shard_index)
+            self._cached[key] = ({r["image_id"]: r for r in pd.read_csv(file).to_dict("records")}
+                                 if file.is_file() else None)
+        return self._cached[key]
+
+    def _label_shard(self, mb: MethodBatch):
+        key = (mb.method, mb.shard.index)
+        if key not in self._shards:
+            self._shards = {k: v for k, v in self._shards.items() if k[0] != mb.method}  # one shard per method
+            self._shards[key] = self.stores[mb.method].load(mb.shard.index)
+        return self._shards[key]
+
+    def update(self, mb: MethodBatch) -> None:
+        cached = self._cached_rows(mb.method, mb.shard.index)
+        if cached is not None:
+            self.all_rows += [cached[s.image_id] for s in mb.samples]
+            return
+        shard = self._label_shard(mb)
+        rows = rows_at(shard, mb.positions)
+        heat, _ = to_heatmaps(shard.maps[rows], tuple(mb.images.shape[-2:]))
+        model = self.model_fn()
+        if self._full_probs is None and not self.settings.blurred:
+            self._full_probs = constant_baseline_probs(model, mb.images.shape[1:], self.settings)
+        labels = mb.labels
+        scores = score_batch(model, mb.images, heat, labels, self.settings, clean_logits=shard.logits[rows],
+                             full_removal_probs=self._full_probs)
+        logits = shard.logits[rows]
+        out = []
+        for sample, prediction, label, values in zip(mb.samples, logits.argmax(1).tolist(), labels.tolist(),
+                                                     faithfulness_rows(scores)):
+            out.append({"image_id": sample.image_id, "dataset": self.dataset_name, "split": self.split,
+                        "method": mb.method, "label": label, "prediction": prediction, "target": label,
+                        **values})
+        self.all_rows += out
+        pending = self._rows.setdefault((mb.method, mb.shard.index), [])
+        pending += out
+        if len(pending) == len(shard.positions):  # the shard is complete: keep it
+            self._write_cache(mb.method, mb.shard.index, pending)
+            del self._rows[(mb.method, mb.shard.index)]
+
+    def _write_cache(self, method: str, shard_index: int, rows: list[dict]) -> None:
+        file = self._cache_file(method, shard_index)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file = file.parent / "settings.json"
+        if not settings_file.is_file():
+            settings_file.write_text(json.dumps(vars(self.settings), indent=2, default=str))
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        os.replace(tmp, file)
+
+    def finish(self) -> Path:
+        """Write faithfulness.csv (one row per image and method)."""
+        frame = pd.DataFrame(self.all_rows)
+        curves = [c for c in frame.columns if c not in FAITHFULNESS_ID_COLUMNS]
+        frame = frame[FAITHFULNESS_ID_COLUMNS + curves] if len(frame) else frame
+        frame.to_csv(self.path, index=False, quoting=csv.QUOTE_MINIMAL)
+        return self.path
