@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from wsol_bench.capture import UnsupportedModelError
 from wsol_bench.models import ModelLoadError
@@ -25,6 +26,13 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MissingMandatoryValue as exc:
+        if os.environ.get("WSOL_BENCH_DEBUG"):
+            raise
+        key = getattr(exc, "full_key", None) or "a setting"
+        print(f"wsol-bench: error: {key} is required by this preset and has no value; give it on the "
+              f"command line, e.g. {key}=/path/to/it", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as exc:
         if os.environ.get("WSOL_BENCH_DEBUG"):
             raise

@@ -31,7 +31,7 @@ log = logging.getLogger("wsol_bench")
 
 def as_dict(node) -> dict:
     """A config node (or None) as a plain dict of keyword arguments."""
-    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
+    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
 
 
 def build_transform(cfg: DictConfig) -> EvalTransform:
