@@ -7,7 +7,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from .cub import CubDataset
+from .imagenet import ImageNetVal
 from .synthetic import SyntheticShapes
+from .voc import VocDataset
 
 _BUILDERS: dict[str, Callable[..., Dataset]] = {}
 
@@ -28,6 +31,26 @@ def _synthetic(**params: Any) -> Dataset:
 @register_dataset("synthetic_two_class")
 def _synthetic_two_class(**params: Any) -> Dataset:
     return SyntheticShapes(two_class=True, **params)
+
+
+@register_dataset("voc")
+def _voc(**params: Any) -> Dataset:
+    return VocDataset(**params)
+
+
+@register_dataset("voc_segmentation")
+def _voc_segmentation(**params: Any) -> Dataset:
+    return VocDataset(mode="segmentation", **params)
+
+
+@register_dataset("cub")
+def _cub(**params: Any) -> Dataset:
+    return CubDataset(**params)
+
+
+@register_dataset("imagenet")
+def _imagenet(**params: Any) -> Dataset:
+    return ImageNetVal(**params)
 
 
 def available() -> list[str]:

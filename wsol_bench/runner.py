@@ -24,7 +24,7 @@ from wsol_bench.metrics.faithfulness import FaithfulnessSettings
 from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
 from wsol_bench.scorers import FaithfulnessScorer, NoteCounter
 from wsol_bench.store import MapStore, file_digest
-from wsol_bench.tables import format_table, localization_table, write_tables
+from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
 
 log = logging.getLogger("wsol_bench")
 
@@ -187,17 +187,12 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     if int(cfg.gallery_images) > 0:
         write_gallery(cfg, dataset, transform, stores, out_dir / "gallery.png")
 
-    table = localization_table(pd.read_csv(out_dir / "records.csv"), cfg.metric.image_filter)
-    table.to_csv(out_dir / "table.csv")
-    write_tables(table, out_dir)
-    variants = ["box"] + (["mask"] if "mask_iou" in table.columns else [])
-    for variant in variants:
-        gt = "union of ground-truth boxes" if variant == "box" else "ground-truth segmentation mask"
-        print(f"\n{dcfg.name}/{dcfg.split}, model {cfg.model.name}, target {cfg.target}, images: "
-              f"{cfg.metric.image_filter}; predicted box-union vs {gt} (percent)")
-        print(format_table(table, variant))
+    tables = run_tables(out_dir)
+    write_run_tables(out_dir, tables=tables)
+    print()
+    print(format_run_tables(tables))
     print(f"\nrun folder: {out_dir}")
-    return table
+    return tables["localization"]
 
 
 def write_data_report(out_dir: Path, skipped: list[tuple[str, str]], notes: dict[str, int], total: int) -> None:

@@ -1,21 +1,50 @@
-"""Tables are aggregations of records, never computed another way."""
+"""Tables are aggregations of records, never computed another way.
+
+Localization scores come from the per-image records, ABPC from the per-image faithfulness
+rows, MaxBoxAccV2 and PxAP from the per-method wsolevaluation rows; `paper_table` puts them
+side by side in the paper's layout (methods as rows, percent), optionally with published
+numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.table_format`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from wsol_bench.metrics.pixel import PIXEL_METRICS
+from wsol_bench.paper_numbers import PublishedNumber
+from wsol_bench.table_format import to_text, write_table_files
 
 FILTERS = ("correct", "all")
 PAPER_NAMES = {"pixel_acc": "Pixel Acc", "iou": "IoU", "dice": "Dice", "precision": "Precision",
                "recall": "Recall"}
+FAITH_NAMES = {"abpc": "ABPC", "auc_morf": "AUC MoRF", "auc_lerf": "AUC LeRF"}
+WSOL_NAMES = {"maxboxacc_v2": "MaxBoxAccV2", "pxap": "PxAP"}
+# Column order of every paper-layout table; a table holds the subset its inputs provide.
+COLUMN_ORDER = (["method", "threshold", *PAPER_NAMES.values(), "n_images", *FAITH_NAMES.values(),
+                 "n_images_abpc", *WSOL_NAMES.values(), "n_images_wsol"])
+PUBLISHED_SUFFIX = " (published)"
+ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float rounding
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str) -> None:
+    """Raise a ValueError naming `source` and the columns it lacks."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source} lacks column(s) {missing}; it has {list(frame.columns)}. "
+                         "Was it written by another version of wsol-bench? Re-run the benchmark.")
+    if frame.empty:
+        raise ValueError(f"{source} has no rows; re-run the benchmark")
 
 
 def localization_table(records: pd.DataFrame, image_filter: str = "correct") -> pd.DataFrame:
     """Mean of every per-image metric in percent, per (method, threshold), over the images
     the filter keeps ("correct": correctly classified only, as the paper; "all")."""
     if image_filter not in FILTERS:
-        raise ValueError(f"unknown image filter {image_filter!r}; valid: {FILTERS}")
+        raise ValueError(f"unknown image filter {image_filter!r} (metric.image_filter); valid: {FILTERS}")
+    require_columns(records, ["method", "threshold", "correct", "degenerate"], "records")
     kept = records[records["correct"] == 1] if image_filter == "correct" else records
     metric_cols = [c for c in records.columns if c.split("_", 1)[-1] in PIXEL_METRICS
                    and c.split("_", 1)[0] in ("box", "mask")]
@@ -34,37 +63,117 @@ def localization_table(records: pd.DataFrame, image_filter: str = "correct") -> 
     return table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
 
 
-def paper_table(table: pd.DataFrame, variant: str = "box") -> pd.DataFrame:
+def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness.csv") -> pd.DataFrame:
+    """Per method: mean ABPC, AUC MoRF and AUC LeRF over ALL its images (PROTOCOL 5: no
+    correctness filter), in percent, and the number of images (`n_images_abpc`)."""
+    require_columns(faithfulness, ["image_id", "method", *FAITH_NAMES], source)
+    duplicated = faithfulness.duplicated(["image_id", "method"], keep=False)
+    if duplicated.any():
+        example = faithfulness.loc[duplicated, ["image_id", "method"]].iloc[0].tolist()
+        raise ValueError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
+                         f"e.g. {example}; it must hold one row per image and method")
+    scores = faithfulness[list(FAITH_NAMES)]
+    if scores.isna().any(axis=None):
+        bad = faithfulness.loc[scores.isna().any(axis=1), "image_id"].tolist()
+        raise ValueError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
+                         "re-run the faithfulness evaluation for those images")
+    gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
+    if (gap > ABPC_TOLERANCE).any():
+        bad = faithfulness.loc[gap > ABPC_TOLERANCE, "image_id"].tolist()
+        raise ValueError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
+                         "the file is inconsistent (PROTOCOL 5)")
+    grouped = faithfulness.groupby("method", sort=False)
+    summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
+    summary["n_images_abpc"] = grouped.size()
+    return summary
+
+
+def wsoleval_summary(wsoleval: pd.DataFrame, source: str = "wsoleval.csv") -> pd.DataFrame:
+    """Per method: MaxBoxAccV2 and, where the dataset has masks (not NaN), PxAP, as written
+    (percent), with the number of images (`n_images_wsol`)."""
+    require_columns(wsoleval, ["method", "n_images", "maxboxacc_v2"], source)
+    if wsoleval["method"].duplicated().any():
+        repeated = sorted(set(wsoleval.loc[wsoleval["method"].duplicated(), "method"]))
+        raise ValueError(f"{source}: methods {repeated} appear more than once; it must hold one row "
+                         "per method")
+    summary = wsoleval.set_index("method")
+    columns = ["maxboxacc_v2"] + (["pxap"] if "pxap" in summary and summary["pxap"].notna().any() else [])
+    out = summary[columns].astype(float).rename(columns=WSOL_NAMES)
+    out["n_images_wsol"] = summary["n_images"]
+    return out
+
+
+def _attach(view: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """Join per-method columns onto the view; methods only in `extra` become rows at the end."""
+    joined = view.merge(extra, left_on="method", right_index=True, how="left")
+    only_extra = extra.loc[[m for m in extra.index if m not in set(view["method"])]]
+    if only_extra.empty:
+        return joined
+    return pd.concat([joined, only_extra.rename_axis("method").reset_index()], ignore_index=True)
+
+
+def published_rows(view: pd.DataFrame, published: Sequence[PublishedNumber], variant: str) -> pd.DataFrame:
+    """Insert one "<method> (published)" row after each method that has published numbers.
+    Localization numbers are box-union scores, so they fill only the box variant's columns."""
+    names = {f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS} | FAITH_NAMES
+    rows: dict[str, dict] = {}
+    for p in published:
+        column = names.get(p.metric) if (p.metric in FAITH_NAMES or variant == "box") else None
+        if column is None:
+            continue
+        row = rows.setdefault(p.method, {"method": p.method + PUBLISHED_SUFFIX})
+        row[column] = p.value
+        if "threshold" in view.columns and p.metric not in FAITH_NAMES:
+            row["threshold"] = p.threshold
+    if not rows:
+        return view
+    parts, remaining = [], dict(rows)
+    for method, block in view.groupby("method", sort=False):
+        parts.append(block)
+        if method in remaining:
+            parts.append(pd.DataFrame([remaining.pop(method)]))
+    parts += [pd.DataFrame([row]) for row in remaining.values()]
+    return pd.concat(parts, ignore_index=True)
+
+
+def ordered_columns(view: pd.DataFrame) -> pd.DataFrame:
+    """The view's columns in the paper layout's order (unknown columns last)."""
+    known = [c for c in COLUMN_ORDER if c in view.columns]
+    return view[known + [c for c in view.columns if c not in known]]
+
+
+def paper_table(table: pd.DataFrame, variant: str = "box", *, faithfulness: pd.DataFrame | None = None,
+                wsoleval: pd.DataFrame | None = None,
+                published: Sequence[PublishedNumber] = ()) -> pd.DataFrame:
     """The paper's layout for one ground-truth variant: methods as rows, the five scores in
-    percent, then the number of images scored (the threshold column only when it varies)."""
+    percent and the number of images scored (the threshold column only when it varies), then
+    ABPC and the AUCs (`faithfulness_summary`), then MaxBoxAccV2/PxAP (`wsoleval_summary`),
+    and a "<method> (published)" row after each method with published numbers."""
     cols = [f"{variant}_{m}" for m in PIXEL_METRICS if f"{variant}_{m}" in table.columns]
     view = table[cols + ["n_images"]].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
     view = view.reset_index()
     if view["threshold"].nunique() == 1:
         view = view.drop(columns="threshold")
-    return view
+    for extra in (faithfulness, wsoleval):
+        if extra is not None:
+            view = _attach(view, extra)
+    view = published_rows(view, published, variant)
+    return ordered_columns(view).reset_index(drop=True)
 
 
 def format_table(table: pd.DataFrame, variant: str = "box") -> str:
     """`paper_table` as aligned text with two decimals, for the terminal."""
-    return paper_table(table, variant).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    return to_text(paper_table(table, variant))
 
 
-def write_tables(table: pd.DataFrame, folder, stem: str = "table") -> list:
+def write_tables(table: pd.DataFrame, folder, stem: str = "table", **paper_options) -> list[Path]:
     """Write the paper-layout table of each ground-truth variant as Markdown and LaTeX
-    (`<stem>_<variant>.md`, `.tex`); returns the paths."""
-    from pathlib import Path
-
-    folder = Path(folder)
+    (`<stem>_<variant>.md`, `.tex`); `paper_options` go to `paper_table`. Returns the paths."""
     paths = []
     for variant in ("box", "mask"):
         if f"{variant}_iou" not in table.columns:
             continue
-        view = paper_table(table, variant)
-        md = folder / f"{stem}_{variant}.md"
-        md.write_text(view.to_markdown(index=False, floatfmt=".2f") + "\n")
-        tex = folder / f"{stem}_{variant}.tex"
-        styler = view.style.hide(axis="index").format(precision=2)
-        tex.write_text(styler.to_latex(hrules=True, column_format="l" + "r" * (view.shape[1] - 1)))
-        paths += [md, tex]
+        view = paper_table(table, variant, **paper_options)
+        paths += write_table_files(view, Path(folder), f"{stem}_{variant}", formats=("md", "tex"))
     return paths
+

@@ -1,0 +1,314 @@
+"""CUB-200-2011, from its official index files or from the wsolevaluation metadata.
+
+Layouts (`layout`):
+- official: CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt,
+  bounding_boxes.txt, classes.txt, images/}; `root` = CUB_200_2011 or its parent; split `test`
+  (is_training_image = 0, 5,794 images) or `train`.
+- wsolevaluation: `metadata` = a folder holding image_ids.txt, class_labels.txt,
+  image_sizes.txt and localization.txt, or its parent holding <split>/ with them; image paths
+  are relative to CUB_200_2011/images under `root`. Only the index is read at construction,
+  so the images need not be present until items are read.
+- auto (default): wsolevaluation when `metadata` is set, else official.
+
+Ids are the image paths relative to images/ (e.g.
+"001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"), identical in both layouts.
+Labels are 0-based: class_id - 1.
+
+Boxes: bounding_boxes.txt holds x y w h. As in wsolevaluation, (x, y, x + w, y + h) are the
+0-based INCLUSIVE corner pixels: on the real test split x + w reaches at most W - 1 (67 images
+reach it exactly, none reach W), and likewise y + h. The continuous box is therefore
+[x, y, x + w + 1, y + h + 1]. localization.txt stores the same inclusive corners, so both
+layouts give identical boxes. Values are kept as written (never rounded; a fractional value,
+which the real files do not have, is noted). The official index
+has no image sizes: its boxes are checked against the decoded image when an item is read.
+
+segmentations: optional folder of the CUB segmentation release, <class dir>/<stem>.png soft
+greyscale masks. Object pixels are those > 127 (on the channel mean if a file is not grey,
+which is noted); mask = label + 1 on the object, 0 elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .base import Sample, SkippedSample
+from .image_io import ImageReadError, read_rgb
+from .records import AnnotationRecord, clip_boxes_to_image, folder_listing, limit_index, reconcile_image_size
+
+LAYOUTS = ("official", "wsolevaluation", "auto")
+# Official index files with their number of whitespace-separated fields per line.
+OFFICIAL_FIELDS = {"images.txt": 2, "image_class_labels.txt": 2, "train_test_split.txt": 2,
+                   "bounding_boxes.txt": 5, "classes.txt": 2}
+OFFICIAL_FILES = tuple(OFFICIAL_FIELDS)
+METADATA_FILES = ("image_ids.txt", "class_labels.txt", "image_sizes.txt", "localization.txt")
+NUM_CLASSES = 200
+OFFICIAL_SPLITS = {"train": "1", "test": "0"}  # train_test_split.txt's is_training_image value
+LAYOUT = "CUB_200_2011/{" + ", ".join(OFFICIAL_FILES) + ", images/}"
+
+
+def inclusive_corners_to_xyxy(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+    """0-based inclusive corner pixels -> continuous xyxy pixel edges."""
+    return [float(x0), float(y0), float(x1) + 1.0, float(y1) + 1.0]
+
+
+def cub_box_to_xyxy(x: float, y: float, w: float, h: float) -> list[float]:
+    """A bounding_boxes.txt entry (x, y, w, h) -> continuous xyxy: [x, y, x + w + 1, y + h + 1]."""
+    return inclusive_corners_to_xyxy(x, y, x + w, y + h)
+
+
+IndexTable = dict[str, list[tuple[int, list[str]]]]  # key -> [(line number, other fields)]
+
+
+def read_index_file(path: Path, fields: int, sep: str | None = None) -> IndexTable:
+    """Rows of a CUB / wsolevaluation index file keyed by their first field: key -> [(line
+    number, other fields)], in file order. Raises for a missing file or a malformed line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CUB index file {path} is missing; found in {path.parent}: "
+                                f"{folder_listing(path.parent)}")
+    table: IndexTable = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(sep)] if sep else line.split()
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{number}: expected {fields} fields, got {line!r}")
+        table.setdefault(parts[0], []).append((number, parts[1:]))
+    return table
+
+
+def _single(table: IndexTable, path: Path) -> dict[str, tuple[int, list[str]]]:
+    """The table of a file that must list each key once."""
+    for key, rows in table.items():
+        if len(rows) > 1:
+            raise ValueError(f"{path}:{rows[1][0]}: {key} is listed twice; fix the file")
+    return {key: rows[0] for key, rows in table.items()}
+
+
+def _numbers(values: list[str], path: Path, number: int) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{path}:{number}: expected numbers, got {values}") from None
+
+
+def _label(text: str, offset: int, num_classes: int, path: Path, number: int) -> int:
+    """A class index from `text` minus `offset`, checked to lie in 0..num_classes-1."""
+    try:
+        label = int(text) - offset
+    except ValueError:
+        label = -1
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{path}:{number}: class {text!r} is not in {offset}..{num_classes - 1 + offset}")
+    return label
+
+
+def resolve_cub_root(root: str | Path) -> Path:
+    """The CUB_200_2011 folder for `root` = CUB_200_2011 or its parent."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"CUB root {root} does not exist; set dataset.params.root to the folder "
+                                f"holding {LAYOUT}")
+    for candidate in (root / "CUB_200_2011", root):
+        if (candidate / "images").is_dir() or (candidate / "images.txt").is_file():
+            return candidate
+    raise FileNotFoundError(f"no CUB_200_2011 folder in {root}: expected {LAYOUT} (root may also be "
+                            f"CUB_200_2011 itself); found {folder_listing(root)}")
+
+
+def resolve_metadata_dir(metadata: str | Path, split: str) -> Path:
+    """The wsolevaluation metadata folder of `split`: `metadata` itself or `metadata`/<split>."""
+    metadata = Path(metadata).expanduser()
+    for candidate in (metadata / split, metadata):
+        if (candidate / METADATA_FILES[0]).is_file():
+            if candidate == metadata and metadata.name in ("train", "val", "test") and metadata.name != split:
+                raise ValueError(f"CUB metadata folder {metadata} is the {metadata.name!r} split but "
+                                 f"split={split!r}; set split={metadata.name} or point metadata at its "
+                                 "parent")
+            return candidate
+    found = folder_listing(metadata) if metadata.is_dir() else "no such folder"
+    raise FileNotFoundError(f"no wsolevaluation metadata for split {split!r} in {metadata}: expected "
+                            f"{', '.join(METADATA_FILES)} there or in {metadata / split}; found {found}")
+
+
+class CubDataset(Dataset):
+    """CUB-200-2011 (see the module docstring for layouts and conventions).
+
+    `records` holds the usable items' annotations (built once, no image decoded); `skipped`
+    the split's images that cannot be used, with reasons; `num_images` keeps the first N items
+    (and the skips passed over to reach them)."""
+
+    def __init__(self, root: str | Path, split: str = "test", layout: str = "auto",
+                 metadata: str | Path | None = None, segmentations: str | Path | None = None,
+                 num_images: int | None = None, transform=None) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"cub: unknown layout {layout!r}; valid: {LAYOUTS}")
+        if layout == "auto":
+            layout = "wsolevaluation" if metadata is not None else "official"
+        if layout == "wsolevaluation" and metadata is None:
+            raise ValueError("cub: layout wsolevaluation needs dataset.params.metadata, the folder with "
+                             f"{', '.join(METADATA_FILES)}")
+        self.cub_dir = resolve_cub_root(root)
+        self.images_dir = self.cub_dir / "images"
+        needed = ["images/"] + (list(OFFICIAL_FILES) if layout == "official" else [])
+        missing = [n for n in needed if not (self.cub_dir / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"CUB {layout} layout needs {', '.join(missing)} in {self.cub_dir} "
+                                    f"(layout {LAYOUT}); found {folder_listing(self.cub_dir)}")
+        self.split, self.layout, self.transform = split, layout, transform
+        self.class_names = self._class_names()
+        self.segmentations_dir = None if segmentations is None else Path(segmentations).expanduser()
+        if self.segmentations_dir is not None and not self.segmentations_dir.is_dir():
+            raise FileNotFoundError(f"CUB segmentations folder {self.segmentations_dir} does not exist; "
+                                    "set dataset.params.segmentations to the folder holding "
+                                    "<class dir>/<stem>.png")
+        if layout == "official":
+            items = self._index_official()
+        else:
+            items = self._index_metadata(resolve_metadata_dir(metadata, split))
+        if layout == "wsolevaluation" and not (self.cub_dir / "classes.txt").is_file():
+            self.class_names = self._names_from_paths(items)
+        items = [self._require_mask(item) for item in items]
+        self.records, self.skipped = limit_index(items, num_images, f"cub {layout} {split}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _class_names(self) -> tuple[str, ...]:
+        path = self.cub_dir / "classes.txt"
+        if not path.is_file():  # wsolevaluation without the official files: see _names_from_paths
+            return tuple(f"class_{i + 1:03d}" for i in range(NUM_CLASSES))
+        rows = _single(read_index_file(path, 2), path)
+        ids = sorted(rows, key=lambda key: _label(key, 1, len(rows), path, rows[key][0]))
+        return tuple(rows[key][1][0] for key in ids)
+
+    def _names_from_paths(self, items: list[AnnotationRecord | SkippedSample]) -> tuple[str, ...]:
+        """Class names from the image folders (e.g. 001.Black_footed_Albatross) where a class
+        has an image, a placeholder otherwise."""
+        names = list(self.class_names)
+        for item in items:
+            if isinstance(item, AnnotationRecord):
+                names[item.label] = Path(item.path).parent.name or names[item.label]
+        return tuple(names)
+
+    def _record(self, image_id: str, label: int, boxes: list[list[float]], size: tuple[int, int] | None,
+                notes: tuple[str, ...] = ()) -> AnnotationRecord | SkippedSample:
+        if any(v != int(v) for box in boxes for v in box):
+            notes += ("fractional box coordinates kept as written",)
+        clipped, keep, clip_notes = clip_boxes_to_image(boxes, size)
+        count = int(keep.sum())
+        if count == 0:
+            return SkippedSample(image_id, f"no box with area inside the image ({', '.join(clip_notes)})")
+        return AnnotationRecord(image_id=image_id, path=image_id, label=label,
+                                boxes=clipped if count == len(keep) else clipped[keep],
+                                box_labels=torch.full((count,), label, dtype=torch.long), size=size,
+                                difficult=torch.zeros(count, dtype=torch.bool), notes=notes + clip_notes)
+
+    def _index_official(self) -> list[AnnotationRecord | SkippedSample]:
+        if self.split not in OFFICIAL_SPLITS:
+            raise ValueError(f"cub: unknown split {self.split!r} for the official layout; valid: "
+                             f"{sorted(OFFICIAL_SPLITS)}")
+        images, labels, splits, boxes = (
+            _single(read_index_file(self.cub_dir / name, OFFICIAL_FIELDS[name]), self.cub_dir / name)
+            for name in OFFICIAL_FILES[:4])  # classes.txt was read by _class_names
+        items: list[AnnotationRecord | SkippedSample] = []
+        for key, (_, (path,)) in images.items():
+            if key not in splits:
+                items.append(SkippedSample(path, f"image {key} is not in train_test_split.txt"))
+                continue
+            number, (flag,) = splits[key]
+            if flag not in ("0", "1"):
+                raise ValueError(f"{self.cub_dir / 'train_test_split.txt'}:{number}: expected 0 or 1, "
+                                 f"got {flag!r}")
+            if flag != OFFICIAL_SPLITS[self.split]:
+                continue
+            if key not in labels or key not in boxes:
+                where = "image_class_labels.txt" if key not in labels else "bounding_boxes.txt"
+                items.append(SkippedSample(path, f"no annotation: image {key} is not in {where}"))
+                continue
+            number, (class_id,) = labels[key]
+            label = _label(class_id, 1, self.num_classes, self.cub_dir / "image_class_labels.txt", number)
+            number, values = boxes[key]
+            x, y, w, h = _numbers(values, self.cub_dir / "bounding_boxes.txt", number)
+            items.append(self._record(path, label, [cub_box_to_xyxy(x, y, w, h)], None))
+        return items
+
+    def _index_metadata(self, folder: Path) -> list[AnnotationRecord | SkippedSample]:
+        files = {name: folder / name for name in METADATA_FILES}
+        ids = list(_single(read_index_file(files["image_ids.txt"], 1), files["image_ids.txt"]))
+        labels = _single(read_index_file(files["class_labels.txt"], 2, ","), files["class_labels.txt"])
+        sizes = _single(read_index_file(files["image_sizes.txt"], 3, ","), files["image_sizes.txt"])
+        boxes = read_index_file(files["localization.txt"], 5, ",")
+        items: list[AnnotationRecord | SkippedSample] = []
+        for path in ids:
+            if path not in labels or path not in boxes:
+                where = files["class_labels.txt" if path not in labels else "localization.txt"]
+                items.append(SkippedSample(path, f"no annotation: {path} is not in {where}"))
+                continue
+            number, (text,) = labels[path]
+            label = _label(text, 0, self.num_classes, files["class_labels.txt"], number)
+            corners = [_numbers(values, files["localization.txt"], n) for n, values in boxes[path]]
+            size, notes = None, ("no size in image_sizes.txt",)
+            if path in sizes:
+                number, values = sizes[path]
+                width, height = _numbers(values, files["image_sizes.txt"], number)
+                if width != int(width) or height != int(height) or min(width, height) < 1:
+                    raise ValueError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in pixels")
+                size, notes = (int(width), int(height)), ()
+            items.append(self._record(path, label, [inclusive_corners_to_xyxy(*c) for c in corners],
+                                      size, notes))
+        return items
+
+    def _mask_path(self, record: AnnotationRecord) -> Path:
+        return self.segmentations_dir / Path(record.path).with_suffix(".png")
+
+    def _require_mask(self, item: AnnotationRecord | SkippedSample) -> AnnotationRecord | SkippedSample:
+        """With segmentations requested, an image without its mask file is skipped."""
+        if self.segmentations_dir is None or isinstance(item, SkippedSample):
+            return item
+        if self._mask_path(item).is_file():
+            return item
+        return SkippedSample(item.image_id, f"no segmentation mask {Path(item.path).with_suffix('.png')}")
+
+    def _read_mask(self, record: AnnotationRecord, size: tuple[int, int]
+                   ) -> tuple[torch.Tensor, tuple[str, ...]] | SkippedSample:
+        """Binarised segmentation: label + 1 where the soft mask is > 127, 0 elsewhere."""
+        try:
+            pixels, _ = read_rgb(self._mask_path(record))
+        except ImageReadError as exc:
+            return SkippedSample(record.image_id, str(exc))
+        if (pixels.shape[-1], pixels.shape[-2]) != size:
+            return SkippedSample(record.image_id, f"segmentation mask is {pixels.shape[-1]}x"
+                                 f"{pixels.shape[-2]} but the image is {size[0]}x{size[1]}")
+        grey = (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
+        notes = () if grey else ("segmentation mask is not grey: binarised on the channel mean",)
+        obj = pixels.float().mean(0) > 127
+        return (obj.to(torch.uint8) * (record.label + 1)), notes
+
+    def __getitem__(self, index: int) -> Sample | SkippedSample:
+        record = self.records[index]
+        try:
+            image, notes = read_rgb(self.images_dir / record.path)
+        except ImageReadError as exc:
+            return SkippedSample(record.image_id, str(exc))
+        size = (image.shape[-1], image.shape[-2])
+        boxes, box_labels, size_notes = reconcile_image_size(record, size)
+        if len(boxes) == 0:
+            return SkippedSample(record.image_id, f"no box inside the {size[0]}x{size[1]} image "
+                                 f"({', '.join(size_notes)})")
+        mask, mask_notes = None, ()
+        if self.segmentations_dir is not None:
+            read = self._read_mask(record, size)
+            if isinstance(read, SkippedSample):
+                return read
+            mask, mask_notes = read
+        sample = Sample(image=image, label=record.label, boxes=boxes.clone(), box_labels=box_labels,
+                        image_id=record.image_id, orig_size=size, mask=mask, orig_boxes=boxes,
+                        notes=record.notes + notes + size_notes + mask_notes)
+        return self.transform(sample) if self.transform is not None else sample

@@ -1,0 +1,112 @@
+"""Per-item annotation records that real-data loaders build once at construction, and the box
+checks they share (clipping to the image, reconciling the annotated size with the decoded one).
+
+A record holds everything a summary needs (ids, label, boxes in on-disk coordinates, image
+size) so boxes can be counted without decoding a single image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import SkippedSample
+
+
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """The annotation of one dataset item.
+
+    image_id: unique id of the item (what records and tables show).
+    path: image file relative to the dataset's image folder.
+    boxes: float [K, 4] xyxy with continuous pixel edges in on-disk image coordinates.
+    box_labels: long [K], the class of each box.
+    size: (width, height) as annotated; None when the annotation carries no size.
+    difficult: bool [K], VOC's flag (all False for CUB, which has none).
+    notes: what the index had to change (clipping, dropped boxes, float coordinates).
+    """
+
+    image_id: str
+    path: str
+    label: int
+    boxes: torch.Tensor
+    box_labels: torch.Tensor
+    size: tuple[int, int] | None
+    difficult: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    notes: tuple[str, ...] = ()
+
+
+def clip_boxes_to_image(boxes: torch.Tensor | np.ndarray, size: tuple[int, int] | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Clip continuous xyxy `boxes` to an image of `size` = (width, height); with no size,
+    only to the top-left corner (0, 0).
+
+    Returns the clipped boxes (float32), a bool keep-mask that is False for boxes left without
+    area (the caller drops them together with their labels), and notes saying what changed."""
+    # numpy: indexes call this once per image, where torch's per-op overhead dominates.
+    original = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    clipped = np.maximum(original, 0)
+    if size is not None:
+        width, height = size
+        clipped = np.minimum(clipped, np.array([width, height, width, height], dtype=np.float32))
+    notes: list[str] = []
+    changed = int((clipped != original).any(1).sum())
+    if changed:
+        where = f"{size[0]}x{size[1]}" if size is not None else "non-negative coordinates"
+        notes.append(f"box clipped to image: {changed} of {len(original)} to {where}")
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not keep.all():
+        notes.append(f"degenerate box dropped: {int((~keep).sum())} of {len(original)} without area")
+    return torch.from_numpy(clipped), torch.from_numpy(keep), tuple(notes)
+
+
+def reconcile_image_size(record: AnnotationRecord, image_size: tuple[int, int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Boxes and box labels of `record` made valid for the decoded image of `image_size`.
+
+    The annotated boxes are kept in their own pixel coordinates (never rescaled: a wrong size
+    field is likelier than a resampled image); a size mismatch is noted and the boxes are
+    clipped to the decoded image. Records without a size (nothing to check against) are
+    clipped to the decoded image too."""
+    if record.size is not None and tuple(record.size) == tuple(image_size):
+        return record.boxes, record.box_labels, ()  # already clipped to this size by the index
+    notes: tuple[str, ...] = ()
+    if record.size is not None:
+        size_note = (f"annotation size {record.size[0]}x{record.size[1]} != image size "
+                     f"{image_size[0]}x{image_size[1]}")
+        notes = (size_note,)
+    boxes, keep, clip_notes = clip_boxes_to_image(record.boxes, image_size)
+    return boxes[keep], record.box_labels[keep], notes + clip_notes
+
+
+def folder_listing(folder: Path, limit: int = 12) -> str:
+    """What a folder holds, for error messages about an unexpected layout."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "nothing (empty folder)"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def limit_index(items: list[AnnotationRecord | SkippedSample], num_images: int | None, dataset: str
+                ) -> tuple[list[AnnotationRecord], list[SkippedSample]]:
+    """Split an index (records and skips in index order) into (records, skipped), keeping the
+    first `num_images` records and the skips passed over to reach them. An index without a
+    single usable item means a wrong root or broken files: an error naming the commonest reasons."""
+    if num_images is not None and int(num_images) < 1:
+        raise ValueError(f"{dataset}: num_images must be >= 1 or null (all), got {num_images}")
+    records: list[AnnotationRecord] = []
+    skipped: list[SkippedSample] = []
+    for item in items:
+        if num_images is not None and len(records) == int(num_images):
+            break
+        (skipped if isinstance(item, SkippedSample) else records).append(item)
+    if not records:
+        reasons = Counter(s.reason for s in skipped).most_common(3)
+        raise FileNotFoundError(f"{dataset}: no usable item in the index; {len(skipped)} skipped, most "
+                                f"often: {reasons}")
+    return records, skipped

@@ -1,0 +1,212 @@
+"""`wsol-bench-report` and the run-folder tables: rebuilt tables equal a real run's tables,
+`--check` catches tampering, comparisons mark injected differences, published numbers appear
+only for the paper's dataset and model, optional ABPC/wsolevaluation columns, combined tables
+and the gallery rebuild."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from test_tables import assert_matches_csv, parse_latex, parse_markdown, records_frame
+
+from wsol_bench.paper_numbers import AGCAM_PAPER, PAPER_MODEL
+from wsol_bench.report import compare_tables, config_differences, main, rebuild_gallery
+from wsol_bench.run_folder import check_run, combined_table, read_run, run_tables, write_run_tables
+from wsol_bench.table_format import latex_escape
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> Path:
+    """A real benchmark run: 8 synthetic images, AG-CAM and random, shipped model."""
+    from wsol_bench.runner import run
+
+    root = tmp_path_factory.mktemp("run")
+    out = root / "run"
+    overrides = ["method=[agcam,random]", "dataset.params.num_images=8", "batch_size=8", "gallery_images=2",
+                 "progress=false", "run_name=test", f"store.root={root / 'cache'}"]
+    with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    run(cfg, out)
+    return out
+
+
+@pytest.fixture
+def run_copy(real_run, tmp_path) -> Path:
+    """A private copy of the real run to tamper with."""
+    return Path(shutil.copytree(real_run, tmp_path / "copy"))
+
+
+def hand_run(folder: Path, dataset: str, model: str, split: str = "val", **settings) -> Path:
+    """A run folder with hand-made records (see test_tables.records_frame) and a config."""
+    folder.mkdir(parents=True)
+    config = {"dataset": {"name": dataset, "split": split}, "model": {"name": model}, "target": "predicted",
+              "metric": {"image_filter": "correct", "thresholds": [0.5]}, **settings}
+    OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
+    records_frame().assign(dataset=dataset, split=split).to_csv(folder / "records.csv", index=False)
+    return folder
+
+
+def test_rebuilt_tables_equal_the_runs_tables(real_run):
+    """The table the run wrote equals the one rebuilt from its records, and so do the
+    numbers of its Markdown and LaTeX paper tables."""
+    tables = run_tables(real_run)
+    on_disk = pd.read_csv(real_run / "table.csv")
+    pd.testing.assert_frame_equal(tables["localization"].reset_index(), on_disk, check_dtype=False,
+                                  check_exact=False, rtol=0, atol=1e-9)
+    assert check_run(real_run) == [] and main([str(real_run), "--check"]) == 0
+    for variant in ("box", "mask"):
+        csv = tables[variant].copy()
+        assert_matches_csv(parse_markdown((real_run / f"table_{variant}.md").read_text()), csv)
+        assert_matches_csv(parse_latex((real_run / f"table_{variant}.tex").read_text()), csv)
+
+
+def test_report_writes_tables_that_parse_back(real_run, tmp_path, capsys):
+    """One run with --out: CSV, Markdown and LaTeX of each variant, printed with the note that
+    nothing is published for the synthetic data."""
+    assert main([str(real_run), "--out", str(tmp_path), "--no-gallery"]) == 0
+    printed = capsys.readouterr().out
+    assert "No published numbers for synthetic/val with wsol_synthetic_vit" in printed
+    for variant in ("box", "mask"):
+        csv = pd.read_csv(tmp_path / f"table_{variant}.csv")
+        assert csv["method"].tolist() == ["agcam", "random"]
+        assert_matches_csv(parse_markdown((tmp_path / f"table_{variant}.md").read_text()), csv)
+        assert_matches_csv(parse_latex((tmp_path / f"table_{variant}.tex").read_text()), csv)
+    assert "published" not in (tmp_path / "table_box.csv").read_text()
+
+
+def test_check_fails_on_a_tampered_table(run_copy, capsys):
+    table = pd.read_csv(run_copy / "table.csv")
+    table.loc[0, "box_iou"] += 0.001
+    table.to_csv(run_copy / "table.csv", index=False)
+    assert main([str(run_copy), "--check"]) == 1
+    assert "table.csv: row 0 (agcam), box_iou" in capsys.readouterr().out
+    write_run_tables(run_copy)  # rebuild: agrees again, now with table_<variant>.csv too
+    assert main([str(run_copy), "--check"]) == 0
+    box = pd.read_csv(run_copy / "table_box.csv")
+    box.loc[1, "Dice"] = 0.0
+    box.to_csv(run_copy / "table_box.csv", index=False)
+    rebuilt = run_tables(run_copy)["box"].loc[1, "Dice"]
+    assert check_run(run_copy) == [f"table_box.csv: row 1 (random), Dice: rebuilt {rebuilt}, on disk 0.0"]
+
+
+def test_comparison_marks_an_injected_difference(real_run, run_copy, tmp_path, capsys):
+    """Run B = run A with agcam's box IoU raised by one point and another seed: only that
+    cell is marked (* in text, bold in Markdown) and the seed is named as a config difference."""
+    records = pd.read_csv(run_copy / "records.csv")
+    records.loc[records["method"] == "agcam", "box_iou"] += 0.01
+    records.to_csv(run_copy / "records.csv", index=False)
+    config = OmegaConf.load(run_copy / "config.yaml")
+    config.seed = 1
+    OmegaConf.save(config, run_copy / "config.yaml")
+    out = tmp_path / "cmp"
+    assert main([str(real_run), str(run_copy), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "config differs: seed: A=0, B=1" in printed
+    md = parse_markdown((out / "comparison_box.md").read_text()).set_index("method")
+    assert md.loc["agcam", "B-A: IoU"] == "**+1.00**"
+    marked = [(m, c) for m in md.index for c in md.columns if "**" in md.loc[m, c]]
+    assert marked == [("agcam", "B-A: IoU")]
+    assert float(md.loc["agcam", "B: IoU"]) == pytest.approx(float(md.loc["agcam", "A: IoU"]) + 1, abs=0.011)
+    text_row = next(line for line in printed.splitlines() if line.startswith("agcam"))
+    assert "+1.00*" in text_row and text_row.count("*") == 1
+    csv = pd.read_csv(out / "comparison_box.csv")
+    assert csv.loc[csv["method"] == "agcam", "B-A: IoU"].item() == pytest.approx(1.0)
+    # The mask table is unchanged: nothing is marked there.
+    assert "**" not in (out / "comparison_mask.md").read_text().split("\n\n")[0]
+
+
+def test_rows_in_one_run_only_are_flagged():
+    a = pd.DataFrame({"method": ["agcam", "rollout"], "IoU": [10.0, 5.0]})
+    b = pd.DataFrame({"method": ["agcam", "gradcam"], "IoU": [10.004, 7.0]})
+    comparison = compare_tables([a, b], ["A", "B"], tolerance=0.01)
+    assert comparison.values["method"].tolist() == ["agcam", "rollout", "gradcam"]
+    assert comparison.flags["B-A: IoU"].tolist() == [False, True, True]
+    assert comparison.values["B-A: IoU"].iloc[0] == pytest.approx(0.004)
+
+
+def test_config_differences_name_keys_and_values():
+    diff = config_differences([{"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 1, "c": 3}, "e": 0}])
+    assert diff == {"a.c": [2, 3], "d": [[1], "<absent>"], "e": ["<absent>", 0]}
+
+
+def test_published_numbers_only_for_imagenet_with_the_paper_model(tmp_path):
+    paper = hand_run(tmp_path / "paper", "imagenet", PAPER_MODEL)
+    box = run_tables(paper)["box"]
+    assert box["method"].tolist() == ["agcam", "agcam (published)", "rollout"]
+    assert box.loc[1, ["Pixel Acc", "IoU", "Dice", "ABPC"]].tolist() == [73.41, 52.12, 65.15, 36.91]
+    assert any(AGCAM_PAPER in note for note in box.attrs["notes"])
+    write_run_tables(paper)
+    md = (paper / "table_box.md").read_text()
+    assert "| agcam (published)" in md and AGCAM_PAPER in md
+    assert latex_escape(AGCAM_PAPER) in (paper / "table_box.tex").read_text()
+    other_model = run_tables(hand_run(tmp_path / "augreg", "imagenet", "vit_base_patch16_224"))["box"]
+    assert "agcam (published)" not in other_model["method"].tolist()
+    assert other_model.attrs["notes"][0].startswith("No published numbers for imagenet/val")
+    # Published rows beside a run with other settings say what differs.
+    all_images = hand_run(tmp_path / "all", "imagenet", PAPER_MODEL, metric={"image_filter": "all",
+                                                                             "thresholds": [0.5]})
+    assert any("metric.image_filter=all (published: correct)" in n for n in run_tables(all_images)["box"].attrs["notes"])
+
+
+def test_faithfulness_and_wsoleval_columns_come_from_their_files(run_copy):
+    """ABPC is the mean over all images in faithfulness.csv (here 10 % for agcam, 0 for
+    random); MaxBoxAccV2 is copied from wsoleval.csv."""
+    ids = pd.read_csv(run_copy / "records.csv")["image_id"].unique()
+    rows = [{"image_id": i, "dataset": "synthetic", "split": "val", "method": m, "auc_morf": 0.5 - d,
+             "auc_lerf": 0.5 + d, "abpc": 2 * d} for m, d in (("agcam", 0.05), ("random", 0.0)) for i in ids]
+    pd.DataFrame(rows).to_csv(run_copy / "faithfulness.csv", index=False)
+    pd.DataFrame({"method": ["agcam", "random"], "dataset": "synthetic", "split": "val", "n_images": 8,
+                  "maxboxacc_v2": [70.5, 20.25], "pxap": [60.0, 30.0]}).to_csv(run_copy / "wsoleval.csv", index=False)
+    box = run_tables(run_copy)["box"]
+    assert box["ABPC"].tolist() == pytest.approx([10.0, 0.0])
+    assert box["AUC LeRF"].tolist() == pytest.approx([55.0, 50.0])
+    assert box["MaxBoxAccV2"].tolist() == [70.5, 20.25] and box["PxAP"].tolist() == [60.0, 30.0]
+    assert box["n_images_abpc"].tolist() == [8, 8]
+    assert "ABPC" in box.attrs["caption"] and box.attrs["notes"][1:] == []
+    pd.DataFrame(rows[:3]).to_csv(run_copy / "faithfulness.csv", index=False)
+    assert "faithfulness.csv covers 3 of 8 images for agcam." in run_tables(run_copy)["box"].attrs["notes"]
+    pd.DataFrame(rows).assign(dataset="imagenet").to_csv(run_copy / "faithfulness.csv", index=False)
+    with pytest.raises(ValueError, match="faithfulness.csv holds rows of dataset"):
+        run_tables(run_copy)
+
+
+def test_combined_table_has_one_block_per_dataset(real_run, tmp_path, capsys):
+    paper = hand_run(tmp_path / "paper", "imagenet", PAPER_MODEL)
+    combined = combined_table([real_run, paper], "box")
+    assert combined["dataset"].tolist() == ["synthetic/val"] * 2 + ["imagenet/val"] * 3
+    assert combined.columns[0] == "dataset" and combined.columns[-1] == "filter"
+    assert combined["method"].tolist() == ["agcam", "random", "agcam", "agcam (published)", "rollout"]
+    out = tmp_path / "out"
+    assert main([str(real_run), str(paper), "--combined", "--out", str(out)]) == 0
+    assert (out / "combined_mask.csv").is_file()  # both runs' records have mask columns
+    csv = pd.read_csv(out / "combined_box.csv")
+    assert_matches_csv(parse_markdown((out / "combined_box.md").read_text()), csv)
+    assert_matches_csv(parse_latex((out / "combined_box.tex").read_text()), csv)
+    assert (out / "combined_box.tex").read_text().count("\\midrule") == 2  # header rule + one block rule
+
+
+def test_gallery_is_rebuilt_from_cached_maps(real_run, run_copy, tmp_path):
+    """The rebuilt gallery is the run's own picture, pixel for pixel; without a map store it
+    is skipped with a message and the tables are still written."""
+    message = rebuild_gallery(read_run(real_run), tmp_path / "g.png")
+    assert message == f"gallery: {tmp_path / 'g.png'}"
+    assert (tmp_path / "g.png").read_bytes() == (real_run / "gallery.png").read_bytes()
+    (run_copy / "maps.json").unlink()
+    (run_copy / "gallery.png").unlink()
+    assert main([str(run_copy)]) == 0
+    assert not (run_copy / "gallery.png").exists() and (run_copy / "table_box.csv").is_file()
+    assert rebuild_gallery(read_run(run_copy), tmp_path / "h.png").startswith("gallery skipped: no map store")
+
+
+def test_bad_run_folders_give_clear_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    folder = hand_run(tmp_path / "run", "synthetic", "wsol_synthetic_vit")
+    (folder / "records.csv").unlink()
+    assert main([str(folder), "--check"]) == 2
+    assert f"{folder / 'records.csv'} not found" in capsys.readouterr().err

@@ -1,0 +1,345 @@
+"""wsol-bench-train: schedule, augmentation, image cache, loss, exact resume, weights the
+benchmark reproduces, presets, and bad settings (exit code 2 through the CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file, save_file
+
+from wsol_bench import train as train_cli
+from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples
+from wsol_bench.datasets import registry
+from wsol_bench.datasets.base import normalize_image
+from wsol_bench.models import load_model
+from wsol_bench.train_data import (CachedBatches, DatasetSpec, ImageCache, LabelledImage, augment_batch,
+                                   cached_images, collate_labelled, dihedral, normalize_batch)
+from wsol_bench.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_KWARGS = "{img_size:32,patch_size:8,embed_dim:24,depth:2,num_heads:3}"
+TINY = ["model.name=vit_tiny_patch16_224", f"++model.kwargs={TINY_KWARGS}", "preprocess.input_size=[32,32]",
+        "dataset.params.image_size=32", "train.train_params.num_images=64", "train.val_params.num_images=32",
+        "train.batch_size=16", "train.epochs=2", "num_workers=0", "progress=false", "threads=1"]
+
+
+def make_cfg(tmp_path: Path, *overrides: str):
+    """The trainer config of a tiny run (32 px images, 2-block ViT) writing under tmp_path."""
+    with initialize_config_module("wsol_bench.conf", version_base="1.3"):
+        return compose("trainer", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def run_cli(monkeypatch, tmp_path: Path, *overrides: str) -> None:
+    """`wsol-bench-train` in this process (so test-registered datasets are visible)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["wsol-bench-train", *TINY, f"cache_dir={tmp_path / 'cache'}",
+                                      f"hydra.run.dir={tmp_path / 'hydra'}", *overrides])
+    train_cli.main()
+
+
+def tiny_vit(num_classes: int) -> torch.nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=2,
+                             num_heads=3, num_classes=num_classes)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_warmup_cosine_hand_values():
+    """Linear warm-up (s+1)/w, then cosine from 1 to the floor at the last step."""
+    f = warmup_cosine(total_steps=10, warmup_steps=2, min_ratio=0.1)
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # 0.55
+    assert f(10) == pytest.approx(0.1) and f(12) == pytest.approx(0.1)
+    assert warmup_cosine(4, 0, 0.0)(0) == 1.0
+
+
+def test_dihedral_applies_each_of_the_eight_symmetries():
+    """Op k: flip when bit 2 is set, then k & 3 quarter turns; 8 distinct results, per image."""
+    image = torch.arange(9.0).view(1, 1, 3, 3)
+    batch = image.repeat(8, 1, 1, 1)
+    out = dihedral(batch, torch.arange(8))
+    expected = [torch.rot90(image[0].flip(-1) if k & 4 else image[0], k & 3, dims=(-2, -1)) for k in range(8)]
+    for k in range(8):
+        assert torch.equal(out[k], expected[k]), k
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 8
+    assert torch.equal(out[1, 0], torch.tensor([[2.0, 5, 8], [1, 4, 7], [0, 3, 6]]))  # hand-rotated
+    with pytest.raises(ValueError, match="square"):
+        dihedral(torch.zeros(2, 3, 4, 5), torch.zeros(2, dtype=torch.long))
+
+
+def test_batch_augmentations_are_seeded_and_permute_pixels():
+    x = torch.rand(16, 3, 8, 8)
+    a = augment_batch("dihedral", x, torch.Generator().manual_seed(3))
+    b = augment_batch("dihedral", x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(a.flatten(1).sort(1).values, x.flatten(1).sort(1).values)  # same pixels, moved
+    flipped = augment_batch("hflip", x, torch.Generator().manual_seed(0))
+    for i in range(16):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    assert torch.equal(augment_batch("none", x, torch.Generator()), x)
+    with pytest.raises(ValueError, match="train.augment"):
+        augment_batch("mixup", x, torch.Generator())
+
+
+def test_normalize_batch_equals_benchmark_normalisation():
+    """Cached uint8 batches become exactly the benchmark's per-image normalised input."""
+    images = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    batch = normalize_batch(images, mean, std)
+    for i in range(4):
+        assert torch.equal(batch[i], normalize_image(images[i], mean, std))
+
+
+def test_collate_drops_and_counts_skipped_items():
+    items = [LabelledImage(torch.zeros(3, 2, 2), 1, "a"), SkippedSample("b", "corrupt jpeg"),
+             LabelledImage(torch.ones(3, 2, 2), 4, "c")]
+    batch = collate_labelled(items)
+    assert batch.images.shape == (2, 3, 2, 2) and batch.labels.tolist() == [1, 4]
+    assert [s.image_id for s in batch.skipped] == ["b"]
+    assert collate_labelled([SkippedSample("x", "r")]).labels.numel() == 0
+
+
+def test_image_cache_equals_eval_transform_and_is_reused(tmp_path):
+    """Cached pixels equal the benchmark's resize; a second call maps the same files; other
+    parameters get another entry; parallel decoding gives the same bytes."""
+    spec = DatasetSpec("synthetic", {"split": "val", "num_images": 6, "image_size": 48})
+    cache = cached_images(spec, (32, 32), "bilinear", cache_dir=tmp_path, workers=0)
+    transform = EvalTransform((32, 32), (0.5,) * 3, (0.5,) * 3)
+    dataset = build_dataset("synthetic", split="val", num_images=6, image_size=48)
+    for i in range(6):
+        sample = dataset[i]
+        assert cache.labels[i] == sample.label
+        expected = transform(sample).image
+        assert torch.equal(normalize_batch(torch.from_numpy(np.array(cache.images[i:i + 1])), (0.5,) * 3,
+                                           (0.5,) * 3)[0], expected)
+    again = cached_images(spec, (32, 32), "bilinear", cache_dir=tmp_path, workers=0)
+    assert again.seconds == 0.0 and isinstance(again.images, np.memmap)
+    assert np.array_equal(again.images, cache.images)
+    other = DatasetSpec("synthetic", {"split": "val", "num_images": 5, "image_size": 48})
+    cached_images(other, (32, 32), "bilinear", cache_dir=tmp_path, workers=0)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    parallel = cached_images(spec, (32, 32), "bilinear", cache_dir=None, workers=2)
+    assert np.array_equal(parallel.images, cache.images) and np.array_equal(parallel.labels, cache.labels)
+
+
+def test_precision_settings():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
+    with pytest.raises(ValueError, match="train.precision=bf16 needs device=cuda"):
+        autocast_dtype("bf16", torch.device("cpu"))
+
+
+def test_a_few_steps_reduce_the_loss():
+    """Twenty steps on 32 synthetic images lower the loss on those images clearly."""
+    dataset = build_dataset("synthetic", split="train", num_images=32, image_size=32)
+    images = np.stack([dataset[i].image.numpy() for i in range(32)])
+    labels = np.array([dataset[i].label for i in range(32)])
+    cache = ImageCache(images, labels, [])
+    batches = CachedBatches(cache, 16, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), shuffle=True)
+    torch.manual_seed(0)
+    model = tiny_vit(6)
+    trainer = Trainer(model, Recipe(epochs=10, batch_size=16, lr=3e-3, warmup_epochs=0, label_smoothing=0.0),
+                      len(batches), torch.device("cpu"), 6, seed=0)
+    x = normalize_batch(torch.from_numpy(images), (0.5,) * 3, (0.5,) * 3)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model.eval()(x), torch.from_numpy(labels)))
+
+    before = loss()
+    for _ in range(10):
+        stats = trainer.train_epoch(batches.epoch(trainer.order_rng))
+    assert trainer.state.step == 20 and stats["images"] == 32
+    assert loss() < before - 0.3
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module", params=["cache", "stream"])
+def straight_run(request, tmp_path_factory):
+    """Two epochs without interruption: image cache + dihedral, or DataLoader + timm crops."""
+    tmp = tmp_path_factory.mktemp(f"straight_{request.param}")
+    extra = [] if request.param == "cache" else ["train.cache=false", "train.augment=timm",
+                                                 "train.timm_augment={scale:[0.5,1.0],color_jitter:0.0}"]
+    record = train_cli.train_from_config(make_cfg(tmp, *extra), tmp / "out")
+    return request.param, extra, tmp, record
+
+
+def test_straight_run_writes_weights_record_and_checkpoint(straight_run):
+    _, _, tmp, record = straight_run
+    out = tmp / "out"
+    for name in ("model.safetensors", "model.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["epochs"] == 2 and saved["steps"] == 2 * (64 // 16) and saved["images_seen"] == 128
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert saved["final_val_acc"] == saved["history"][-1]["val_acc"]
+    assert saved["val_images"] == 32 and saved["images_per_second"] > 0
+    assert saved["recipe"]["train"]["epochs"] == 2 and saved["num_classes"] == 6
+    assert saved["train_dataset"]["params"]["split"] == "train" and saved["val_dataset"]["params"]["split"] == "val"
+
+
+def test_resume_continues_to_identical_weights(straight_run):
+    """1 epoch, stop, resume 1 epoch == 2 epochs straight (weights bit-identical, same steps)."""
+    _, extra, tmp, record = straight_run
+    out = tmp / "resumed"
+    first = train_cli.train_from_config(make_cfg(tmp, *extra, "stop_after_epochs=1"), out)
+    assert first == {"complete": False, "epoch": 1} and not (out / "model.safetensors").exists()
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["epoch"] == 1 and payload["state"]["step"] == 4
+    resumed = train_cli.train_from_config(make_cfg(tmp, *extra), out)
+    assert resumed["steps"] == record["steps"]
+    a, b = load_file(str(tmp / "out" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keep = ("epoch", "step", "train_loss", "val_acc", "val_correct", "lr")
+    assert [{k: h[k] for k in keep} for h in resumed["history"]] == [{k: h[k] for k in keep}
+                                                                    for h in record["history"]]
+
+
+def test_resume_with_other_settings_is_refused(straight_run):
+    _, extra, tmp, _ = straight_run
+    with pytest.raises(ValueError, match=r"train.lr: 0.001 -> 0.002"):
+        train_cli.train_from_config(make_cfg(tmp, *extra, "train.lr=2e-3"), tmp / "out")
+    with pytest.raises(FileNotFoundError, match="resume=true"):
+        train_cli.train_from_config(make_cfg(tmp, *extra, "resume=true"), tmp / "empty")
+
+
+def test_load_model_reproduces_the_logged_val_accuracy(straight_run):
+    """The benchmark's loader and transform on the val split give the logged accuracy."""
+    _, _, tmp, record = straight_run
+    model = load_model("vit_tiny_patch16_224", checkpoint=tmp / "out" / "model.safetensors", img_size=32,
+                       patch_size=8, embed_dim=24, depth=2, num_heads=3)
+    assert model.num_classes == 6
+    transform = EvalTransform((32, 32), (0.5,) * 3, (0.5,) * 3)
+    dataset = build_dataset("synthetic", split="val", num_images=32, image_size=32, transform=transform)
+    batch = collate_samples([dataset[i] for i in range(32)])
+    with torch.no_grad():
+        correct = int((model(batch.images).argmax(1) == batch.labels).sum())
+    assert correct == record["history"][-1]["val_correct"]
+    assert record["final_val_acc"] == correct / 32
+
+
+def test_benchmark_cli_loads_the_trained_weights(straight_run, tmp_path):
+    """`wsol-bench` with the overrides the record gives runs on the trained file unchanged."""
+    kind, _, _, record = straight_run
+    if kind != "cache":
+        pytest.skip("one benchmark run suffices")
+    script = Path(sys.executable).parent / "wsol-bench"
+    proc = subprocess.run([str(script), *record["benchmark_overrides"], "dataset.params.image_size=32",
+                           "dataset.params.num_images=4", "method=[rollout]", "batch_size=4", "progress=false",
+                           "gallery_images=0", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "records.csv").is_file()
+
+
+# ---------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("preset,dataset,model", [
+    ("synthetic", "synthetic", "wsol_synthetic_vit"),
+    ("voc_single_class", "voc", "vit_base_patch16_224.orig_in21k_ft_in1k"),
+    ("cub", "cub", "vit_base_patch16_224.orig_in21k_ft_in1k"),
+])
+def test_presets_compose(preset, dataset, model):
+    if not (ROOT / "conf" / "dataset" / f"{dataset}.yaml").is_file():
+        pytest.skip(f"conf/dataset/{dataset}.yaml is not in this checkout")
+    with initialize_config_module("wsol_bench.conf", version_base="1.3"):
+        cfg = compose("trainer", overrides=[f"train={preset}"])
+    assert cfg.dataset.name == dataset and cfg.model.name == model
+    assert cfg.train.train_params.split != cfg.train.val_params.split
+    recipe = train_cli.recipe_from(cfg)
+    assert recipe.epochs >= 1 and recipe.lr > 0
+    if preset != "synthetic":
+        assert list(cfg.preprocess.input_size) == [224, 224] and list(cfg.preprocess.mean) == [0.5] * 3
+        assert cfg.model.pretrained and recipe.augment == "timm" and not cfg.train.cache
+
+
+def test_default_is_the_synthetic_recipe():
+    with initialize_config_module("wsol_bench.conf", version_base="1.3"):
+        cfg = compose("trainer")
+    assert cfg.dataset.name == "synthetic" and cfg.model.name == "wsol_synthetic_vit" and not cfg.model.pretrained
+    assert cfg.train.cache and cfg.train.augment == "dihedral" and cfg.train.val_params.num_images == 1000
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _expect_exit_2(monkeypatch, capsys, tmp_path, *overrides: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(monkeypatch, tmp_path, *overrides)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_model_exits_2(monkeypatch, capsys, tmp_path):
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, "model.name=no_such_vit", f"out_dir={tmp_path / 'o'}")
+    assert "model.name='no_such_vit'" in err and "timm model" in err
+
+
+def test_unwritable_out_dir_exits_2(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, f"out_dir={blocker / 'run'}")
+    assert f"out_dir={blocker / 'run'}" in err and "writable" in err
+
+
+class _NoLabels(torch.utils.data.Dataset):
+    """A dataset with boxes but no classification labels."""
+
+    def __init__(self, transform=None, **_: object) -> None:
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return 40
+
+
+class _NoneLabels(_NoLabels):
+    num_classes = 6
+
+    def __getitem__(self, i: int) -> Sample:
+        sample = Sample(torch.zeros(3, 32, 32, dtype=torch.uint8), None, torch.zeros(0, 4), f"img{i}", (32, 32))
+        return self.transform(sample) if self.transform else sample
+
+
+@pytest.mark.parametrize("cls,message", [(_NoLabels, "has no class labels"), (_NoneLabels, "has no class label")])
+def test_dataset_without_labels_exits_2(monkeypatch, capsys, tmp_path, cls, message):
+    monkeypatch.setitem(registry._BUILDERS, "unlabelled", lambda transform=None, **p: cls(transform, **p))
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, "dataset=synthetic", "dataset.name=unlabelled",
+                         f"out_dir={tmp_path / 'o'}")
+    assert message in err and "dataset" in err
+
+
+def test_checkpoint_with_other_class_count_exits_2_unless_head_reset(monkeypatch, capsys, tmp_path):
+    ckpt = tmp_path / "five_classes.safetensors"
+    save_file(tiny_vit(5).state_dict(), str(ckpt))
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, f"model.checkpoint={ckpt}", f"out_dir={tmp_path / 'o'}")
+    assert f"model.checkpoint={ckpt} has a 5-class head" in err and "train.reset_head=true" in err
+    record = train_cli.train_from_config(make_cfg(tmp_path, f"model.checkpoint={ckpt}", "train.reset_head=true",
+                                                  "train.epochs=1"), tmp_path / "reset")
+    assert record["num_classes"] == 6
+    state = load_file(str(tmp_path / "reset" / "model.safetensors"))
+    assert state["head.weight"].shape == (6, 24)
+
+
+def test_bad_recipe_settings_exit_2(monkeypatch, capsys, tmp_path):
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, "train.augment=mixup", f"out_dir={tmp_path / 'o'}")
+    assert "train.augment='mixup'" in err
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, "+train.lr_decay=0.5", f"out_dir={tmp_path / 'o'}")
+    assert "lr_decay" in err
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, "train.augment=timm", f"out_dir={tmp_path / 'o'}")
+    assert "train.cache=false" in err
