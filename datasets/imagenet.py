@@ -24,22 +24,24 @@ and CUB loaders do); "skip" skips the item. Each case is noted on the sample.
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 
 from .base import Sample, SkippedSample
 from .image_io import ImageReadError, read_rgb
-from .imagenet_annotations import (WSOL_FILES, AnnotationError, ImageAnnotation, inclusive_to_continuous,
-                                   parse_imagenet_xml, read_loc_solution_csv, read_synset_mapping,
-                                   read_wsol_metadata, read_xml_size, sanitize_box_sets,
-                                   sanitize_boxes)
+from .imagenet_annotations import (
+    WSOL_FILES,
+    AnnotationError,
+    parse_imagenet_xml,
+    read_loc_solution_csv,
+    read_synset_mapping,
+    read_wsol_metadata,
+    read_xml_size,
+)
+from .imagenet_index import ImageNetRecord, PendingImage, build_records, fit_boxes_to_image
 from .records import folder_listing, limit_index
 
 LAYOUTS = ("kaggle", "torchvision", "wsolevaluation")
@@ -55,35 +57,6 @@ LAYOUT_HELP = (
     "image_sizes.txt, localization.txt; images under <root>)")
 NO_ANNOTATION = "no annotation for this image"
 FILE_MISSING = "image file missing"
-
-
-@dataclass(frozen=True)
-class ImageNetRecord:
-    """The annotation of one usable image, fixed at construction.
-
-    boxes: float32 [K, 4] continuous xyxy in the frame of the annotated image (`size`).
-    size: (width, height) the annotation states; None when only `size_file` (an XML read when
-        the item is loaded: Kaggle's csv has no sizes) or nothing states it.
-    """
-
-    image_id: str
-    path: str
-    label: int
-    boxes: np.ndarray
-    box_labels: np.ndarray
-    size: tuple[int, int] | None
-    size_file: str | None = None
-    notes: tuple[str, ...] = ()
-
-
-class _Pending(NamedTuple):
-    """An image found with its parsed annotation, before the checks that make it a record."""
-
-    image_id: str
-    path: str
-    ann: ImageAnnotation
-    label: int | None  # None: the class of its boxes
-    size_file: str | None = None
 
 
 def _file_names(folder: Path) -> list[str]:
@@ -120,28 +93,9 @@ def detect_layout(root: Path, metadata: Path | None) -> str:
 
 def _require_dir(folder: Path, layout: str, root: Path, setting: str = "dataset.params.root") -> None:
     if not folder.is_dir():
-        raise FileNotFoundError(f"imagenet ({layout} layout): folder {folder} does not exist; check {setting}. "
+        raise FileNotFoundError(f"imagenet ({layout} layout): folder {folder} does not exist; "
+                                f"check {setting}. "
                                 f"{LAYOUT_HELP}; found in {root}: {folder_listing(root)}")
-
-
-def fit_boxes_to_image(boxes: np.ndarray, stated: tuple[int, int] | None, size: tuple[int, int],
-                       policy: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | str:
-    """Boxes annotated for an image of `stated` size made valid for the decoded `size` (both
-    (width, height)) under a `size_mismatch` policy: (boxes, kept indices, notes), or the
-    skip reason when the item cannot be used."""
-    notes: tuple[str, ...] = ()
-    if stated is not None and tuple(stated) != tuple(size):
-        mismatch = f"annotation size {stated[0]}x{stated[1]} != image size {size[0]}x{size[1]}"
-        if policy == "skip":
-            return mismatch
-        if policy == "scale":
-            boxes = boxes * np.array([size[0] / stated[0], size[1] / stated[1]] * 2, dtype=np.float32)
-            mismatch += "; boxes scaled to the image"
-        notes = (mismatch,)
-    boxes, keep, box_notes = sanitize_boxes(boxes, size)
-    if len(boxes) == 0:
-        return f"no box inside the image ({'; '.join(notes + box_notes)})"
-    return boxes, keep, notes + box_notes
 
 
 class ImageNetVal(Dataset):
@@ -157,7 +111,8 @@ class ImageNetVal(Dataset):
                  synsets: str | os.PathLike | None = None, num_images: int | None = None,
                  size_mismatch: str = "scale", transform=None) -> None:
         if split != "val":
-            raise ValueError(f"imagenet: split {split!r} is not supported; only 'val' has boxes for every image")
+            raise ValueError(f"imagenet: split {split!r} is not supported; "
+                             "only 'val' has boxes for every image")
         if layout not in ("auto",) + LAYOUTS:
             raise ValueError(f"imagenet: layout {layout!r} is unknown; valid: auto, {', '.join(LAYOUTS)}")
         if size_mismatch not in SIZE_MISMATCH_POLICIES:
@@ -165,9 +120,9 @@ class ImageNetVal(Dataset):
                              f"valid: {', '.join(SIZE_MISMATCH_POLICIES)}")
         self.root = Path(root).expanduser()
         self.metadata = Path(metadata).expanduser() if metadata is not None else None
-        self.layout = detect_layout(self.root, self.metadata) if layout == "auto" else layout
         if not self.root.is_dir():
             detect_layout(self.root, self.metadata)  # raises the missing-root error
+        self.layout = detect_layout(self.root, self.metadata) if layout == "auto" else layout
         if (self.layout == "wsolevaluation") != (self.metadata is not None):
             raise ValueError(f"imagenet: dataset.params.metadata is needed by the wsolevaluation layout and "
                              f"only by it (layout={self.layout}, metadata={metadata}); {LAYOUT_HELP}")
@@ -202,7 +157,7 @@ class ImageNetVal(Dataset):
                                       f"{len(set(names) - set(reference))} unknown); pass the file of "
                                       "ILSVRC2012 CLS-LOC in dataset.params.synsets")
         else:
-            names = dict(zip(reference, info.label_descriptions()))
+            names = dict(zip(reference, info.label_descriptions(), strict=True))
         wnids = sorted(names)
         return tuple(wnids), tuple(names[w] for w in wnids)
 
@@ -214,63 +169,17 @@ class ImageNetVal(Dataset):
     def _skip(self, image_id: str, reason: str) -> None:
         self._skips.append(SkippedSample(image_id, reason))
 
-    def _from_xml(self, image_id: str, image: str, xml: Path, label: int | None = None) -> _Pending | None:
+    def _from_xml(self, image_id: str, image: str, xml: Path, label: int | None = None
+                  ) -> PendingImage | None:
         try:
-            return _Pending(image_id, image, parse_imagenet_xml(xml), label)
+            return PendingImage(image_id, image, parse_imagenet_xml(xml), label)
         except AnnotationError as err:
             self._skip(image_id, str(err))
             return None
 
-    def _build_records(self, pending: list[_Pending | None]) -> list[ImageNetRecord]:
-        """Annotations -> records: class indices, continuous boxes clipped to the stated size,
-        a skip for each image left without a usable box. Vectorised over all boxes."""
-        pending = [p for p in pending if p is not None]
-        if not pending:
-            return []
-        counts = np.array([len(p.ann.boxes) for p in pending], dtype=np.int64)
-        image = np.repeat(np.arange(len(pending)), counts)
-        classes = [c for p in pending for c in p.ann.box_classes]
-        box_labels = np.array([self._class_index.get(c, -1) if isinstance(c, str) else int(c) for c in classes],
-                              dtype=np.int64)
-        invalid = np.bincount(image, weights=(box_labels < 0) | (box_labels >= self.num_classes),
-                              minlength=len(pending))
-        sizes = np.array([p.ann.size or (np.nan, np.nan) for p in pending], dtype=np.float64)
-        boxes, keep, box_notes = sanitize_box_sets(
-            inclusive_to_continuous(np.concatenate([p.ann.boxes for p in pending])), counts, sizes)
-        # The image's class: given (folder or class_labels.txt), or that of its boxes (Kaggle).
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        labels = np.array([-1 if p.label is None else p.label for p in pending], dtype=np.int64)
-        nonempty = counts > 0
-        lowest, highest = np.full(len(pending), -1), np.full(len(pending), -1)
-        lowest[nonempty] = np.minimum.reduceat(box_labels, starts[nonempty])
-        highest[nonempty] = np.maximum.reduceat(box_labels, starts[nonempty])
-        other_class = np.bincount(image, weights=box_labels != labels[image], minlength=len(pending)) > 0
-        kept_counts = np.bincount(image[keep], minlength=len(pending))
-        kept_boxes = np.split(boxes[keep], np.cumsum(kept_counts)[:-1])
-        kept_labels = np.split(box_labels[keep], np.cumsum(kept_counts)[:-1])
-        records = []
-        for i, p in enumerate(pending):
-            if invalid[i]:
-                bad = sorted({str(c) for c in p.ann.box_classes
-                              if not (isinstance(c, str) and c in self._class_index)
-                              and not (isinstance(c, int) and 0 <= c < self.num_classes)})
-                self._skip(p.image_id, f"box class {', '.join(bad)} is not one of the 1000 ImageNet-1k classes")
-                continue
-            if kept_counts[i] == 0:
-                self._skip(p.image_id, "no usable box in the annotation" +
-                           (f" ({'; '.join(box_notes[i])})" if box_notes[i] else ""))
-                continue
-            label, notes = int(labels[i]), p.ann.notes
-            if p.label is None:
-                label = int(lowest[i])
-                if highest[i] != lowest[i]:
-                    label = Counter(box_labels[starts[i]:starts[i] + counts[i]].tolist()).most_common(1)[0][0]
-                    notes += ("boxes carry several classes; label is the most frequent",)
-            elif other_class[i]:
-                notes += ("some boxes carry another class than the image label",)
-            records.append(ImageNetRecord(image_id=p.image_id, path=p.path, label=label, boxes=kept_boxes[i],
-                                          box_labels=kept_labels[i], size=p.ann.size, size_file=p.size_file,
-                                          notes=notes + box_notes[i]))
+    def _build_records(self, pending: list[PendingImage | None]) -> list[ImageNetRecord]:
+        records, skips = build_records([p for p in pending if p is not None], self._class_index)
+        self._skips += skips
         return records
 
     def _index_kaggle(self) -> list[ImageNetRecord]:
@@ -283,8 +192,8 @@ class ImageNetVal(Dataset):
             for image_id, reason in problems:
                 self._skip(image_id, reason)
             xmls = _listing(xml_dir, xml=True) if xml_dir.is_dir() else {}
-            pending = [_Pending(image_id, os.path.join(images_dir, images[image_id]), ann, None,
-                                os.path.join(xml_dir, xmls[image_id]) if image_id in xmls else None)
+            pending = [PendingImage(image_id, os.path.join(images_dir, images[image_id]), ann, None,
+                                    os.path.join(xml_dir, xmls[image_id]) if image_id in xmls else None)
                        for image_id, ann in annotations.items() if image_id in images]
             annotated = set(annotations) | {image_id for image_id, _ in problems}
         elif xml_dir.is_dir():
@@ -308,7 +217,7 @@ class ImageNetVal(Dataset):
         xml_dir = annotations or val
         _require_dir(xml_dir, "torchvision", self.root, "dataset.params.annotations (the bbox XML folder)")
         xmls = _listing(xml_dir, xml=True)
-        pending: list[_Pending | None] = []
+        pending: list[PendingImage | None] = []
         seen: set[str] = set()
         with os.scandir(val) as entries:
             class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
@@ -330,21 +239,23 @@ class ImageNetVal(Dataset):
         assert self.metadata is not None
         if not self.metadata.is_dir():
             raise FileNotFoundError(f"imagenet (wsolevaluation layout): dataset.params.metadata "
-                                    f"{str(self.metadata)!r} does not exist; it must hold {', '.join(WSOL_FILES)}")
+                                    f"{str(self.metadata)!r} does not exist; it must hold "
+                                    f"{', '.join(WSOL_FILES)}")
         annotations, problems = read_wsol_metadata(self.metadata)
         for key, reason in problems:
             self._skip(_stem(key), reason)
         # Plain string paths and one directory scan per image folder: 50,000 Path objects
         # would cost seconds.
         present: dict[str, set[str]] = {}
-        pending: list[_Pending | None] = []
+        pending: list[PendingImage | None] = []
         for key, ann in annotations.items():
             folder, _, name = key.rpartition("/")
             if folder not in present:
                 _require_dir(self.root / folder, "wsolevaluation", self.root)
                 present[folder] = set(_file_names(self.root / folder))
             if name in present[folder]:
-                pending.append(_Pending(_stem(name), os.path.join(self.root, key), ann, int(ann.box_classes[0])))
+                pending.append(PendingImage(_stem(name), os.path.join(self.root, key), ann,
+                                            int(ann.box_classes[0])))
             else:
                 self._skip(_stem(name), FILE_MISSING)
         return self._build_records(pending)

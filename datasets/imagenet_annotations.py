@@ -77,8 +77,10 @@ def sanitize_box_sets(boxes: np.ndarray, counts: np.ndarray, sizes: np.ndarray
     notes: list[tuple[str, ...]] = [()] * len(counts)
     for i in np.flatnonzero(moved | dropped).tolist():
         where = f"{sizes[i, 0]:.0f}x{sizes[i, 1]:.0f}"
-        notes[i] = ((f"box clipped to image: {moved[i]} of {counts[i]} to {where}",) if moved[i] else ()) + \
-                   ((f"degenerate box dropped: {dropped[i]} of {counts[i]} without area",) if dropped[i] else ())
+        clip_note = (f"box clipped to image: {moved[i]} of {counts[i]} to {where}",) if moved[i] else ()
+        drop_note = ((f"degenerate box dropped: {dropped[i]} of {counts[i]} without area",)
+                     if dropped[i] else ())
+        notes[i] = clip_note + drop_note
     return clipped, keep, notes
 
 
@@ -224,22 +226,23 @@ def read_wsol_metadata(metadata: Path) -> tuple[dict[str, ImageAnnotation], list
     problems += size_problems + box_problems
     problems += [(key, f"non-integer class label or image size in {metadata}")
                  for key in sorted(label_floats | size_floats)]
-    labels = dict(zip(label_keys, label_values[:, 0].astype(np.int64).tolist()))
-    sizes = dict(zip(size_keys, map(tuple, size_values.astype(np.int64).tolist())))
+    labels = dict(zip(label_keys, label_values[:, 0].astype(np.int64).tolist(), strict=True))
+    sizes = dict(zip(size_keys, map(tuple, size_values.astype(np.int64).tolist()), strict=True))
     # Group the box lines by image: one stable sort instead of 80k dictionary appends.
     keys = np.array(box_keys, dtype=object)
     order = np.argsort(keys, kind="stable")
     unique, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
     box_values = box_values.astype(np.float32)[order]
-    boxes = {k: box_values[s:s + c] for k, s, c in zip(unique.tolist(), starts.tolist(), counts.tolist())}
+    boxes = {k: box_values[s:s + c] for k, s, c in zip(unique.tolist(), starts.tolist(), counts.tolist(),
+                                                                  strict=True)}
     annotations: dict[str, ImageAnnotation] = {}
     failed = {key for key, _ in problems}
     for key in paths:
         if key in failed:
             continue
         if key not in labels or key not in sizes or key not in boxes:
-            missing = [what for what, store in (("class label", labels), ("image size", sizes), ("box", boxes))
-                       if key not in store]
+            missing = [what for what, store in (("class label", labels), ("image size", sizes),
+                                                ("box", boxes)) if key not in store]
             problems.append((key, f"no {' and no '.join(missing)} in the wsolevaluation metadata"))
             continue
         annotations[key] = ImageAnnotation(boxes=boxes[key], box_classes=[labels[key]] * len(boxes[key]),

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
 from wsol_bench.datasets import EvalTransform, build_dataset
-from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.methods import get_explainer
+
+from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings, constant_baseline_probs, score_batch
 from wsol_bench.models import data_config, load_model
 

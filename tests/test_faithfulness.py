@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -9,13 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_vit
 from PIL import Image
 from torch import nn
 
-from conftest import make_vit
 from wsol_bench.curves import plot_perturbation_curves
-from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
-                                             faithfulness_rows, pixel_ranks, score_batch, step_counts)
+from wsol_bench.metrics.faithfulness import (
+    FaithfulnessSettings,
+    constant_baseline_probs,
+    faithfulness_rows,
+    pixel_ranks,
+    score_batch,
+    step_counts,
+)
 
 
 def sigmoid(x: float) -> float:
@@ -78,7 +85,7 @@ def expected(logits: list[float]) -> torch.Tensor:
 
 
 def trapezoid(values: list[float]) -> float:
-    return sum((a + b) / 2 * 0.1 for a, b in zip(values, values[1:]))
+    return sum((a + b) / 2 * 0.1 for a, b in itertools.pairwise(values))
 
 
 # -- steps and ranking -------------------------------------------------------------------------

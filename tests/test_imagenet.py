@@ -13,14 +13,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.imagenet import ImageNetVal, detect_layout, fit_boxes_to_image
-from wsol_bench.datasets.imagenet_annotations import (inclusive_to_continuous, read_loc_solution_csv,
-                                                      read_wsol_metadata, sanitize_boxes)
+from wsol_bench.datasets.imagenet_annotations import (
+    inclusive_to_continuous,
+    read_loc_solution_csv,
+    read_wsol_metadata,
+    sanitize_box_sets,
+    sanitize_boxes,
+)
 
 TENCH, TABBY, TISSUE = "n01440764", "n02123045", "n15075141"  # classes 0, 281, 999 of ImageNet-1k
 REPO = Path(__file__).resolve().parents[1]
+KAGGLE_XML_DIR = "ILSVRC/Annotations/CLS-LOC/val"
 
 
 @dataclass
@@ -187,9 +192,12 @@ def test_fit_boxes_policies_by_hand() -> None:
     assert notes == ("annotation size 200x400 != image size 100x100; boxes scaled to the image",)
     kept, _, notes = fit_boxes_to_image(boxes, (200, 400), (100, 100), "keep")
     assert kept.tolist() == [[10, 20, 100, 100]]
-    assert notes == ("annotation size 200x400 != image size 100x100", "box clipped to image: 1 of 1 to 100x100")
-    assert fit_boxes_to_image(boxes, (200, 400), (100, 100), "skip") == "annotation size 200x400 != image size 100x100"
-    assert fit_boxes_to_image(boxes, (100, 100), (100, 100), "skip")[2] == ("box clipped to image: 1 of 1 to 100x100",)
+    assert notes == ("annotation size 200x400 != image size 100x100",
+                     "box clipped to image: 1 of 1 to 100x100")
+    skip = fit_boxes_to_image(boxes, (200, 400), (100, 100), "skip")
+    assert skip == "annotation size 200x400 != image size 100x100"
+    same_size = fit_boxes_to_image(boxes, (100, 100), (100, 100), "skip")
+    assert same_size[2] == ("box clipped to image: 1 of 1 to 100x100",)
 
 
 # -- the miniature trees -------------------------------------------------------------------------
@@ -285,8 +293,8 @@ def _real_items(shared: Path) -> tuple[list[Item], dict[str, Path]]:
 
     labels, sizes, boxes = lines("class_labels.txt"), lines("image_sizes.txt"), lines("localization.txt")
     wnids = sorted_wnids()
-    items = [Item(i, wnids[int(labels[i][0][0])], tuple(map(int, sizes[i][0])), [list(map(int, b)) for b in boxes[i]])
-             for i in REAL]
+    items = [Item(i, wnids[int(labels[i][0][0])], tuple(map(int, sizes[i][0])),
+                  [list(map(int, b)) for b in boxes[i]]) for i in REAL]
     return items, {i: samples / f"{i}.JPEG" for i in REAL}
 
 
@@ -323,7 +331,8 @@ def test_full_wsol_metadata_parses(shared_data: Path) -> None:
     # Every box lies inside its stated size as 0-based inclusive pixels (max W-1, H-1).
     boxes = np.concatenate([a.boxes for a in annotations.values()])
     sizes = np.array([a.size for a in annotations.values() for _ in a.boxes])
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= sizes[:, 0] - 1).all() and (boxes[:, 3] <= sizes[:, 1] - 1).all()
+    assert (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2] <= sizes[:, 0] - 1).all() and (boxes[:, 3] <= sizes[:, 1] - 1).all()
     assert seconds < 20  # about half a second on one core; the bound only catches a pathological slowdown
 
 
@@ -365,7 +374,8 @@ def test_missing_subfolders_are_named(tmp_path: Path) -> None:
         ImageNetVal(tmp_path, layout="kaggle")
     with pytest.raises(FileNotFoundError, match=r"torchvision layout\): folder .*val does not exist"):
         ImageNetVal(tmp_path, layout="torchvision")
-    with pytest.raises(FileNotFoundError, match=r"metadata .*nometa.* does not exist; it must hold image_ids\.txt"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"metadata .*nometa.* does not exist; it must hold image_ids\.txt"):
         ImageNetVal(tmp_path, metadata=tmp_path / "nometa")
     # Metadata present but the image folder it points into is missing.
     meta = build_wsol(tmp_path / "other", tmp_path / "meta", ITEMS, wnids=sorted_wnids())
@@ -406,7 +416,8 @@ def test_corrupt_image_becomes_a_skipped_sample(tmp_path: Path, layout: str) -> 
     assert isinstance(ds[0], Sample)
 
 
-@pytest.mark.parametrize("mode, note", [("CMYK", "cmyk converted to rgb"), ("L", "greyscale converted to rgb")])
+@pytest.mark.parametrize("mode, note", [("CMYK", "cmyk converted to rgb"),
+                                        ("L", "greyscale converted to rgb")])
 def test_cmyk_and_greyscale_jpegs_are_converted(tmp_path: Path, mode: str, note: str) -> None:
     ds = build("kaggle", tmp_path, ITEMS)
     write_jpeg(Path(ds.records[0].path), ITEMS[0].size, mode=mode)
@@ -434,14 +445,16 @@ def test_float_coordinates_in_xml(tmp_path: Path) -> None:
 
 
 def test_boxes_outside_the_image_are_clipped_and_degenerate_dropped(tmp_path: Path) -> None:
-    items = [Item("ILSVRC2012_val_00000001", TABBY, (40, 20), [[-3, 2, 45, 11], [50, 5, 60, 9], [4, 2, 13, 11]])]
+    items = [Item("ILSVRC2012_val_00000001", TABBY, (40, 20),
+                  [[-3, 2, 45, 11], [50, 5, 60, 9], [4, 2, 13, 11]])]
     for layout in ("torchvision", "kaggle"):  # XML (size known at index time) and csv (size at load time)
         root = tmp_path / layout
         build_kaggle(root, items, xml=False) if layout == "kaggle" else build_torchvision(root, items)
         sample = ImageNetVal(root)[0]
         assert sample.boxes.tolist() == [[0, 2, 40, 12], [4, 2, 14, 12]]
         assert sample.box_labels.tolist() == [281, 281]
-        assert sample.notes == ("box clipped to image: 2 of 3 to 40x20", "degenerate box dropped: 1 of 3 without area")
+        assert sample.notes == ("box clipped to image: 2 of 3 to 40x20",
+                                "degenerate box dropped: 1 of 3 without area")
 
 
 def test_image_with_only_degenerate_boxes_is_skipped_at_index_time(tmp_path: Path) -> None:
@@ -461,7 +474,8 @@ def test_annotation_size_differs_from_image(tmp_path: Path, layout: str) -> None
     assert scaled.notes == ("annotation size 80x40 != image size 40x20; boxes scaled to the image",)
     kept = build(layout, tmp_path / "keep", items, size_mismatch="keep")[0]
     assert kept.boxes.tolist() == [[8, 4, 28, 20]]
-    assert kept.notes == ("annotation size 80x40 != image size 40x20", "box clipped to image: 1 of 1 to 40x20")
+    assert kept.notes == ("annotation size 80x40 != image size 40x20",
+                          "box clipped to image: 1 of 1 to 40x20")
     skipped = build(layout, tmp_path / "skip", items, size_mismatch="skip")[0]
     assert skipped == SkippedSample("ILSVRC2012_val_00000001", "annotation size 80x40 != image size 40x20")
 
@@ -494,7 +508,8 @@ def test_unknown_classes_are_skipped_with_reason(tmp_path: Path) -> None:
     items = ITEMS + [Item("ILSVRC2012_val_00000005", "n99999999", (10, 10), [[1, 1, 2, 2]])]
     build_kaggle(tmp_path / "k", items)
     ds = ImageNetVal(tmp_path / "k")
-    assert ds.skipped == [SkippedSample("ILSVRC2012_val_00000005", "box class n99999999 is not one of the 1000 ImageNet-1k classes")]
+    assert ds.skipped == [SkippedSample("ILSVRC2012_val_00000005",
+                                        "box class n99999999 is not one of the 1000 ImageNet-1k classes")]
     build_torchvision(tmp_path / "t", items)
     ds = ImageNetVal(tmp_path / "t")
     assert ds.skipped == [SkippedSample("ILSVRC2012_val_00000005",
@@ -536,3 +551,47 @@ def test_every_problem_skipped_means_an_error(tmp_path: Path) -> None:
     (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
     with pytest.raises(FileNotFoundError, match=r"no usable item.*3 skipped.*no annotation for this image"):
         ImageNetVal(tmp_path)
+
+
+def test_box_sets_batched_equal_one_image_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    counts = np.array([3, 0, 1, 4, 2])
+    sizes = np.array([[20, 10], [5, 5], [np.nan, np.nan], [30, 30], [8, 12]], dtype=np.float64)
+    boxes = rng.uniform(-5, 35, (counts.sum(), 4)).astype(np.float32)
+    clipped, keep, notes = sanitize_box_sets(boxes, counts, sizes)
+    start = 0
+    for i, count in enumerate(counts):
+        size = None if np.isnan(sizes[i]).any() else tuple(int(v) for v in sizes[i])
+        alone, kept, alone_notes = sanitize_boxes(boxes[start:start + count], size)
+        assert np.array_equal(clipped[start:start + count][keep[start:start + count]], alone)
+        assert np.flatnonzero(keep[start:start + count]).tolist() == kept.tolist()
+        assert notes[i] == alone_notes
+        start += count
+
+
+def test_kaggle_label_is_the_class_of_the_boxes(tmp_path: Path) -> None:
+    items = [Item("ILSVRC2012_val_00000001", TABBY, (40, 20), [[1, 1, 5, 5]])]
+    build_kaggle(tmp_path, items)
+    csv = tmp_path / "LOC_val_solution.csv"
+    mixed = f"{TENCH} 1 1 5 5 {TABBY} 2 2 6 6 {TABBY} 3 3 7 7"
+    csv.write_text(csv.read_text().replace(f"{TABBY} 1 1 5 5", mixed))
+    sample = ImageNetVal(tmp_path)[0]
+    assert sample.label == 281 and sample.box_labels.tolist() == [0, 281, 281]
+    assert sample.notes == ("boxes carry several classes; label is the most frequent",)
+
+
+def test_wsol_class_index_out_of_range_is_skipped(tmp_path: Path) -> None:
+    meta = build_wsol(tmp_path, tmp_path / "meta", ITEMS, wnids=sorted_wnids())
+    labels = meta / "class_labels.txt"
+    labels.write_text(labels.read_text().replace("val_00000003.JPEG,999", "val_00000003.JPEG,1000"))
+    ds = ImageNetVal(tmp_path, metadata=meta)
+    assert ds.skipped == [SkippedSample("ILSVRC2012_val_00000003",
+                                       "box class 1000 is not one of the 1000 ImageNet-1k classes")]
+
+
+def test_kaggle_csv_with_unreadable_size_xml_still_loads(tmp_path: Path) -> None:
+    build_kaggle(tmp_path, ITEMS)
+    (tmp_path / KAGGLE_XML_DIR / "ILSVRC2012_val_00000001.xml").write_text("<annotation>")
+    sample = ImageNetVal(tmp_path)[0]
+    assert sample.boxes.tolist() == [[4, 2, 14, 12]]  # boxes come from the csv
+    assert len(sample.notes) == 1 and sample.notes[0].startswith("size not checked: annotation file ")

@@ -12,8 +12,13 @@ from wsol_bench.boxes import components_to_boxes
 from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.localization import ground_truth, score_heatmaps
 from wsol_bench.metrics.wsoleval import BoxAccuracy
-from wsol_bench.sweep import (DEFAULT_THRESHOLDS, SweepResult, sweep_heatmaps, threshold_array,
-                              threshold_components)
+from wsol_bench.sweep import (
+    DEFAULT_THRESHOLDS,
+    SweepResult,
+    sweep_heatmaps,
+    threshold_array,
+    threshold_components,
+)
 
 
 def _mixed_heatmaps(height: int = 20, width: int = 18) -> torch.Tensor:

@@ -102,7 +102,8 @@ def test_box_accuracy_matches_per_threshold_reference():
     torch.manual_seed(3)
     heat, _ = to_heatmaps(torch.randn(3, 5, 5), (24, 20))
     thresholds = tuple(np.arange(0, 1, 0.1).tolist())
-    gt = [torch.tensor([[2, 3, 10, 12]]), torch.tensor([[0, 0, 19, 23], [5, 5, 8, 9]]), torch.tensor([[12, 1, 19, 8]])]
+    gt = [torch.tensor([[2, 3, 10, 12]]), torch.tensor([[0, 0, 19, 23], [5, 5, 8, 9]]),
+          torch.tensor([[12, 1, 19, 8]])]
     ious = BoxAccuracy(thresholds).update(heat, gt, torch.ones(3, dtype=torch.bool))
     for b in range(3):
         for i, t in enumerate(thresholds):
@@ -125,7 +126,8 @@ def test_predicted_boxes_equal_external_contour_rectangles():
         for t in (0.3, 0.6):
             binary = (heat[b] > t).numpy().astype(np.uint8) * 255
             contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
-            ref = sorted([x, y, min(x + w, 25), min(y + h, 29)] for x, y, w, h in map(cv2.boundingRect, contours))
+            rects = map(cv2.boundingRect, contours)
+            ref = sorted([x, y, min(x + w, 25), min(y + h, 29)] for x, y, w, h in rects)
             ours = components_to_boxes(heat[b] > t).long()
             ours[:, 2] = ours[:, 2].clamp(max=25)
             ours[:, 3] = ours[:, 3].clamp(max=29)

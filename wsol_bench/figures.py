@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
+import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
 
@@ -116,3 +117,27 @@ def class_gallery(images: list[torch.Tensor], boxes_per_class: list[tuple[torch.
             axes[0][c].set_title(f"{method}: {'AB'[k]}", fontsize=9)
     axes[0][0].set_title("input, A / B boxes", fontsize=9)
     return _save(fig, axes, path)
+
+
+def plot_sweep(sweep: pd.DataFrame, path: Path, metrics: tuple[str, ...] = ("box_iou", "mask_iou")) -> Path:
+    """Metric-vs-threshold curves of a sweep table (one line per method, one panel per metric
+    present), each method's best threshold marked."""
+    present = [m for m in metrics if m in sweep.columns]
+    if not present:
+        raise ValueError(f"sweep table has none of the columns {metrics}")
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], present):
+        for method, part in sweep.groupby("method", sort=False):
+            values = part[metric] * 100
+            (line,) = ax.plot(part["threshold"], values, label=method, lw=1.5)
+            best = values.idxmax()
+            ax.plot(part.loc[best, "threshold"], values[best], "o", color=line.get_color(), ms=4)
+        ax.set_xlabel("threshold")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

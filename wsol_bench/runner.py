@@ -9,12 +9,13 @@ from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.datasets import EvalTransform, build_dataset
-from wsol_bench.figures import denormalize, heatmap_gallery
+from wsol_bench.figures import denormalize, heatmap_gallery, plot_sweep
 from wsol_bench.methods import get_explainer
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
                                shipped_weights_path)
@@ -22,7 +23,7 @@ from wsol_bench.outputs import environment, write_json
 from wsol_bench.curves import plot_perturbation_curves
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings
 from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
-from wsol_bench.scorers import FaithfulnessScorer, NoteCounter
+from wsol_bench.scorers import FaithfulnessScorer, NoteCounter, SweepScorer
 from wsol_bench.store import MapStore, file_digest
 from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
 
@@ -118,6 +119,16 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
     return stores
 
 
+def sweep_thresholds(node: DictConfig) -> list[float]:
+    """The sweep's threshold grid: an explicit list, or numpy.arange(start, stop, step) (the
+    wsolevaluation grid by default: 0.00, 0.01, ..., 0.99)."""
+    if node.get("thresholds") is not None:
+        return [float(t) for t in node.thresholds]
+    if float(node.step) <= 0:
+        raise ValueError(f"sweep.step must be > 0, got {node.step}")
+    return [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
+
+
 def faithfulness_settings(node: DictConfig) -> FaithfulnessSettings:
     """The `faithfulness` config group as settings; unknown keys name themselves."""
     params = as_dict(node)
@@ -172,12 +183,22 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         faithfulness = FaithfulnessScorer(model.get, label_stores, faithfulness_settings(cfg.faithfulness),
                                           out_dir / "faithfulness.csv", dataset_name=dcfg.name, split=dcfg.split)
         scorers.append(faithfulness)
+    sweep = None
+    if cfg.get("sweep"):
+        sweep = SweepScorer(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds,
+                            box_protocol=cfg.metric.box_protocol, image_filter=cfg.metric.image_filter,
+                            sweep_path=out_dir / "sweep.csv", wsoleval_path=out_dir / "wsoleval.csv",
+                            dataset_name=dcfg.name, split=dcfg.split)
+        scorers.append(sweep)
     try:
         skipped = score_dataset(stores, dataset, scorers, box_protocol=cfg.metric.box_protocol,
                                 batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
                                 progress=bool(cfg.progress))
     finally:
         records.finish()
+    if sweep is not None:
+        sweep_csv, _ = sweep.finish()
+        plot_sweep(pd.read_csv(sweep_csv), out_dir / "sweep.png")
     if faithfulness is not None:
         frame = pd.read_csv(faithfulness.finish())
         plot_perturbation_curves(frame, out_dir / "faithfulness_curves.png")

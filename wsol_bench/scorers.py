@@ -1,5 +1,6 @@
 """Scorers a run feeds batch by batch (`pipeline.score_dataset`) besides the per-image
-localization records: loader-change counts and pixel-perturbation faithfulness."""
+localization records: loader-change counts, pixel-perturbation faithfulness, and the
+threshold sweep with the wsolevaluation metrics."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
                                              faithfulness_rows, score_batch)
+from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, wsoleval_gt_boxes
 from wsol_bench.pipeline import MethodBatch, rows_at
 from wsol_bench.store import MapStore, settings_key
+from wsol_bench.sweep import SweepResult, sweep_heatmaps, threshold_array
 
 FAITHFULNESS_ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target"]
 
@@ -120,3 +124,71 @@ class FaithfulnessScorer:
         frame = frame[FAITHFULNESS_ID_COLUMNS + curves] if len(frame) else frame
         frame.to_csv(self.path, index=False, quoting=csv.QUOTE_MINIMAL)
         return self.path
+
+
+class SweepScorer:
+    """Threshold sweep of one run: AG-CAM pixel scores at every threshold of a grid (mean over
+    the images `image_filter` keeps -> sweep.csv), and the wsolevaluation metrics MaxBoxAcc
+    (v1, v2), GT-known / Top-1 Loc and, with masks, PxAP (PROTOCOL 4.2; all images ->
+    wsoleval.csv). Components are computed once per image and threshold and feed both."""
+
+    def __init__(self, thresholds, iou_thresholds, *, box_protocol: str, image_filter: str,
+                 sweep_path: Path, wsoleval_path: Path, dataset_name: str, split: str) -> None:
+        threshold_array(thresholds, np.float64)  # names the problem with a bad grid
+        self.thresholds = [float(t) for t in thresholds]
+        self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
+        self.box_protocol, self.image_filter = box_protocol, image_filter
+        self.sweep_path, self.wsoleval_path = sweep_path, wsoleval_path
+        self.dataset_name, self.split = dataset_name, split
+        self.results: dict[str, list[SweepResult]] = {}
+        self.correct: dict[str, list[np.ndarray]] = {}
+        self.boxacc: dict[str, BoxAccuracy] = {}
+        self.pxap: dict[str, PxAP] = {}
+
+    def update(self, mb: MethodBatch) -> None:
+        result, components = sweep_heatmaps(mb.heatmaps, mb.gt, self.thresholds, self.box_protocol)
+        correct = (mb.predictions == mb.labels).numpy()
+        self.results.setdefault(mb.method, []).append(result)
+        self.correct.setdefault(mb.method, []).append(correct)
+        size = tuple(mb.heatmaps.shape[-2:])
+        gt_boxes = [wsoleval_gt_boxes(s, size) for s in mb.samples]
+        acc = self.boxacc.setdefault(mb.method, BoxAccuracy(self.thresholds, self.iou_thresholds))
+        acc.update_components(components, gt_boxes, torch.from_numpy(correct))
+        if mb.gt.seg_masks is not None:
+            self.pxap.setdefault(mb.method, PxAP(self.thresholds)).update(mb.heatmaps, mb.gt.seg_masks,
+                                                                          mb.gt.seg_valid)
+
+    def finish(self) -> tuple[Path, Path]:
+        """Write sweep.csv (method x threshold) and wsoleval.csv (one row per method)."""
+        sweep_frames, summary = [], []
+        for method, parts in self.results.items():
+            result = SweepResult.concat(parts)
+            correct = np.concatenate(self.correct[method])
+            keep = correct if self.image_filter == "correct" else np.ones_like(correct, dtype=bool)
+            if keep.any():
+                table = result.table(keep)
+                table.insert(0, "method", method)
+                table["n_images"] = int(keep.sum())
+                table["filter"] = self.image_filter
+                sweep_frames.append(table)
+            acc = self.boxacc[method].compute()
+            row = {"method": method, "dataset": self.dataset_name, "split": self.split,
+                   "n_images": acc["num_images"], "n_without_gt_boxes": acc["num_without_gt_boxes"],
+                   "maxboxacc": acc["maxboxacc"], "maxboxacc_threshold": acc["maxboxacc_threshold"],
+                   "maxboxacc_v2": acc["maxboxacc_v2"]}
+            for delta in self.iou_thresholds:
+                row[f"maxboxacc_v2_iou{delta}"] = acc["maxboxacc_v2_per_iou"][delta]
+                row[f"maxboxacc_v2_iou{delta}_threshold"] = acc["maxboxacc_v2_thresholds"][delta]
+            row.update({"top1_loc": acc["top1_loc"], "gt_known_loc": acc["gt_known_loc"],
+                        "loc_threshold": acc["loc_threshold"],
+                        "pxap": self.pxap[method].compute()["pxap"] if method in self.pxap else float("nan")})
+            if keep.any():
+                for name, best in result.best_thresholds(keep).items():
+                    if name.endswith("_iou"):
+                        row[f"best_{name}"] = best["value"] * 100
+                        row[f"best_{name}_threshold"] = best["threshold"]
+            summary.append(row)
+        frame = pd.concat(sweep_frames, ignore_index=True) if sweep_frames else pd.DataFrame()
+        frame.to_csv(self.sweep_path, index=False)
+        pd.DataFrame(summary).to_csv(self.wsoleval_path, index=False)
+        return self.sweep_path, self.wsoleval_path

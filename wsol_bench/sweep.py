@@ -218,7 +218,8 @@ class SweepResult:
         classified ones; all when None), one value per threshold."""
         keep = np.ones(self.num_images, dtype=bool) if select is None else np.asarray(select, dtype=bool)
         if keep.shape != (self.num_images,):
-            raise ValueError(f"select must be a bool mask of {self.num_images} images, got shape {keep.shape}")
+            raise ValueError(f"select must be a bool mask of {self.num_images} images, "
+                             f"got shape {keep.shape}")
         if not keep.any():
             raise ValueError("select keeps no image: there is nothing to average")
         return {k: v[:, keep].mean(axis=1) for k, v in self.scores.items()}
@@ -250,7 +251,8 @@ class SweepResult:
                                       for k in first.scores})
 
 
-def sweep_pixel_scores(components: ThresholdComponents, gt: GroundTruth, protocol: str = "agcam") -> SweepResult:
+def sweep_pixel_scores(components: ThresholdComponents, gt: GroundTruth, protocol: str = "agcam"
+                       ) -> SweepResult:
     """AG-CAM pixel scores (PROTOCOL 4.1) of the box-union of ALL components at every threshold,
     against the GT box-union and, where present, the GT mask. Equal to `score_heatmaps` at each
     threshold; `gt` must come from `ground_truth(..., protocol)` with the same protocol."""
@@ -258,7 +260,8 @@ def sweep_pixel_scores(components: ThresholdComponents, gt: GroundTruth, protoco
         raise ValueError(f"unknown box protocol {protocol!r}; valid: {PROTOCOLS}")
     expected = (components.num_images, *components.size)
     if tuple(gt.box_masks.shape) != expected:
-        raise ValueError(f"ground truth masks {tuple(gt.box_masks.shape)} do not match the heatmaps {expected}")
+        raise ValueError(f"ground truth masks {tuple(gt.box_masks.shape)} do not match the heatmaps "
+                         f"{expected}")
     cover = coverage_levels(components, protocol)
     num_levels = len(components.thresholds)
     scores = _prefixed("box_", _level_counts(cover, gt.box_masks.numpy(), None, num_levels))
@@ -278,15 +281,22 @@ def sweep_heatmaps(heatmaps: torch.Tensor, gt: GroundTruth, thresholds: Sequence
 
 
 def coverage_levels(components: ThresholdComponents, protocol: str = "agcam") -> np.ndarray:
-    """int32 [B, H, W]: 1 + the highest threshold index whose predicted box-union covers the
-    pixel (0: never covered). The union at index i is exactly `coverage > i`."""
+    """[B, H, W] unsigned ints: 1 + the highest threshold index whose predicted box-union covers
+    the pixel (0: never covered). The union at threshold index i is exactly `coverage > i`."""
     height, width = components.size
-    cover = np.zeros((components.num_images, height, width), dtype=np.int32)
+    levels = len(components.thresholds)
+    # the smallest type that holds T: painting is memory-bound, and low thresholds paint big boxes
+    dtype = np.uint8 if levels < 255 else np.uint16 if levels < 65535 else np.int64
+    cover = np.zeros((components.num_images, height, width), dtype=dtype)
     extra = 1 if protocol == "agcam" else 0  # the AG-CAM reference fills x..x+w inclusive
-    # components are sorted by level within an image: later, higher levels overwrite
-    for b, value, (x0, y0, x1, y1) in zip(components.image.tolist(), (components.level + 1).tolist(),
-                                          components.boxes.tolist()):
-        cover[b, y0:y1 + extra, x0:x1 + extra] = value
+    bounds = np.searchsorted(components.image, np.arange(components.num_images + 1)).tolist()
+    values = (components.level + 1).tolist()
+    boxes = (components.boxes + np.array([0, 0, extra, extra])).tolist()
+    for b in range(components.num_images):
+        view = cover[b]
+        # components are sorted by level within an image: later, higher levels overwrite
+        for value, (x0, y0, x1, y1) in zip(values[bounds[b]:bounds[b + 1]], boxes[bounds[b]:bounds[b + 1]]):
+            view[y0:y1, x0:x1] = value
     return cover
 
 
@@ -294,7 +304,7 @@ def _level_counts(cover: np.ndarray, target: np.ndarray, valid: np.ndarray | Non
                   ) -> dict[str, np.ndarray]:
     """tp, fp, fn, tn as float64 [T, B] for the nested predictions `cover > i`."""
     batch, height, width = cover.shape
-    key = cover + (np.arange(batch) * (num_levels + 1))[:, None, None]
+    key = cover.astype(np.int64) + (np.arange(batch) * (num_levels + 1))[:, None, None]
     target = target.astype(bool)
     if valid is None:
         predicted = np.bincount(key.ravel(), minlength=batch * (num_levels + 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import timm
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -73,6 +75,13 @@ def build_split(spec: DatasetSpec, which: str, transform=None):
         raise ValueError(f"dataset {spec.name!r} has no class labels (no integer num_classes); the trainer needs a "
                          "classification dataset: choose another dataset.name")
     return dataset
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's `random` (timm's crops draw from the latter)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def check_out_dir(path: Path) -> Path:
@@ -231,7 +240,7 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     workers = int(cfg.num_workers) if cfg.num_workers is not None else len(os.sched_getaffinity(0))
     recipe = recipe_from(cfg)
     pre = preprocessing(cfg)
-    torch.manual_seed(int(cfg.seed))  # the head / random init
+    seed_everything(int(cfg.seed))  # initialisation, and per-image augmentation in this process
     data = make_data(cfg, recipe, pre, device, workers)
     if data.steps == 0:
         raise ValueError(f"fewer training images than train.batch_size={recipe.batch_size}; lower it or add images")

@@ -58,9 +58,10 @@ def as_labelled(sample: Sample | SkippedSample) -> LabelledImage | SkippedSample
     classification dataset)."""
     if isinstance(sample, SkippedSample):
         return sample
-    if sample.label is None or isinstance(sample.label, bool) or int(sample.label) != sample.label:
-        raise ValueError(f"image {sample.image_id} has no class label (label={sample.label!r}); the trainer "
-                         "needs a dataset whose samples carry an integer `label` (dataset.name=...)")
+    label = sample.label
+    if label is None or isinstance(label, bool) or int(label) != label or int(label) < 0:
+        raise ValueError(f"image {sample.image_id} has no class label (label={label!r}); the trainer needs a "
+                         "dataset whose samples carry a class index >= 0: choose another dataset.name")
     return LabelledImage(sample.image, int(sample.label), sample.image_id)
 
 
@@ -320,4 +321,4 @@ class CachedBatches:
             if self.device.type == "cuda":
                 images = images.pin_memory()
             images = normalize_batch(images.to(self.device, non_blocking=True), self.mean, self.std)
-            yield LabelledBatch(images, torch.from_numpy(self.cache.labels[idx]).to(self.device))
+            yield LabelledBatch(images, torch.from_numpy(self.cache.labels[idx]))  # labels stay on the CPU

@@ -25,6 +25,9 @@ logits of the explanation pass, and the fully removed input of a constant baseli
 image shared by every image (pass `full_removal_probs` from `constant_baseline_probs` so a
 run computes it once). With 11 steps that leaves 9 x 2 = 18 perturbed inputs per image for
 ABPC, stacked across images and steps and sent through the model `batch_size` at a time.
+Images never interact in an eval-mode model, so batched curves equal one-image curves to
+float32 precision; on CUDA that holds with TF32 off (cuDNN convolutions use TF32 by default
+and pick algorithms per batch size, which moves ABPC by ~1e-4).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class FaithfulnessSettings:
 
     @property
     def blurred(self) -> bool:
+        """True for the blur baseline (its fully removed input differs per image)."""
         return self.baseline == "blur"
 
 

@@ -24,8 +24,13 @@ import numpy as np
 import torch
 
 from wsol_bench.datasets.base import Sample
-from wsol_bench.sweep import (DEFAULT_THRESHOLDS, ThresholdComponents, heatmaps_as_numpy, threshold_array,
-                              threshold_components)
+from wsol_bench.sweep import (
+    DEFAULT_THRESHOLDS,
+    ThresholdComponents,
+    heatmaps_as_numpy,
+    threshold_array,
+    threshold_components,
+)
 
 IOU_THRESHOLDS = (30, 50, 70)  # percent, as wsolevaluation's --iou_threshold_list
 
@@ -71,8 +76,9 @@ class BoxAccuracy:
         self.thresholds = tuple(float(t) for t in thresholds)
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
         if 50 not in self.iou_thresholds or len(set(self.iou_thresholds)) != len(self.iou_thresholds):
-            raise ValueError(f"iou_thresholds {self.iou_thresholds} must be distinct percentages that include "
-                             "50 (MaxBoxAcc v1, GT-known and Top-1 Loc use IoU 50), e.g. (30, 50, 70)")
+            raise ValueError(f"iou_thresholds {self.iou_thresholds} must be distinct percentages that "
+                             "include 50 (MaxBoxAcc v1, GT-known and Top-1 Loc use IoU 50), "
+                             "e.g. (30, 50, 70)")
         self.reset()
 
     def reset(self) -> None:
@@ -119,7 +125,8 @@ class BoxAccuracy:
         iou_v1[components.image[largest], components.level[largest]] = per_component[largest]
 
         for d, delta in enumerate(self.iou_thresholds):
-            for iou, hits, top1 in ((iou_v1, self.correct_v1, self.top1_v1), (iou_v2, self.correct_v2, self.top1_v2)):
+            for iou, hits, top1 in ((iou_v1, self.correct_v1, self.top1_v1),
+                                    (iou_v2, self.correct_v2, self.top1_v2)):
                 ok = iou >= delta / 100
                 hits[d] += torch.from_numpy(ok.sum(0))
                 top1[d] += torch.from_numpy((ok & correct[:, None]).sum(0))
@@ -146,8 +153,10 @@ class BoxAccuracy:
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the state with a saved one (thresholds must match this accumulator's)."""
-        if tuple(state["thresholds"]) != self.thresholds or tuple(state["iou_thresholds"]) != self.iou_thresholds:
-            raise ValueError("saved BoxAccuracy state has other thresholds; build BoxAccuracy with the saved ones")
+        saved = (tuple(state["thresholds"]), tuple(state["iou_thresholds"]))
+        if saved != (self.thresholds, self.iou_thresholds):
+            raise ValueError("saved BoxAccuracy state has other thresholds; build BoxAccuracy with the saved "
+                             "ones")
         self.num_images = int(state["num_images"])
         self.num_without_gt_boxes = int(state["num_without_gt_boxes"])
         for name in ("correct_v1", "correct_v2", "top1_v1", "top1_v2"):
@@ -166,14 +175,15 @@ class BoxAccuracy:
         d50 = self.iou_thresholds.index(50)
         loc_index = int(best_v1[d50])
         thresholds = list(self.thresholds)
+        deltas = list(enumerate(self.iou_thresholds))
         return {
             "maxboxacc": float(v1[d50, loc_index]),
             "maxboxacc_threshold": thresholds[loc_index],
             "maxboxacc_v2": float(np.mean([v2[d, best_v2[d]] for d in range(len(self.iou_thresholds))])),
-            "maxboxacc_v2_per_iou": {delta: float(v2[d, best_v2[d]]) for d, delta in enumerate(self.iou_thresholds)},
-            "maxboxacc_v2_thresholds": {delta: thresholds[best_v2[d]] for d, delta in enumerate(self.iou_thresholds)},
-            "maxboxacc_v1_per_iou": {delta: float(v1[d, best_v1[d]]) for d, delta in enumerate(self.iou_thresholds)},
-            "maxboxacc_v1_thresholds": {delta: thresholds[best_v1[d]] for d, delta in enumerate(self.iou_thresholds)},
+            "maxboxacc_v2_per_iou": {delta: float(v2[d, best_v2[d]]) for d, delta in deltas},
+            "maxboxacc_v2_thresholds": {delta: thresholds[best_v2[d]] for d, delta in deltas},
+            "maxboxacc_v1_per_iou": {delta: float(v1[d, best_v1[d]]) for d, delta in deltas},
+            "maxboxacc_v1_thresholds": {delta: thresholds[best_v1[d]] for d, delta in deltas},
             "gt_known_loc": float(v1[d50, loc_index]),
             "top1_loc": float(self.top1_v1[d50, loc_index]) * scale,
             "loc_threshold": thresholds[loc_index],
@@ -230,16 +240,19 @@ class PxAP:
         self.positive = torch.zeros(len(self.edges) + 1, dtype=torch.int64)
         self.negative = torch.zeros(len(self.edges) + 1, dtype=torch.int64)
 
-    def update(self, heatmaps: torch.Tensor, gt_masks: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def update(self, heatmaps: torch.Tensor, gt_masks: torch.Tensor, valid: torch.Tensor | None = None
+               ) -> None:
         """Add a batch: heatmaps [B, H, W] in [0, 1], GT masks bool [B, H, W], and `valid` bool
         [B, H, W] (False on ignore pixels), or None when every pixel counts."""
         heat = heatmaps_as_numpy(heatmaps)
         if heat.size and (heat.min() < 0 or heat.max() > 1):
-            raise ValueError("PxAP needs heatmaps in [0, 1]; normalise them with wsol_bench.heatmaps.to_heatmaps")
+            raise ValueError("PxAP needs heatmaps in [0, 1]; normalise them with "
+                             "wsol_bench.heatmaps.to_heatmaps")
         target = np.asarray(torch.as_tensor(gt_masks).cpu(), dtype=bool)
         keep = np.ones_like(target) if valid is None else np.asarray(torch.as_tensor(valid).cpu(), dtype=bool)
         if target.shape != heat.shape or keep.shape != heat.shape:
-            raise ValueError(f"gt_masks {target.shape} and valid {keep.shape} must match heatmaps {heat.shape}")
+            raise ValueError(f"gt_masks {target.shape} and valid {keep.shape} must match heatmaps "
+                             f"{heat.shape}")
         bins = np.searchsorted(self.edges, heat.astype(np.float64), side="right")
         size = len(self.edges) + 1
         self.positive += torch.from_numpy(np.bincount(bins[target & keep], minlength=size))

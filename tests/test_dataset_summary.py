@@ -1,0 +1,156 @@
+"""Dataset summaries: counts from the annotation index, from loaded items, and image checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_imagenet import ITEMS, TABBY, Item, build, build_kaggle, write_jpeg  # miniature-tree helpers
+from wsol_bench.datasets.imagenet import ImageNetVal
+from wsol_bench.datasets.imagenet_annotations import read_wsol_metadata
+from wsol_bench.datasets.synthetic import SyntheticShapes
+
+from wsol_bench.dataset_summary import format_summary, group_key, summarize
+
+
+def test_group_key_removes_specifics() -> None:
+    assert group_key("image file /data/val/a_01.JPEG is truncated or corrupt: image file is truncated "
+                     "(68 bytes not processed)") == \
+        "image file <file> is truncated or corrupt: image file is truncated (N bytes not processed)"
+    assert group_key("annotation size 500x375 != image size 250x188; boxes scaled to the image") == \
+        "annotation size WxH != image size WxH; boxes scaled to the image"
+    assert group_key("box clipped to image: 2 of 3 to 40x20") == "box clipped to image: N of N to WxH"
+    assert group_key("box class n99999999 is not one of the 1000 ImageNet-1k classes",
+                     "ILSVRC2012_val_00000005") == \
+        "box class n99999999 is not one of the N ImageNet-1k classes"
+    image_id = "ILSVRC2012_val_00000007"
+    assert group_key(f"id {image_id} has no box", image_id) == "id <id> has no box"
+
+
+def _tree_with_problems(root: Path) -> ImageNetVal:
+    """The three-image Kaggle tree plus an image without annotation and an annotation without image."""
+    extra = Item("ILSVRC2012_val_00000004", TABBY, (10, 10), [[1, 1, 2, 2]])
+    build_kaggle(root, ITEMS + [extra])
+    images = root / "ILSVRC/Data/CLS-LOC/val"
+    (images / "ILSVRC2012_val_00000004.JPEG").unlink()
+    write_jpeg(images / "ILSVRC2012_val_00000009.JPEG", (12, 12))
+    return ImageNetVal(root)
+
+
+def test_summary_from_the_index_decodes_nothing(tmp_path: Path) -> None:
+    ds = _tree_with_problems(tmp_path)
+    for record in ds.records:  # any decode would now fail: the summary must not need one
+        Path(record.path).write_bytes(b"not an image")
+    s = summarize(ds)
+    assert s["source"] == "records" and s["checked_images"] is False
+    assert (s["images"], s["boxes"], s["classes_present"], s["num_classes"]) == (3, 4, 3, 1000)
+    assert (s["multi_box_images"], s["max_boxes_per_image"], s["boxes_per_image"]) == (1, 2, {1: 2, 2: 1})
+    assert s["skipped_at_index"] == 2
+    assert s["skipped_reasons"] == {"image file missing": 1, "no annotation for this image": 1}
+    assert s["skipped_examples"]["image file missing"] == ["ILSVRC2012_val_00000004"]
+    assert s["notes"] == {}
+
+
+def test_check_images_counts_unreadable_files_and_notes(tmp_path: Path) -> None:
+    ds = build("wsolevaluation", tmp_path, ITEMS + [Item("ILSVRC2012_val_00000005", TABBY, (16, 16),
+                                                         [[-2, 0, 5, 5]])])
+    Path(ds.records[0].path).write_bytes(b"\xff\xd8\xff truncated")
+    write_jpeg(Path(ds.records[1].path), ITEMS[1].size, mode="CMYK")
+    write_jpeg(Path(ds.records[2].path), ITEMS[2].size, mode="L")
+    s = summarize(ds, check_images=True, num_workers=0)
+    assert s["checked_images"] is True and (s["loaded"], s["unreadable"]) == (3, 1)
+    reason = "image file <file> is not a recognised image format (N bytes)"
+    assert s["unreadable_reasons"] == {reason: 1}
+    assert s["unreadable_examples"] == {reason: ["ILSVRC2012_val_00000001"]}
+    assert s["notes"] == {"cmyk converted to rgb": 1, "greyscale converted to rgb": 1,
+                          "box clipped to image: N of N to WxH": 1}
+    assert s["images_with_notes"] == 3
+    # The index-only summary knows the clipping (size stated in the metadata) but not the decodes.
+    assert summarize(ds)["notes"] == {"box clipped to image: N of N to WxH": 1}
+
+
+def test_worker_processes_give_the_same_summary(tmp_path: Path) -> None:
+    ds = build("torchvision", tmp_path, ITEMS)
+    write_jpeg(Path(ds.records[1].path), ITEMS[1].size, mode="CMYK")
+    assert summarize(ds, check_images=True, num_workers=2) == summarize(ds, check_images=True, num_workers=0)
+
+
+def test_dataset_without_records_is_counted_from_its_items() -> None:
+    ds = SyntheticShapes(num_images=6, image_size=64)
+    s = summarize(ds, num_workers=0)
+    samples = [ds[i] for i in range(len(ds))]
+    counts = [len(x.boxes) for x in samples]
+    assert s["source"] == "items" and s["checked_images"] is True
+    assert s["images"] == 6 and s["boxes"] == sum(counts) and s["max_boxes_per_image"] == max(counts)
+    assert s["multi_box_images"] == sum(c > 1 for c in counts)
+    assert s["classes_present"] == len({x.label for x in samples}) and s["num_classes"] == 6
+    assert s["skipped_at_index"] == 0 and s["unreadable"] == 0
+
+
+@dataclass
+class _Row:
+    image_id: str
+    label: int
+    boxes: np.ndarray
+
+
+class _IndexOnly:
+    """Any object following the index protocol: `records` aligned with the items."""
+
+    def __init__(self, records: list[_Row]) -> None:
+        self.records = records
+        self.num_classes = 1000
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def test_full_imagenet_metadata_summary(shared_data: Path) -> None:
+    annotations, _ = read_wsol_metadata(shared_data / "wsolevaluation-metadata" / "ILSVRC" / "test")
+    ds = _IndexOnly([_Row(k, a.box_classes[0], a.boxes) for k, a in annotations.items()])
+    s = summarize(ds)
+    counts = (s["images"], s["boxes"], s["multi_box_images"], s["max_boxes_per_image"])
+    assert counts == (50_000, 80_477, 11_715, 20)
+    assert s["classes_present"] == 1000 and sum(s["boxes_per_image"].values()) == 50_000
+    assert s["boxes_per_image"][1] == 50_000 - 11_715
+
+
+def test_real_partial_tree_groups_the_missing_files(tmp_path: Path, shared_data: Path) -> None:
+    samples = shared_data / "imagenet-val-samples"
+    (tmp_path / "val").mkdir()
+    for path in sorted(samples.glob("*.JPEG")):
+        (tmp_path / "val" / path.name).symlink_to(path)
+    ds = ImageNetVal(tmp_path, metadata=shared_data / "wsolevaluation-metadata" / "ILSVRC" / "test")
+    s = summarize(ds, check_images=True, num_workers=0)
+    assert (s["images"], s["boxes"], s["multi_box_images"], s["max_boxes_per_image"]) == (3, 8, 1, 6)
+    assert s["skipped_reasons"] == {"image file missing": 49_997}
+    assert (s["loaded"], s["unreadable"], s["notes"]) == (3, 0, {})
+    text = format_summary(s)
+    assert "ImageNetVal: 3 images, 8 boxes, 3 of 1,000 classes present" in text
+    assert "49,997  image file missing  (e.g. ILSVRC2012_val_00000001, ILSVRC2012_val_00000002" in text
+
+
+def test_format_summary_lists_every_group(tmp_path: Path) -> None:
+    ds = _tree_with_problems(tmp_path)
+    text = format_summary(summarize(ds))
+    assert text.splitlines()[:3] == [
+        "ImageNetVal: 3 images, 4 boxes, 3 of 1,000 classes present",
+        "  boxes per image: max 2; 1 images with more than one box",
+        "  skipped by the index: 2"]
+    assert "1  image file missing  (e.g. ILSVRC2012_val_00000004)" in text
+    assert "1  no annotation for this image  (e.g. ILSVRC2012_val_00000009)" in text
+    assert text.endswith("none")
+
+
+def test_foreign_items_are_refused() -> None:
+    class Odd:
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> tuple:
+            return (1, 2)
+
+    with pytest.raises(TypeError, match="item 0 of Odd is a tuple, not a Sample or SkippedSample"):
+        summarize(Odd(), num_workers=0)
