@@ -142,3 +142,14 @@ def test_multirun_sweeps_a_parameter(tmp_path):
     tables = [pd.read_csv(tmp_path / "sweep" / str(i) / "table.csv") for i in (0, 1)]
     assert all(list(t["method"]) == ["center"] for t in tables)
     assert tables[0]["box_iou"].iloc[0] != tables[1]["box_iou"].iloc[0]
+
+
+def test_summary_mode_counts_the_dataset_without_a_model(tmp_path):
+    """mode=summary prints and writes the dataset's counts and loads no model."""
+    import json
+
+    proc = _run(["mode=summary", "dataset.params.num_images=12", "model.checkpoint=/does/not/exist",
+                 "hydra.run.dir=s"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["images"] == 12 and "12 images" in proc.stdout

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wsol_bench.dataset_summary import format_summary, summarize
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.figures import denormalize, heatmap_gallery, plot_sweep
 from wsol_bench.methods import get_explainer
@@ -28,6 +29,7 @@ from wsol_bench.store import MapStore, file_digest
 from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
 
 log = logging.getLogger("wsol_bench")
+MODES = ("run", "summary")
 
 
 def as_dict(node) -> dict:
@@ -154,16 +156,31 @@ def write_gallery(cfg: DictConfig, dataset, transform: EvalTransform, stores: di
                     threshold=float(cfg.metric.thresholds[0]), titles=[s.image_id for s in samples])
 
 
-def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """Run the benchmark described by `cfg`, writing into `out_dir`; returns the table."""
+def summarize_dataset(cfg: DictConfig, dataset, out_dir: Path) -> dict:
+    """mode=summary: counts of images, boxes, classes and skipped items (with reasons) of the
+    configured dataset, printed and written to summary.json; no model, no maps."""
+    summary = summarize(dataset, check_images=bool(cfg.check_images), num_workers=int(cfg.num_workers))
+    write_json(out_dir / "summary.json", summary)
+    print(f"{cfg.dataset.name}/{cfg.dataset.split}")
+    print(format_summary(summary))
+    return summary
+
+
+def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
+    """Run the benchmark described by `cfg`, writing into `out_dir`; returns the table (or
+    the dataset summary with mode=summary)."""
     torch.manual_seed(int(cfg.seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(out_dir / "environment.json", environment(cfg.device))
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset
     dataset = build_dataset(dcfg.name, transform=transform, **as_dict(dcfg.params))
+    if cfg.mode == "summary":
+        return summarize_dataset(cfg, dataset, out_dir)
     model = LazyModel(cfg, getattr(dataset, "num_classes", None))
     log.info("model %s on %s, dataset %s/%s (%d images), methods %s", cfg.model.name, cfg.device,
              dcfg.name, dcfg.split, len(dataset), ", ".join(cfg.method))
