@@ -35,7 +35,7 @@ def tiny_vit() -> torch.nn.Module:
     return make_vit()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data folder {SHARED_DATA} is absent")

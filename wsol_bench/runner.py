@@ -215,7 +215,12 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
         records.finish()
     if sweep is not None:
         sweep_csv, _ = sweep.finish()
-        plot_sweep(pd.read_csv(sweep_csv), out_dir / "sweep.png")
+        sweep_table = pd.read_csv(sweep_csv)
+        if len(sweep_table):
+            plot_sweep(sweep_table, out_dir / "sweep.png")
+        else:
+            log.warning("sweep: no image passes metric.image_filter=%s; sweep.csv is empty (try "
+                        "metric.image_filter=all)", cfg.metric.image_filter)
     if faithfulness is not None:
         frame = pd.read_csv(faithfulness.finish())
         plot_perturbation_curves(frame, out_dir / "faithfulness_curves.png")

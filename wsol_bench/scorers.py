@@ -188,7 +188,9 @@ class SweepScorer:
                         row[f"best_{name}"] = best["value"] * 100
                         row[f"best_{name}_threshold"] = best["threshold"]
             summary.append(row)
-        frame = pd.concat(sweep_frames, ignore_index=True) if sweep_frames else pd.DataFrame()
+        # no image passes the filter (e.g. nothing classified correctly): an empty table with its header
+        frame = (pd.concat(sweep_frames, ignore_index=True) if sweep_frames
+                 else pd.DataFrame(columns=["method", "threshold", "n_images", "filter"]))
         frame.to_csv(self.sweep_path, index=False)
         pd.DataFrame(summary).to_csv(self.wsoleval_path, index=False)
         return self.sweep_path, self.wsoleval_path
