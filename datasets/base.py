@@ -3,6 +3,7 @@ together, and the batch collation."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -69,6 +70,45 @@ def resize_sample(sample: Sample, size: tuple[int, int], interpolation: str = "b
     return replace(sample, image=image, boxes=sample.boxes * scale, mask=mask)
 
 
+def resize_center_crop(sample: Sample, size: tuple[int, int], crop_pct: float,
+                       interpolation: str = "bilinear") -> Sample:
+    """timm's eval transform for a square input: resize the shorter side to
+    floor(size / crop_pct) keeping the aspect ratio, then take the centre `size` crop
+    (torchvision's rounding of the crop offset). Boxes are scaled, shifted and clipped to the
+    crop (boxes left with no area are dropped, with a note); the mask follows with nearest
+    neighbour. The result's `orig_boxes`/`orig_size` are the cropped image's, so every
+    protocol rasterises ground truth in the coordinates the model sees."""
+    height, width = size
+    if height != width:
+        raise ValueError(f"preprocess.resize=timm needs a square input size, got {size}; use squash")
+    w0, h0 = sample.size
+    short = math.floor(height / crop_pct)
+    scale = short / min(w0, h0)
+    new_w, new_h = (short, max(short, round(h0 * scale))) if w0 <= h0 else (max(short, round(w0 * scale)), short)
+    mode = TF.InterpolationMode(interpolation)
+    image = TF.resize(sample.image, [new_h, new_w], interpolation=mode, antialias=True)
+    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    image = image[:, top:top + height, left:left + width]
+    factor = torch.tensor([new_w / w0, new_h / h0, new_w / w0, new_h / h0])
+    shift = torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes = sample.boxes * factor - shift
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    notes = sample.notes
+    if not bool(keep.all()):
+        notes = (*notes, "box outside the centre crop dropped")
+    mask = sample.mask
+    if mask is not None:
+        mask = TF.resize(mask[None], [new_h, new_w], interpolation=TF.InterpolationMode.NEAREST)[0]
+        mask = mask[top:top + height, left:left + width]
+    return replace(sample, image=image, boxes=boxes[keep], box_labels=sample.box_labels[keep], mask=mask,
+                   orig_boxes=boxes[keep].clone(), orig_size=(width, height), notes=notes)
+
+
+RESIZE_MODES = ("squash", "timm")
+
+
 def normalize_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [3, H, W] -> float32 normalised with the model's mean and std."""
     x = image.float().div_(255.0)
@@ -84,21 +124,30 @@ class EvalTransform:
     coordinates of the image the model sees, so every metric compares like with like."""
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 interpolation: str = "bilinear") -> None:
+                 interpolation: str = "bilinear", resize: str = "squash", crop_pct: float = 0.875) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown preprocess.resize {resize!r}; valid: {', '.join(RESIZE_MODES)}")
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"preprocess.crop_pct must be in (0, 1], got {crop_pct}")
         self.size = (int(size[0]), int(size[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.interpolation = interpolation
+        self.resize, self.crop_pct = resize, float(crop_pct)
 
     def __call__(self, sample: Sample | SkippedSample) -> Sample | SkippedSample:
         if isinstance(sample, SkippedSample):
             return sample
-        sample = resize_sample(sample, self.size, self.interpolation)
+        if self.resize == "timm":
+            sample = resize_center_crop(sample, self.size, self.crop_pct, self.interpolation)
+        else:
+            sample = resize_sample(sample, self.size, self.interpolation)
         return replace(sample, image=normalize_image(sample.image, self.mean, self.std))
 
     def __repr__(self) -> str:
+        crop = f", crop_pct={self.crop_pct}" if self.resize == "timm" else ""
         return (f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std}, "
-                f"interpolation={self.interpolation!r})")
+                f"interpolation={self.interpolation!r}, resize={self.resize!r}{crop})")
 
 
 @dataclass(frozen=True)

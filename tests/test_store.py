@@ -35,7 +35,7 @@ def test_key_changes_with_every_setting_that_changes_maps():
     base = _key()
     for override in ("dataset.params.num_images=10", "dataset.params.seed=1", "dataset=synthetic_two_class",
                      "preprocess.input_size=[112,112]", "preprocess.mean=[0.4,0.4,0.4]",
-                     "preprocess.interpolation=bicubic", "method.agcam.params.head_fusion=mean",
+                     "preprocess.interpolation=bicubic", "preprocess.resize=timm", "method.agcam.params.head_fusion=mean",
                      "target=label", "model=vit_base_orig"):
         assert _key(override) != base, override
 

@@ -87,3 +87,29 @@ def test_bad_settings_are_named():
         SyntheticShapes("holdout")
     with pytest.raises(ValueError, match="num_images"):
         SyntheticShapes("val", num_images=0)
+
+
+def test_timm_centre_crop_moves_boxes_and_masks_by_hand():
+    """preprocess.resize=timm on a 400x200 (W x H) image to 100x100, crop_pct 0.8: shorter side
+    200 -> floor(100 / 0.8) = 125, so 250x125, then the centre 100x100 crop at left 75, top 12
+    (round(12.5) = 12, torchvision's rounding). A box [40, 20, 200, 100] scales by 0.625 to
+    [25, 12.5, 125, 62.5] and shifts to [-50, 0.5, 50, 50.5] -> clipped [0, 0.5, 50, 50.5]; a box
+    wholly left of the crop is dropped with a note."""
+    from wsol_bench.datasets.base import EvalTransform, Sample
+
+    image = torch.zeros(3, 200, 400, dtype=torch.uint8)
+    mask = torch.zeros(200, 400, dtype=torch.uint8)
+    mask[20:100, 40:200] = 1
+    sample = Sample(image=image, label=0, boxes=torch.tensor([[40.0, 20, 200, 100], [0, 0, 50, 50]]),
+                    image_id="x", orig_size=(400, 200), mask=mask)
+    out = EvalTransform((100, 100), (0.5,) * 3, (0.5,) * 3, resize="timm", crop_pct=0.8)(sample)
+    assert tuple(out.image.shape) == (3, 100, 100)
+    assert out.boxes.tolist() == [[0.0, 0.5, 50.0, 50.5]] and out.box_labels.tolist() == [0]
+    assert out.orig_size == (100, 100) and out.orig_boxes.tolist() == out.boxes.tolist()
+    assert "box outside the centre crop dropped" in out.notes
+    # nearest neighbour: resized row r reads source row floor(1.6 r), so rows 13..62 hit the
+    # mask's 20..99 (crop rows 1..50); columns 25..124 hit 40..199 (crop columns 0..49)
+    ys, xs = torch.nonzero(out.mask, as_tuple=True)
+    assert int(xs.min()) == 0 and int(xs.max()) == 49 and int(ys.min()) == 1 and int(ys.max()) == 50
+    with pytest.raises(ValueError, match="preprocess.resize"):
+        EvalTransform((100, 100), (0.5,) * 3, (0.5,) * 3, resize="crop")

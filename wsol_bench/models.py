@@ -72,6 +72,7 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    crop_pct: float = 0.875  # timm's eval transform resizes the shorter side to size / crop_pct
 
 
 def shipped_weights_path(name: str) -> Path:
@@ -241,7 +242,8 @@ def data_config(model: nn.Module) -> DataConfig:
     """Input size, mean, std and interpolation the model expects (timm's pretrained config)."""
     cfg = timm.data.resolve_data_config({}, model=model)
     return DataConfig(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]),
-                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"))
+                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"),
+                      crop_pct=float(cfg.get("crop_pct", 0.875)))
 
 
 def architecture_data_config(name: str, **timm_kwargs: Any) -> DataConfig:

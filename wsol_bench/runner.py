@@ -45,7 +45,8 @@ def build_transform(cfg: DictConfig) -> EvalTransform:
     size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
     return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
                          std=pre.std if pre.std is not None else dc.std,
-                         interpolation=pre.interpolation or dc.interpolation)
+                         interpolation=pre.interpolation or dc.interpolation, resize=pre.get("resize", "squash"),
+                         crop_pct=pre.crop_pct if pre.get("crop_pct") is not None else dc.crop_pct)
 
 
 def model_identity(mcfg: DictConfig, seed: int) -> dict:
@@ -74,7 +75,8 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
         "model": model_identity(cfg.model, int(cfg.seed)),
         "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params)},
         "preprocess": {"size": list(transform.size), "mean": list(transform.mean), "std": list(transform.std),
-                       "interpolation": transform.interpolation},
+                       "interpolation": transform.interpolation, "resize": transform.resize,
+                       **({"crop_pct": transform.crop_pct} if transform.resize == "timm" else {})},
         "method": {"name": m.name, "params": as_dict(m.params)},
         "target_policy": target_policy,
     }
