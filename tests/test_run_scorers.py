@@ -97,3 +97,24 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
     first = pd.read_csv(tmp / "run" / "records.csv")
     second = pd.read_csv(tmp / "again" / "records.csv")
     pd.testing.assert_frame_equal(first[first["threshold"] == 0.5].reset_index(drop=True), second)
+
+
+def test_exported_coco_masks_decode_to_the_scored_masks(full_run, tmp_path):
+    """export_masks=true: the predicted masks read back from COCO RLE give the records' scores."""
+    from wsol_bench.export import read_coco_masks
+    from wsol_bench.metrics.pixel import pixel_scores
+
+    cfg, tmp = full_run
+    again = _cfg(tmp, "export_masks=true", "metric.thresholds=[0.5]")
+    run(again, tmp / "exported")
+    folder = tmp / "exported" / "masks"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["agcam.json", "center.json",
+                                                            "ground_truth_boxes.json", "ground_truth_masks.json"]
+    pred = read_coco_masks(folder / "agcam.json")
+    gt = {m.image_key: m.mask for m in read_coco_masks(folder / "ground_truth_boxes.json")}
+    records = pd.read_csv(tmp / "exported" / "records.csv")
+    agcam = records[records["method"] == "agcam"].set_index("image_id")
+    assert len(pred) == N
+    for m in pred:
+        iou = pixel_scores(m.mask[None], gt[m.image_key][None])["iou"][0]
+        assert float(iou) == pytest.approx(agcam.loc[m.image_key, "box_iou"], abs=1e-9)

@@ -24,7 +24,7 @@ from wsol_bench.outputs import environment, write_json
 from wsol_bench.curves import plot_perturbation_curves
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings
 from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
-from wsol_bench.scorers import FaithfulnessScorer, NoteCounter, SweepScorer
+from wsol_bench.scorers import FaithfulnessScorer, MaskExporter, NoteCounter, SweepScorer
 from wsol_bench.store import MapStore, file_digest
 from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
 
@@ -202,6 +202,11 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
         faithfulness = FaithfulnessScorer(model.get, label_stores, faithfulness_settings(cfg.faithfulness),
                                           out_dir / "faithfulness.csv", dataset_name=dcfg.name, split=dcfg.split)
         scorers.append(faithfulness)
+    exporter = None
+    if cfg.export_masks:
+        exporter = MaskExporter(out_dir / "masks", thresholds[0], box_protocol=cfg.metric.box_protocol,
+                                class_names=getattr(dataset, "class_names", None))
+        scorers.append(exporter)
     sweep = None
     if cfg.get("sweep"):
         sweep = SweepScorer(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds,
@@ -215,6 +220,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
                                 progress=bool(cfg.progress))
     finally:
         records.finish()
+    if exporter is not None:
+        exporter.finish()
     if sweep is not None:
         sweep_csv, _ = sweep.finish()
         sweep_table = pd.read_csv(sweep_csv)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from wsol_bench.export import coco_document, predicted_union_masks
 from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
                                              faithfulness_rows, score_batch)
@@ -194,3 +195,47 @@ class SweepScorer:
         frame.to_csv(self.sweep_path, index=False)
         pd.DataFrame(summary).to_csv(self.wsoleval_path, index=False)
         return self.sweep_path, self.wsoleval_path
+
+
+class MaskExporter:
+    """Predicted box-union masks at one threshold (and the ground-truth masks) as COCO RLE
+    JSON, one file per method under `folder`, encoded batch by batch so memory stays small."""
+
+    def __init__(self, folder: Path, threshold: float, *, box_protocol: str, class_names=None) -> None:
+        self.folder, self.threshold, self.box_protocol = folder, float(threshold), box_protocol
+        self.categories = dict(enumerate(class_names)) if class_names is not None else None
+        self.docs: dict[str, dict] = {}
+        self._gt_method: str | None = None
+
+    def _add(self, name: str, keys, masks, categories, scores=None) -> None:
+        part = coco_document(keys, masks, categories, scores, self.categories)
+        doc = self.docs.setdefault(name, {"images": [], "annotations": [], "categories": {}})
+        offset = len(doc["images"])
+        for image in part["images"]:
+            doc["images"].append({**image, "id": image["id"] + offset})
+        for ann in part["annotations"]:
+            doc["annotations"].append({**ann, "id": ann["id"] + offset, "image_id": ann["image_id"] + offset})
+        doc["categories"].update({c["id"]: c for c in part["categories"]})
+
+    def update(self, mb: MethodBatch) -> None:
+        keys = [s.image_id for s in mb.samples]
+        masks = predicted_union_masks(mb.heatmaps, self.threshold, self.box_protocol)
+        self._add(mb.method, keys, masks, mb.targets.tolist(), mb.logits.softmax(1).gather(
+            1, mb.targets[:, None])[:, 0].tolist())
+        if self._gt_method is None:
+            self._gt_method = mb.method
+        if mb.method == self._gt_method:
+            self._add("ground_truth_boxes", keys, mb.gt.box_masks, mb.labels.tolist())
+            if mb.gt.seg_masks is not None:
+                self._add("ground_truth_masks", keys, mb.gt.seg_masks, mb.labels.tolist())
+
+    def finish(self) -> list[Path]:
+        """Write <folder>/<method>.json (score = the softmax probability of the map's target)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, doc in self.docs.items():
+            doc = {**doc, "categories": sorted(doc["categories"].values(), key=lambda c: c["id"])}
+            path = self.folder / f"{name}.json"
+            path.write_text(json.dumps(doc))
+            paths.append(path)
+        return paths
