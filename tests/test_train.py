@@ -18,12 +18,12 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
 
 from wsol_bench import train as train_cli
-from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples
-from wsol_bench.datasets import registry
+from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples, registry
 from wsol_bench.datasets.base import normalize_image
+from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images
 from wsol_bench.models import load_model
-from wsol_bench.train_data import (CachedBatches, DatasetSpec, ImageCache, LabelledImage, augment_batch,
-                                   cached_images, collate_labelled, dihedral, normalize_batch)
+from wsol_bench.train_data import (CachedBatches, LabelledImage, augment_batch, collate_labelled, dihedral,
+                                   normalize_batch)
 from wsol_bench.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,12 +193,14 @@ def test_straight_run_writes_weights_record_and_checkpoint(straight_run):
     for name in ("model.safetensors", "model.json", "checkpoint.pt"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "model.json").read_text())
+    assert saved["history"] == record["history"] and saved["steps"] == record["steps"]
     assert saved["epochs"] == 2 and saved["steps"] == 2 * (64 // 16) and saved["images_seen"] == 128
     assert [h["epoch"] for h in saved["history"]] == [1, 2]
     assert saved["final_val_acc"] == saved["history"][-1]["val_acc"]
     assert saved["val_images"] == 32 and saved["images_per_second"] > 0
     assert saved["recipe"]["train"]["epochs"] == 2 and saved["num_classes"] == 6
-    assert saved["train_dataset"]["params"]["split"] == "train" and saved["val_dataset"]["params"]["split"] == "val"
+    assert saved["train_dataset"]["params"]["split"] == "train"
+    assert saved["val_dataset"]["params"]["split"] == "val"
 
 
 def test_resume_continues_to_identical_weights(straight_run):
@@ -220,7 +222,7 @@ def test_resume_continues_to_identical_weights(straight_run):
 
 def test_resume_with_other_settings_is_refused(straight_run):
     _, extra, tmp, _ = straight_run
-    with pytest.raises(ValueError, match=r"train.lr: 0.001 -> 0.002"):
+    with pytest.raises(ValueError, match=r"train.lr: 0.0005 -> 0.002"):
         train_cli.train_from_config(make_cfg(tmp, *extra, "train.lr=2e-3"), tmp / "out")
     with pytest.raises(FileNotFoundError, match="resume=true"):
         train_cli.train_from_config(make_cfg(tmp, *extra, "resume=true"), tmp / "empty")
@@ -245,13 +247,65 @@ def test_benchmark_cli_loads_the_trained_weights(tmp_path_factory, tmp_path):
     """`wsol-bench` with the overrides the record gives runs on the trained file unchanged."""
     _, _, _, record = straight("cache", tmp_path_factory)
     script = Path(sys.executable).parent / "wsol-bench"
-    proc = subprocess.run([str(script), *record["benchmark_overrides"], "dataset.params.image_size=32",
-                           "dataset.params.num_images=4", "method=[rollout]", "batch_size=4", "progress=false",
-                           "gallery_images=0", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    args = [str(script), *record["benchmark_overrides"], "dataset.params.image_size=32",
+            "dataset.params.num_images=4", "method=[rollout]", "batch_size=4", "progress=false",
+            "gallery_images=0", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "records.csv").is_file()
+
+
+class _SometimesCorrupt(torch.utils.data.Dataset):
+    """Synthetic images where every 4th item is unreadable (a `SkippedSample`)."""
+
+    def __init__(self, transform=None, **params) -> None:
+        self.inner, self.transform = build_dataset("synthetic", **params), transform
+        self.num_classes = self.inner.num_classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        item = SkippedSample(f"img{i}", "corrupt jpeg") if i % 4 == 3 else self.inner[i]
+        return self.transform(item) if self.transform else item
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_skipped_items_are_dropped_and_counted(monkeypatch, tmp_path, cache):
+    monkeypatch.setitem(registry._BUILDERS, "sometimes_corrupt",
+                        lambda transform=None, **p: _SometimesCorrupt(transform, **p))
+    cfg = make_cfg(tmp_path, "dataset.name=sometimes_corrupt", f"train.cache={str(cache).lower()}",
+                   "train.epochs=1")
+    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    assert record["history"][0]["val_images"] == 24 and record["history"][0]["val_correct"] <= 24
+    if cache:  # dropped once, when decoding: 16 of 64 train items, 8 of 32 val items
+        assert record["cache_skipped"] == {"train": 16, "val": 8}
+        assert record["images_seen"] == 48 and record["steps"] == 48 // 16
+    else:  # dropped in collate, every epoch, and counted per reason
+        assert record["skipped_train_items"] == {"corrupt jpeg": 16}
+        assert record["history"][0]["train_skipped"] == {"corrupt jpeg": 16}
+        assert record["history"][0]["val_skipped"] == 8
+        assert record["images_seen"] == 48 and record["steps"] == 64 // 16
+
+
+def test_shipped_architecture_round_trip(tmp_path):
+    """The default recipe's model (wsol_synthetic_vit from scratch, 224 px) for one step: the
+    file loads under the shipped name and gives the logged accuracy."""
+    with initialize_config_module("wsol_bench.conf", version_base="1.3"):
+        cfg = compose("trainer", overrides=["train.train_params.num_images=16",
+                                            "train.val_params.num_images=8", "train.epochs=1",
+                                            "num_workers=0",
+                                            "progress=false", "threads=1", f"cache_dir={tmp_path / 'cache'}"])
+    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    assert record["steps"] == 1 and record["benchmark_overrides"][0] == "model.name=wsol_synthetic_vit"
+    model = load_model("wsol_synthetic_vit", checkpoint=tmp_path / "out" / "model.safetensors", num_classes=6)
+    transform = EvalTransform((224, 224), (0.5,) * 3, (0.5,) * 3)
+    dataset = build_dataset("synthetic", split="val", num_images=8, transform=transform)
+    batch = collate_samples([dataset[i] for i in range(8)])
+    with torch.no_grad():
+        correct = int((model(batch.images).argmax(1) == batch.labels).sum())
+    assert correct == record["history"][0]["val_correct"]
 
 
 # ---------------------------------------------------------------- presets
@@ -279,7 +333,8 @@ def test_presets_compose(preset, dataset, model):
 def test_default_is_the_synthetic_recipe():
     with initialize_config_module("wsol_bench.conf", version_base="1.3"):
         cfg = compose("trainer")
-    assert cfg.dataset.name == "synthetic" and cfg.model.name == "wsol_synthetic_vit" and not cfg.model.pretrained
+    assert cfg.dataset.name == "synthetic" and cfg.model.name == "wsol_synthetic_vit"
+    assert not cfg.model.pretrained
     assert cfg.train.cache and cfg.train.augment == "dihedral" and cfg.train.val_params.num_images == 1000
 
 
@@ -337,10 +392,11 @@ def test_dataset_without_labels_exits_2(monkeypatch, capsys, tmp_path, cls, mess
 def test_checkpoint_with_other_class_count_exits_2_unless_head_reset(monkeypatch, capsys, tmp_path):
     ckpt = tmp_path / "five_classes.safetensors"
     save_file(tiny_vit(5).state_dict(), str(ckpt))
-    err = _expect_exit_2(monkeypatch, capsys, tmp_path, f"model.checkpoint={ckpt}", f"out_dir={tmp_path / 'o'}")
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, f"model.checkpoint={ckpt}",
+                         f"out_dir={tmp_path / 'o'}")
     assert f"model.checkpoint={ckpt} has a 5-class head" in err and "train.reset_head=true" in err
-    record = train_cli.train_from_config(make_cfg(tmp_path, f"model.checkpoint={ckpt}", "train.reset_head=true",
-                                                  "train.epochs=1"), tmp_path / "reset")
+    cfg = make_cfg(tmp_path, f"model.checkpoint={ckpt}", "train.reset_head=true", "train.epochs=1")
+    record = train_cli.train_from_config(cfg, tmp_path / "reset")
     assert record["num_classes"] == 6
     state = load_file(str(tmp_path / "reset" / "model.safetensors"))
     assert state["head.weight"].shape == (6, 24)

@@ -1,48 +1,26 @@
-"""Training-time data: label-only batches from any dataset adapter, the train augmentations,
-and a cache of pre-decoded images for datasets that are expensive to produce (the synthetic
-renderer costs 10-20 ms per image, more than a training step of the shipped model on a CPU).
-
-Only the class label of a sample is used; boxes and masks never leave the dataset here."""
+"""Training-time data: label-only batches from any dataset adapter (streamed through
+DataLoader workers, or drawn from the image cache), and the train augmentations. Only the class
+label of a sample is used; boxes and masks never leave the dataset here."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
-from wsol_bench.datasets import Sample, SkippedSample, build_dataset
+from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
+from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images, class_label
 
-log = logging.getLogger("wsol_bench.train")
-CACHE_FORMAT = 1
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
 SAMPLE_AUGMENTS = ("timm",)                       # applied per image to the decoded original
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset by registry name and constructor parameters (picklable, so worker processes
-    can rebuild it)."""
-
-    name: str
-    params: dict[str, Any]
-
-    def build(self, transform=None) -> Dataset:
-        """The dataset, with `transform` applied to every sample."""
-        return build_dataset(self.name, transform=transform, **self.params)
 
 
 class LabelledImage(NamedTuple):
@@ -58,11 +36,7 @@ def as_labelled(sample: Sample | SkippedSample) -> LabelledImage | SkippedSample
     classification dataset)."""
     if isinstance(sample, SkippedSample):
         return sample
-    label = sample.label
-    if label is None or isinstance(label, bool) or int(label) != label or int(label) < 0:
-        raise ValueError(f"image {sample.image_id} has no class label (label={label!r}); the trainer needs a "
-                         "dataset whose samples carry a class index >= 0: choose another dataset.name")
-    return LabelledImage(sample.image, int(sample.label), sample.image_id)
+    return LabelledImage(sample.image, class_label(sample), sample.image_id)
 
 
 class ResizeNormalize:
@@ -70,15 +44,16 @@ class ResizeNormalize:
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear") -> None:
-        self.size, self.mean, self.std, self.interpolation = tuple(size), tuple(mean), tuple(std), interpolation
+        self.size, self.mean, self.std = tuple(size), tuple(mean), tuple(std)
+        self.interpolation = interpolation
 
     def __call__(self, sample: Sample | SkippedSample) -> LabelledImage | SkippedSample:
         if isinstance(sample, SkippedSample):
             return sample
-        sample = resize_sample(Sample(sample.image, sample.label, torch.zeros(0, 4), sample.image_id,
-                                      sample.orig_size), self.size, self.interpolation)
-        return as_labelled(Sample(normalize_image(sample.image, self.mean, self.std), sample.label,
-                                  sample.boxes, sample.image_id, sample.orig_size))
+        label = class_label(sample)
+        bare = Sample(sample.image, label, torch.zeros(0, 4), sample.image_id, sample.orig_size)
+        image = resize_sample(bare, self.size, self.interpolation).image
+        return LabelledImage(normalize_image(image, self.mean, self.std), label, sample.image_id)
 
 
 class TimmTrainTransform:
@@ -107,6 +82,10 @@ class LabelledBatch:
     images: torch.Tensor
     labels: torch.Tensor
     skipped: list[SkippedSample] = field(default_factory=list)
+
+    def pin_memory(self) -> LabelledBatch:
+        """Page-locked copy (DataLoader(pin_memory=True) calls this) for fast copies to a GPU."""
+        return LabelledBatch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
 
 
 def collate_labelled(items: list[LabelledImage | SkippedSample]) -> LabelledBatch:
@@ -156,146 +135,6 @@ def normalize_batch(images_u8: torch.Tensor, mean: Sequence[float], std: Sequenc
     return (x - mean_t) / std_t
 
 
-# ---------------------------------------------------------------- image cache
-
-
-@dataclass
-class ImageCache:
-    """Every image of a dataset split resized to the model input, as uint8 [N, 3, H, W]
-    (a memory map when the cache lives on disk); labels [N] with -1 where the item was skipped."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    skipped: list[SkippedSample]
-    seconds: float = 0.0  # time spent producing it (0 when read from disk)
-
-    @property
-    def valid(self) -> np.ndarray:
-        """Indices of the usable items."""
-        return np.flatnonzero(self.labels >= 0)
-
-
-def _package_digest() -> str:
-    # Any change to the dataset code (generator, loaders, resizing) invalidates cached images,
-    # so a run never trains on stale pixels.
-    folder = Path(build_dataset.__code__.co_filename).parent
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cache_key(spec: DatasetSpec, size: tuple[int, int], interpolation: str) -> str:
-    """Folder name of a cached split: readable prefix plus a hash of everything that shapes
-    the pixels."""
-    payload = {"format": CACHE_FORMAT, "name": spec.name, "params": spec.params, "size": list(size),
-               "interpolation": interpolation, "code": _package_digest()}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{spec.name}_{spec.params.get('split', 'split')}_{size[0]}x{size[1]}_{digest}"
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(spec: DatasetSpec, size: tuple[int, int], interpolation: str) -> None:
-    torch.set_num_threads(1)  # one process per core already
-    _WORKER.update(dataset=spec.build(), size=size, interpolation=interpolation)
-
-
-def _decode_chunk(indices: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, list[SkippedSample]]:
-    dataset, size, interpolation = _WORKER["dataset"], _WORKER["size"], _WORKER["interpolation"]
-    images = np.zeros((len(indices), 3, *size), dtype=np.uint8)
-    labels = np.full(len(indices), -1, dtype=np.int64)
-    skipped = []
-    for j, index in enumerate(indices):
-        sample = dataset[index]
-        if isinstance(sample, SkippedSample):
-            skipped.append(sample)
-            continue
-        labelled = as_labelled(sample)
-        if sample.image.dtype != torch.uint8:
-            raise ValueError(f"image {sample.image_id} is {sample.image.dtype}, not uint8; the image cache "
-                             "expects decoded images (set train.cache=false for this dataset)")
-        sample = resize_sample(Sample(sample.image, labelled.label, torch.zeros(0, 4), sample.image_id,
-                                      sample.orig_size), size, interpolation)
-        images[j] = sample.image.numpy()
-        labels[j] = labelled.label
-    return indices, images, labels, skipped
-
-
-def _decode_all(spec: DatasetSpec, count: int, size: tuple[int, int], interpolation: str, workers: int,
-                images: np.ndarray, labels: np.ndarray, progress: bool) -> list[SkippedSample]:
-    chunk = max(1, min(256, count // max(1, workers * 8)))
-    chunks = [list(range(i, min(count, i + chunk))) for i in range(0, count, chunk)]
-    skipped: list[SkippedSample] = []
-    bar = tqdm(total=count, desc=f"decoding {spec.name}/{spec.params.get('split', '')}", disable=not progress,
-               unit="img")
-
-    def store(result: tuple[list[int], np.ndarray, np.ndarray, list[SkippedSample]]) -> None:
-        idx, imgs, labs, skip = result
-        images[idx[0]:idx[-1] + 1] = imgs
-        labels[idx[0]:idx[-1] + 1] = labs
-        skipped.extend(skip)
-        bar.update(len(idx))
-
-    if workers <= 1:
-        _init_worker(spec, size, interpolation)
-        for c in chunks:
-            store(_decode_chunk(c))
-    else:
-        # spawn: forking a process that already runs torch threads (or CUDA) can deadlock
-        with get_context("spawn").Pool(workers, _init_worker, (spec, size, interpolation)) as pool:
-            for result in pool.imap_unordered(_decode_chunk, chunks):
-                store(result)
-    bar.close()
-    return sorted(skipped, key=lambda s: s.image_id)
-
-
-def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, *, cache_dir: Path | None,
-                  workers: int, progress: bool = False) -> ImageCache:
-    """All images of `spec` decoded once (in `workers` processes) and resized to `size`.
-    With `cache_dir` they are kept on disk under a key of the dataset, its parameters, the size
-    and the dataset code, and later runs map the file instead of decoding again."""
-    import time
-
-    count = len(spec.build())
-    folder = cache_dir / cache_key(spec, size, interpolation) if cache_dir is not None else None
-    if folder is not None and (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
-        log.info("image cache hit: %s (%d images)", folder, meta["count"])
-        return ImageCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                          [SkippedSample(i, r) for i, r in meta["skipped"]])
-    start = time.perf_counter()
-    labels = np.full(count, -1, dtype=np.int64)
-    if folder is None:
-        images = np.zeros((count, 3, *size), dtype=np.uint8)
-        skipped = _decode_all(spec, count, size, interpolation, workers, images, labels, progress)
-        return ImageCache(images, labels, skipped, time.perf_counter() - start)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(count, 3, *size))
-    except OSError as exc:
-        raise ValueError(f"cannot write the image cache in cache_dir={cache_dir}: {exc}; pass a writable "
-                         "folder, or cache_dir=null to keep the images in memory only") from exc
-    skipped = _decode_all(spec, count, size, interpolation, workers, images, labels, progress)
-    images.flush()
-    del images
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps({"count": count, "dataset": spec.name, "params": spec.params,
-                                               "size": list(size), "interpolation": interpolation,
-                                               "skipped": [[s.image_id, s.reason] for s in skipped]},
-                                              default=str, indent=1))
-    try:
-        tmp.rename(folder)  # atomic: readers see a complete cache or none
-    except OSError:  # another run finished the same cache first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    log.info("decoded %d images into %s in %.0f s", count, folder, seconds)
-    return ImageCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                      skipped, seconds)
-
-
 class CachedBatches:
     """Batches drawn from an `ImageCache`: shuffled (training) or in order (evaluation),
     normalised on `device`."""
@@ -321,4 +160,88 @@ class CachedBatches:
             if self.device.type == "cuda":
                 images = images.pin_memory()
             images = normalize_batch(images.to(self.device, non_blocking=True), self.mean, self.std)
-            yield LabelledBatch(images, torch.from_numpy(self.cache.labels[idx]))  # labels stay on the CPU
+            # labels stay on the CPU, where the trainer checks them without a device sync
+            yield LabelledBatch(images, torch.from_numpy(self.cache.labels[idx]))
+
+
+# ---------------------------------------------------------------- assembling the splits
+
+
+def as_dict(node: Any) -> dict[str, Any]:
+    """A config node (or None) as a plain, resolved dict."""
+    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
+
+
+def split_spec(cfg: DictConfig, which: str) -> DatasetSpec:
+    """The dataset config's parameters with the train group's `<which>_params` on top."""
+    params = {**as_dict(cfg.dataset.params), **as_dict(cfg.train.get(f"{which}_params"))}
+    return DatasetSpec(cfg.dataset.name, params)
+
+
+def build_split(spec: DatasetSpec, which: str) -> Dataset:
+    """Build one split; constructor errors name the settings to fix."""
+    try:
+        dataset = spec.build()
+    except TypeError as exc:
+        raise ValueError(f"dataset {spec.name!r} rejects its parameters {spec.params} ({exc}); fix "
+                         f"dataset.params or train.{which}_params") from exc
+    if not isinstance(getattr(dataset, "num_classes", None), int):  # a setting's value is wrong, not a type
+        raise ValueError(  # noqa: TRY004
+            f"dataset {spec.name!r} has no class labels (no integer num_classes); the trainer needs a "
+            "classification dataset: choose another dataset.name")
+    return dataset
+
+
+@dataclass
+class TrainData:
+    """Where batches come from: `train(generator)` yields one shuffled epoch, `val()` the
+    validation split in order."""
+
+    train: Callable[[torch.Generator], Iterator[LabelledBatch]]
+    steps: int
+    val: Callable[[], Iterator[LabelledBatch]]
+    val_steps: int
+    num_classes: int
+    facts: dict[str, Any] = field(default_factory=dict)  # datasets, skipped items, decode time
+
+
+def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any], device: torch.device,
+              workers: int) -> TrainData:
+    """Train and val batches of the configured dataset: from the image cache (train.cache=true)
+    or streamed through `workers` DataLoader processes."""
+    size, mean, std, interp = tuple(pre["size"]), pre["mean"], pre["std"], pre["interpolation"]
+    train_spec, val_spec = split_spec(cfg, "train"), split_spec(cfg, "val")
+    train_ds, val_ds = build_split(train_spec, "train"), build_split(val_spec, "val")
+    if train_ds.num_classes != val_ds.num_classes:
+        raise ValueError(f"train split has {train_ds.num_classes} classes but val split "
+                         f"{val_ds.num_classes}; check train.train_params / train.val_params")
+    splits = (("train", train_spec, train_ds), ("val", val_spec, val_ds))
+    facts: dict[str, Any] = {f"{w}_dataset": {"name": s.name, "params": s.params, "images": len(d)}
+                             for w, s, d in splits}
+    # items the dataset left out while indexing (e.g. VOC images with objects of several classes)
+    facts["index_skipped"] = {w: len(getattr(d, "skipped", None) or []) for w, _, d in splits}
+    if cfg.train.get("cache", False):
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        caches = [cached_images(s, size, interp, cache_dir=cache_dir, workers=workers, progress=cfg.progress)
+                  for _, s, _ in splits]
+        facts["decode_seconds"] = round(sum(c.seconds for c in caches), 1)
+        facts["cache_skipped"] = {w: len(c.skipped) for (w, _, _), c in zip(splits, caches)}
+        train = CachedBatches(caches[0], batch_size, mean, std, device, shuffle=True)
+        val = CachedBatches(caches[1], batch_size, mean, std, device, shuffle=False)
+        return TrainData(train.epoch, len(train), val.epoch, len(val), train_ds.num_classes, facts)
+    if augment == "timm":
+        params = as_dict(cfg.train.get("timm_augment"))
+        train_ds.transform = TimmTrainTransform(size, mean, std, interp, **params)
+    else:
+        train_ds.transform = ResizeNormalize(size, mean, std, interp)
+    val_ds.transform = ResizeNormalize(size, mean, std, interp)
+    common = {"batch_size": batch_size, "num_workers": workers, "collate_fn": collate_labelled,
+              "pin_memory": device.type == "cuda"}
+    val_loader = DataLoader(val_ds, shuffle=False, **common)
+
+    def train_epoch(generator: torch.Generator) -> Iterator[LabelledBatch]:
+        # The generator draws the order and the workers' seeds, so a resumed run repeats them.
+        return iter(DataLoader(train_ds, shuffle=True, drop_last=True, generator=generator, **common))
+
+    return TrainData(train_epoch, len(train_ds) // batch_size, lambda: iter(val_loader), len(val_loader),
+                     train_ds.num_classes, facts)

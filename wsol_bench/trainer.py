@@ -50,7 +50,8 @@ class Recipe:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ValueError("train.lr must be > 0 and train.min_lr, train.warmup_epochs, train.weight_decay >= 0")
+            raise ValueError("train.lr must be > 0, and train.min_lr, train.warmup_epochs and "
+                             "train.weight_decay >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown train.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
@@ -166,7 +167,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, recipe: Recipe, steps_per_epoch: int, device: torch.device,
                  num_classes: int, seed: int) -> None:
-        self.model, self.recipe, self.device, self.num_classes = model.to(device), recipe, device, num_classes
+        self.model, self.recipe, self.device = model.to(device), recipe, device
+        self.num_classes = num_classes
         self.steps_per_epoch = steps_per_epoch
         self.amp_dtype = autocast_dtype(recipe.precision, device)
         self.optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
@@ -252,27 +254,29 @@ class Trainer:
     def _read_loss(self, loss_sum: torch.Tensor, steps: int) -> float:
         mean = float(loss_sum) / steps
         if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss became {mean} by step {self.state.step}; lower train.lr or "
-                                     "use train.precision=fp32")
+            raise FloatingPointError(f"training loss became {mean} by step {self.state.step}; lower train.lr "
+                                     "or use train.precision=fp32")
         return mean
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad):
-            raise ValueError(f"training label {int(bad[0])} is outside 0..{self.num_classes - 1} (the dataset's "
-                             "num_classes); check the dataset's labels and dataset.name")
+            raise ValueError(f"training label {int(bad[0])} is outside 0..{self.num_classes - 1} (the "
+                             "dataset's num_classes); check the dataset's labels and dataset.name")
 
-    def finish_epoch(self, stats: dict[str, Any], correct: int, counted: int, val_skipped: int) -> dict[str, Any]:
+    def finish_epoch(self, stats: dict[str, Any], correct: int, counted: int,
+                     val_skipped: int) -> dict[str, Any]:
         """Record an epoch's results in the state (history, best accuracy, time)."""
         acc = correct / counted if counted else float("nan")
+        seconds = stats["train_seconds"]
         s = self.state
         s.epoch += 1
-        s.train_seconds += stats["train_seconds"]
+        s.train_seconds += seconds
         s.images_seen += stats["images"]
         row = {"epoch": s.epoch, "step": s.step, "train_loss": stats["train_loss"], "val_acc": acc,
                "val_correct": correct, "val_images": counted, "val_skipped": val_skipped,
                "train_images": stats["images"], "train_skipped": stats["skipped"],
-               "images_per_second": stats["images"] / stats["train_seconds"] if stats["train_seconds"] else None,
+               "images_per_second": stats["images"] / seconds if seconds else None,
                "lr": self.scheduler.get_last_lr()[0]}
         s.history.append(row)
         if acc > s.best_val_acc:
