@@ -175,13 +175,19 @@ class SyntheticShapes(Dataset):
     class_names = CLASS_NAMES
 
     def __init__(self, split: str = "val", num_images: int = 500, *, seed: int = 0,
-                 image_size: int = 224, two_class: bool = False, transform=None) -> None:
+                 image_size: int = 224, two_class: bool = False, first_index: int = 0,
+                 transform=None) -> None:
         if split not in SPLIT_CODES:
             raise ValueError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
         if num_images < 1:
             raise ValueError(f"synthetic: num_images must be >= 1, got {num_images}")
         self.split, self.num_images, self.seed = split, int(num_images), int(seed)
+        if first_index < 0:
+            raise ValueError(f"synthetic: first_index must be >= 0, got {first_index}")
         self.image_size, self.two_class, self.transform = int(image_size), two_class, transform
+        # item i is scene first_index + i: a second training phase can draw images no earlier
+        # phase has seen, from the same deterministic stream
+        self.first_index = int(first_index)
 
     @property
     def num_classes(self) -> int:
@@ -193,6 +199,7 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
+        index = self.first_index + index
         scene = render_scene(index, seed=self.seed, split=self.split, size=self.image_size,
                              two_class=self.two_class)
         semantic = np.zeros(scene.image.shape[:2], dtype=np.uint8)

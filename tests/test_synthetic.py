@@ -113,3 +113,15 @@ def test_timm_centre_crop_moves_boxes_and_masks_by_hand():
     assert int(xs.min()) == 0 and int(xs.max()) == 49 and int(ys.min()) == 1 and int(ys.max()) == 50
     with pytest.raises(ValueError, match="preprocess.resize"):
         EvalTransform((100, 100), (0.5,) * 3, (0.5,) * 3, resize="crop")
+
+
+def test_first_index_continues_the_same_stream():
+    """first_index=k: item i is the scene k + i of the same split and seed (a second training
+    phase draws new images from the same deterministic stream)."""
+    base = SyntheticShapes(split="train", num_images=6, image_size=64)
+    shifted = SyntheticShapes(split="train", num_images=2, image_size=64, first_index=4)
+    for i in range(2):
+        a, b = base[4 + i], shifted[i]
+        assert a.image_id == b.image_id and torch.equal(a.image, b.image) and a.label == b.label
+    with pytest.raises(ValueError, match="first_index"):
+        SyntheticShapes(split="train", num_images=2, first_index=-1)

@@ -313,6 +313,7 @@ def test_shipped_architecture_round_trip(tmp_path):
 
 @pytest.mark.parametrize("preset,dataset,model", [
     ("synthetic", "synthetic", "wsol_synthetic_vit"),
+    ("synthetic_phase2", "synthetic", "wsol_synthetic_vit"),
     ("voc_single_class", "voc", "vit_base_patch16_224.orig_in21k_ft_in1k"),
     ("cub", "cub", "vit_base_patch16_224.orig_in21k_ft_in1k"),
 ])
@@ -325,7 +326,9 @@ def test_presets_compose(preset, dataset, model):
     assert cfg.train.train_params.split != cfg.train.val_params.split
     recipe = train_cli.recipe_from(cfg)
     assert recipe.epochs >= 1 and recipe.lr > 0
-    if preset != "synthetic":
+    if preset == "synthetic_phase2":  # new images, no overlap with phase 1's 20,000
+        assert cfg.train.train_params.first_index == cfg.train.train_params.num_images == 20000
+    if not preset.startswith("synthetic"):
         assert list(cfg.preprocess.input_size) == [224, 224] and list(cfg.preprocess.mean) == [0.5] * 3
         assert cfg.model.pretrained and recipe.augment == "timm" and not cfg.train.cache
 
