@@ -293,7 +293,7 @@ def test_shipped_architecture_round_trip(tmp_path):
     """The default recipe's model (wsol_synthetic_vit from scratch, 224 px) for one step: the
     file loads under the shipped name and gives the logged accuracy."""
     with initialize_config_module("wsol_bench.conf", version_base="1.3"):
-        cfg = compose("trainer", overrides=["train.train_params.num_images=16",
+        cfg = compose("trainer", overrides=["train.train_params.num_images=16", "train.batch_size=16",
                                             "train.val_params.num_images=8", "train.epochs=1",
                                             "num_workers=0",
                                             "progress=false", "threads=1", f"cache_dir={tmp_path / 'cache'}"])
