@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -88,6 +88,17 @@ def iterate_batches(dataset: Dataset, positions: Sequence[int], batch_size: int,
                       shuffle=False, num_workers=num_workers, collate_fn=_collate_positioned)
 
 
+def shard_batches(dataset: Dataset, positions: Sequence[int], batch_size: int, num_workers: int, bar,
+                  skipped: list[tuple[str, str]]) -> Iterator[PositionedBatch]:
+    """The non-empty batches of one shard's positions; items the dataset skipped are appended
+    to `skipped` as (image_id, reason), and every item advances the progress bar."""
+    for pb in iterate_batches(dataset, positions, batch_size, num_workers):
+        skipped += [(s.image_id, s.reason) for s in pb.batch.skipped]
+        bar.update(len(pb.batch) + len(pb.batch.skipped))
+        if len(pb.batch):
+            yield pb
+
+
 def explain_dataset(explainers: dict[str, Explainer], stores: dict[str, MapStore], dataset: Dataset, *,
                     target_policy: str = "predicted", batch_size: int = 16, num_workers: int = 0,
                     progress: bool = True) -> dict[str, int]:
@@ -105,12 +116,9 @@ def explain_dataset(explainers: dict[str, Explainer], stores: dict[str, MapStore
         methods = [m for m in explainers if not stores[m].has(shard_index)]
         parts: dict[str, dict[str, list]] = {m: {"maps": [], "logits": [], "targets": []} for m in methods}
         ids, positions, skipped = [], [], []
-        for pb in iterate_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers):
+        for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
+                                bar, skipped):
             batch = pb.batch
-            skipped += [(s.image_id, s.reason) for s in batch.skipped]
-            bar.update(len(batch) + len(batch.skipped))
-            if not len(batch):
-                continue
             ids += [s.image_id for s in batch.samples]
             positions += pb.positions
             logits = None  # the first model pass's logits serve the model-free baselines
@@ -235,12 +243,9 @@ def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequen
     bar = tqdm(total=n, desc="scoring", unit="img", disable=not progress)
     for shard_index in range(reference.num_shards(n)):
         shards = {m: s.load(shard_index) for m, s in stores.items()}
-        for pb in iterate_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers):
+        for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
+                                bar, skipped):
             batch = pb.batch
-            skipped += [(s.image_id, s.reason) for s in batch.skipped]
-            bar.update(len(batch) + len(batch.skipped))
-            if not len(batch):
-                continue
             size = tuple(batch.images.shape[-2:])
             gt = ground_truth(batch.samples, size, box_protocol)
             for method, shard in shards.items():
