@@ -52,6 +52,18 @@ def tiny_vit(num_classes: int) -> torch.nn.Module:
                              num_heads=3, num_classes=num_classes)
 
 
+def tiny_val_correct(weights: Path) -> int:
+    """Correct top-1 of the benchmark's loader and transform on the tiny runs' 32 val images."""
+    model = load_model("vit_tiny_patch16_224", checkpoint=weights, img_size=32, patch_size=8, embed_dim=24,
+                       depth=2, num_heads=3)
+    assert model.num_classes == 6
+    transform = EvalTransform((32, 32), (0.5,) * 3, (0.5,) * 3)
+    dataset = build_dataset("synthetic", split="val", num_images=32, image_size=32, transform=transform)
+    batch = collate_samples([dataset[i] for i in range(32)])
+    with torch.no_grad():
+        return int((model(batch.images).argmax(1) == batch.labels).sum())
+
+
 # ---------------------------------------------------------------- pieces
 
 
@@ -165,6 +177,53 @@ def test_a_few_steps_reduce_the_loss():
     assert loss() < before - 0.3
 
 
+def test_epoch_sizes_downsample_the_train_batches_of_each_epoch():
+    """Progressive resizing: epoch k trains at epoch_sizes[k], on a copy of the cache
+    downsampled once (antialiased, uint8 like the cache); same order as at full size; the
+    position embedding keeps its shape; each epoch's stats record its size."""
+    dataset = build_dataset("synthetic", split="train", num_images=16, image_size=32)
+    images = np.stack([dataset[i].image.numpy() for i in range(16)])
+    cache = ImageCache(images, np.array([dataset[i].label for i in range(16)]), [])
+    batches = CachedBatches(cache, 8, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), shuffle=True)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=2,
+                              num_heads=3, num_classes=6, dynamic_img_size=True)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    trainer = Trainer(model, Recipe(epochs=2, batch_size=8, lr=1e-3, epoch_sizes=[16, 32]), len(batches),
+                      torch.device("cpu"), 6, seed=0)
+    sizes = []
+    for _ in range(2):
+        sizes.append(trainer.epoch_size)
+        stats = trainer.train_epoch(batches.epoch(trainer.order_rng, trainer.epoch_size))
+        trainer.finish_epoch(stats, correct=0, counted=0, val_skipped=0)
+    assert sizes == [16, 32] and [h["train_size"] for h in trainer.state.history] == [16, 32]
+    assert [tuple(x.shape[-2:]) for x in seen] == [(16, 16)] * 2 + [(32, 32)] * 2
+    assert model.pos_embed.shape == (1, 1 + 16, 24)
+    # the first epoch's order (the trainer's order stream starts at the seed), downsampled by hand
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    small = torch.nn.functional.interpolate(torch.from_numpy(images).float(), size=(16, 16), mode="bilinear",
+                                            antialias=True).round().clamp(0, 255).to(torch.uint8)
+    for b, x in enumerate(seen[:2]):
+        expected = normalize_batch(small[order[b * 8:(b + 1) * 8]], (0.5,) * 3, (0.5,) * 3)
+        assert (x - expected).abs().max() <= 2.5 / 255 * 2  # at most a rounding step apart
+    full = next(batches.epoch(torch.Generator().manual_seed(0), size=32))
+    assert torch.equal(full.images, normalize_batch(torch.from_numpy(images[order[:8].numpy()]), (0.5,) * 3,
+                                                    (0.5,) * 3))
+    with pytest.raises(ValueError, match="one positive size per epoch"):
+        Recipe(epochs=3, batch_size=8, lr=1e-3, epoch_sizes=[16, 32])
+
+
+def test_progressive_run_exports_weights_of_the_plain_architecture(tmp_path):
+    """A run with smaller early epochs writes weights that the benchmark's plain (fixed-size)
+    model loads strictly, with the val accuracy logged at the full size."""
+    cfg = make_cfg(tmp_path, "train.epoch_sizes=[16,32]")
+    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    assert [h["train_size"] for h in record["history"]] == [16, 32]
+    assert "val_acc_at_train_size" in record["history"][0] and "val_acc_at_train_size" not in record["history"][1]
+    assert "dynamic_img_size" not in record["kwargs"]
+    assert tiny_val_correct(tmp_path / "out" / "model.safetensors") == record["history"][-1]["val_correct"]
+
+
 # ---------------------------------------------------------------- whole runs
 
 
@@ -231,14 +290,7 @@ def test_resume_with_other_settings_is_refused(straight_run):
 def test_load_model_reproduces_the_logged_val_accuracy(straight_run):
     """The benchmark's loader and transform on the val split give the logged accuracy."""
     _, _, tmp, record = straight_run
-    model = load_model("vit_tiny_patch16_224", checkpoint=tmp / "out" / "model.safetensors", img_size=32,
-                       patch_size=8, embed_dim=24, depth=2, num_heads=3)
-    assert model.num_classes == 6
-    transform = EvalTransform((32, 32), (0.5,) * 3, (0.5,) * 3)
-    dataset = build_dataset("synthetic", split="val", num_images=32, image_size=32, transform=transform)
-    batch = collate_samples([dataset[i] for i in range(32)])
-    with torch.no_grad():
-        correct = int((model(batch.images).argmax(1) == batch.labels).sum())
+    correct = tiny_val_correct(tmp / "out" / "model.safetensors")
     assert correct == record["history"][-1]["val_correct"]
     assert record["final_val_acc"] == correct / 32
 
@@ -326,8 +378,10 @@ def test_presets_compose(preset, dataset, model):
     assert cfg.train.train_params.split != cfg.train.val_params.split
     recipe = train_cli.recipe_from(cfg)
     assert recipe.epochs >= 1 and recipe.lr > 0
-    if preset == "synthetic_phase2":  # new images, no overlap with phase 1's 20,000
-        assert cfg.train.train_params.first_index == cfg.train.train_params.num_images == 20000
+    if preset == "synthetic":  # phase 1 trains at 112 px, phase 2 at the model's 224 on the same images
+        assert recipe.epoch_sizes == (112,) * recipe.epochs
+    if preset == "synthetic_phase2":
+        assert recipe.epoch_sizes is None and "first_index" not in cfg.train.train_params
     if not preset.startswith("synthetic"):
         assert list(cfg.preprocess.input_size) == [224, 224] and list(cfg.preprocess.mean) == [0.5] * 3
         assert cfg.model.pretrained and recipe.augment == "timm" and not cfg.train.cache

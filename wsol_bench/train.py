@@ -89,11 +89,16 @@ def check_out_dir(path: Path) -> Path:
     return path
 
 
-def build_training_model(mcfg: DictConfig, num_classes: int, reset_head: bool) -> nn.Module:
+def build_training_model(mcfg: DictConfig, num_classes: int, reset_head: bool,
+                         dynamic_size: bool = False) -> nn.Module:
     """The model to train, with a `num_classes` head. Weights: model.checkpoint (a head of
     another size is an error unless train.reset_head), a timm pretrained tag (timm gives it a
-    new head), the shipped weights (model.pretrained=true with a shipped name), or random."""
+    new head), the shipped weights (model.pretrained=true with a shipped name), or random.
+    `dynamic_size` lets a ViT take other input sizes (its position embedding is resampled on
+    the fly), for progressive resizing; the weights keep the shapes of the plain model."""
     name, kwargs = mcfg.name, as_dict(mcfg.kwargs)
+    if dynamic_size:
+        kwargs["dynamic_img_size"] = True
     if kwargs.pop("num_classes", num_classes) != num_classes:
         raise ValueError(f"model.kwargs.num_classes={mcfg.kwargs.num_classes} differs from the dataset's "
                          f"{num_classes} classes; remove it (the head always matches the dataset)")
@@ -194,7 +199,11 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ValueError(f"fewer training images than train.batch_size={recipe.batch_size}; lower it or "
                          "add images")
     reset_head = bool(cfg.train.get("reset_head", False))
-    model = prepare_for_training(build_training_model(cfg.model, data.num_classes, reset_head))
+    dynamic = recipe.epoch_sizes is not None and set(recipe.epoch_sizes) != {pre["size"][0]}
+    if dynamic and pre["size"][0] != pre["size"][1]:
+        raise ValueError(f"train.epoch_sizes are square sides but the input size is {pre['size']}; "
+                         "set a square preprocess.input_size or train.epoch_sizes=null")
+    model = prepare_for_training(build_training_model(cfg.model, data.num_classes, reset_head, dynamic))
     trainer = Trainer(model, recipe, data.steps, device, data.num_classes, int(cfg.seed))
     settings = fingerprint(cfg, pre)
     ckpt = out_dir / CHECKPOINT
@@ -202,12 +211,18 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     budget = cfg.stop_after_epochs
     stop_at = recipe.epochs if budget is None else min(recipe.epochs, trainer.state.epoch + int(budget))
     while trainer.state.epoch < stop_at:
-        stats = trainer.train_epoch(data.train(trainer.order_rng), progress=cfg.progress)
+        stats = trainer.train_epoch(data.train(trainer.order_rng, trainer.epoch_size), progress=cfg.progress)
         correct, counted, val_skipped = evaluate(trainer.model, data.val(), device, progress=cfg.progress,
                                                  total=data.val_steps)
+        size = trainer.epoch_size
+        if size is not None and size != pre["size"][0]:
+            # progressive resizing: also the accuracy at the size this epoch trained at
+            small, small_counted, _ = evaluate(trainer.model, data.val(size), device, total=data.val_steps)
+            stats["val_acc_at_train_size"] = small / small_counted if small_counted else float("nan")
         row = trainer.finish_epoch(stats, correct, counted, val_skipped)
-        log.info("epoch %d/%d: loss %.4f, val acc %.4f (%d/%d), %.1f img/s, skipped train %s, val %d",
+        log.info("epoch %d/%d: loss %.4f, val acc %.4f (%d/%d)%s, %.1f img/s, skipped train %s, val %d",
                  row["epoch"], recipe.epochs, row["train_loss"], row["val_acc"], correct, counted,
+                 f" ({row['val_acc_at_train_size']:.4f} at {size}px)" if "val_acc_at_train_size" in row else "",
                  row["images_per_second"] or 0, row["train_skipped"] or "none", val_skipped)
         save_atomic(trainer.checkpoint(settings), ckpt)
     if trainer.state.epoch < recipe.epochs:

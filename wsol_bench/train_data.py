@@ -135,28 +135,58 @@ def normalize_batch(images_u8: torch.Tensor, mean: Sequence[float], std: Sequenc
     return (x - mean_t) / std_t
 
 
+def downsample_images(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, size, size], antialiased bilinear (torchvision's
+    resize), in chunks so a memory-mapped cache is never read whole."""
+    out = np.empty((len(images), images.shape[1], size, size), dtype=np.uint8)
+    for start in range(0, len(images), chunk):
+        part = torch.from_numpy(np.array(images[start:start + chunk]))  # a writable copy of the memory map
+        out[start:start + chunk] = TF.resize(part, [size, size], antialias=True).numpy()
+    return out
+
+
+def resize_batch(batch: LabelledBatch, size: int | None) -> LabelledBatch:
+    """The batch at `size` x `size` (antialiased bilinear); unchanged when `size` is None or
+    already the batch's size."""
+    if size is None or tuple(batch.images.shape[-2:]) == (size, size):
+        return batch
+    return LabelledBatch(TF.resize(batch.images, [size, size], antialias=True), batch.labels, batch.skipped)
+
+
 class CachedBatches:
     """Batches drawn from an `ImageCache`: shuffled (training) or in order (evaluation),
-    normalised on `device`."""
+    normalised on `device`; at a smaller square size on request (progressive resizing), from a
+    copy of the cache downsampled once per size."""
 
     def __init__(self, cache: ImageCache, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  device: torch.device, *, shuffle: bool) -> None:
         self.cache, self.batch_size, self.mean, self.std = cache, batch_size, tuple(mean), tuple(std)
         self.device, self.shuffle = device, shuffle
         self.valid = cache.valid
+        self._downsampled: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         n = len(self.valid)
         return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
 
-    def epoch(self, generator: torch.Generator | None = None) -> Iterator[LabelledBatch]:
-        """One pass; training drops the last incomplete batch so every step has the same size."""
+    def images_at(self, size: int | None) -> np.ndarray:
+        """The cached images, or their copy downsampled to `size` (made on first use)."""
+        if size is None or self.cache.images.shape[-2:] == (size, size):
+            return self.cache.images
+        if size not in self._downsampled:
+            self._downsampled = {size: downsample_images(self.cache.images, size)}  # one copy at a time
+        return self._downsampled[size]
+
+    def epoch(self, generator: torch.Generator | None = None, size: int | None = None) -> Iterator[LabelledBatch]:
+        """One pass at `size` (None: the cached size); training drops the last incomplete batch
+        so every step has the same size."""
+        source = self.images_at(size)
         order = self.valid
         if self.shuffle:
             order = self.valid[torch.randperm(len(self.valid), generator=generator).numpy()]
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            images = torch.from_numpy(np.ascontiguousarray(self.cache.images[idx]))
+            images = torch.from_numpy(np.ascontiguousarray(source[idx]))
             if self.device.type == "cuda":
                 images = images.pin_memory()
             images = normalize_batch(images.to(self.device, non_blocking=True), self.mean, self.std)
@@ -194,12 +224,12 @@ def build_split(spec: DatasetSpec, which: str) -> Dataset:
 
 @dataclass
 class TrainData:
-    """Where batches come from: `train(generator)` yields one shuffled epoch, `val()` the
-    validation split in order."""
+    """Where batches come from: `train(generator, size)` yields one shuffled epoch, `val(size)`
+    the validation split in order (both at `size` x `size` when given)."""
 
-    train: Callable[[torch.Generator], Iterator[LabelledBatch]]
+    train: Callable[[torch.Generator, int | None], Iterator[LabelledBatch]]
     steps: int
-    val: Callable[[], Iterator[LabelledBatch]]
+    val: Callable[..., Iterator[LabelledBatch]]
     val_steps: int
     num_classes: int
     facts: dict[str, Any] = field(default_factory=dict)  # datasets, skipped items, decode time
@@ -228,7 +258,8 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
         facts["cache_skipped"] = {w: len(c.skipped) for (w, _, _), c in zip(splits, caches)}
         train = CachedBatches(caches[0], batch_size, mean, std, device, shuffle=True)
         val = CachedBatches(caches[1], batch_size, mean, std, device, shuffle=False)
-        return TrainData(train.epoch, len(train), val.epoch, len(val), train_ds.num_classes, facts)
+        return TrainData(train.epoch, len(train), lambda size=None: val.epoch(size=size), len(val),
+                         train_ds.num_classes, facts)
     if augment == "timm":
         params = as_dict(cfg.train.get("timm_augment"))
         train_ds.transform = TimmTrainTransform(size, mean, std, interp, **params)
@@ -239,9 +270,11 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
               "pin_memory": device.type == "cuda"}
     val_loader = DataLoader(val_ds, shuffle=False, **common)
 
-    def train_epoch(generator: torch.Generator) -> Iterator[LabelledBatch]:
+    def train_epoch(generator: torch.Generator, size: int | None = None) -> Iterator[LabelledBatch]:
         # The generator draws the order and the workers' seeds, so a resumed run repeats them.
-        return iter(DataLoader(train_ds, shuffle=True, drop_last=True, generator=generator, **common))
+        loader = DataLoader(train_ds, shuffle=True, drop_last=True, generator=generator, **common)
+        return (resize_batch(batch, size) for batch in loader)
 
-    return TrainData(train_epoch, len(train_ds) // batch_size, lambda: iter(val_loader), len(val_loader),
+    return TrainData(train_epoch, len(train_ds) // batch_size,
+                     lambda size=None: (resize_batch(batch, size) for batch in val_loader), len(val_loader),
                      train_ds.num_classes, facts)

@@ -44,6 +44,9 @@ class Recipe:
     grad_clip: float | None = 1.0   # max global gradient norm; null: no clipping
     augment: str = "none"           # batch augmentation (none, hflip, dihedral) or timm (per image)
     precision: str = "auto"         # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Progressive resizing: the square side each epoch trains at (the data downsamples the train
+    # images to it); null trains every epoch at the input size. Validation is always at that size.
+    epoch_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -52,6 +55,12 @@ class Recipe:
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ValueError("train.lr must be > 0, and train.min_lr, train.warmup_epochs and "
                              "train.weight_decay >= 0")
+        if self.epoch_sizes is not None:
+            sizes = tuple(int(v) for v in self.epoch_sizes)
+            if len(sizes) != int(self.epochs) or min(sizes) < 1:
+                raise ValueError(f"train.epoch_sizes needs one positive size per epoch ({self.epochs}), "
+                                 f"got {list(self.epoch_sizes)}")
+            object.__setattr__(self, "epoch_sizes", sizes)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown train.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
@@ -203,14 +212,23 @@ class Trainer:
         self.state = TrainState(**payload["state"])
 
     # ------------------------------------------------------------ one epoch
+    @property
+    def epoch_size(self) -> int | None:
+        """The square side the next epoch trains at (train.epoch_sizes); None: the data's own."""
+        sizes = self.recipe.epoch_sizes
+        return sizes[self.state.epoch] if sizes and self.state.epoch < len(sizes) else None
+
     def train_epoch(self, batches: Iterable[LabelledBatch], progress: bool = False) -> dict[str, Any]:
-        """One pass over `batches`; returns the epoch's mean loss, images, time and skips."""
+        """One pass over `batches` (drawn at `epoch_size`); returns the epoch's mean loss,
+        images, time and skips."""
         model, opt, recipe = self.model, self.optimizer, self.recipe
         model.train()
+        size = self.epoch_size
         # The loss stays on the device and is read every few steps: a read per step would
         # stall a GPU on every tiny batch.
         loss_sum, images, skipped = torch.zeros((), device=self.device), 0, Counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.state.epoch + 1}/{recipe.epochs}",
+        desc = f"epoch {self.state.epoch + 1}/{recipe.epochs}" + (f" at {size}px" if size else "")
+        bar = tqdm(total=self.steps_per_epoch, desc=desc,
                    disable=not progress, unit="step")
         steps, start = 0, time.perf_counter()
         for batch in batches:
@@ -249,7 +267,8 @@ class Trainer:
         mean_loss = self._read_loss(loss_sum, max(1, steps))  # also waits for the device to finish
         seconds = time.perf_counter() - start
         bar.close()
-        return {"train_loss": mean_loss, "images": images, "train_seconds": seconds, "skipped": dict(skipped)}
+        return {"train_loss": mean_loss, "images": images, "train_seconds": seconds, "skipped": dict(skipped),
+                "size": size}
 
     def _read_loss(self, loss_sum: torch.Tensor, steps: int) -> float:
         mean = float(loss_sum) / steps
@@ -277,6 +296,9 @@ class Trainer:
                "val_correct": correct, "val_images": counted, "val_skipped": val_skipped,
                "train_images": stats["images"], "train_skipped": stats["skipped"],
                "images_per_second": stats["images"] / seconds if seconds else None,
+               "train_size": stats.get("size"),
+               **({"val_acc_at_train_size": stats["val_acc_at_train_size"]}
+                  if "val_acc_at_train_size" in stats else {}),
                "lr": self.scheduler.get_last_lr()[0]}
         s.history.append(row)
         if acc > s.best_val_acc:
