@@ -209,8 +209,9 @@ def test_epoch_sizes_downsample_the_train_batches_of_each_epoch():
     full = next(batches.epoch(torch.Generator().manual_seed(0), size=32))
     assert torch.equal(full.images, normalize_batch(torch.from_numpy(images[order[:8].numpy()]), (0.5,) * 3,
                                                     (0.5,) * 3))
-    with pytest.raises(ValueError, match="one positive size per epoch"):
+    with pytest.raises(ValueError, match="one per epoch"):
         Recipe(epochs=3, batch_size=8, lr=1e-3, epoch_sizes=[16, 32])
+    assert Recipe(epochs=3, batch_size=8, lr=1e-3, epoch_sizes=16).epoch_sizes == (16, 16, 16)
 
 
 def test_progressive_run_exports_weights_of_the_plain_architecture(tmp_path):

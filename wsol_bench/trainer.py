@@ -44,9 +44,10 @@ class Recipe:
     grad_clip: float | None = 1.0   # max global gradient norm; null: no clipping
     augment: str = "none"           # batch augmentation (none, hflip, dihedral) or timm (per image)
     precision: str = "auto"         # auto: bf16 autocast on CUDA, fp32 on CPU
-    # Progressive resizing: the square side each epoch trains at (the data downsamples the train
-    # images to it); null trains every epoch at the input size. Validation is always at that size.
-    epoch_sizes: tuple[int, ...] | None = None
+    # The square side the train images are downsampled to: one for every epoch, or a list with
+    # one per epoch (progressive resizing); null trains at the input size. Validation is always
+    # at the input size.
+    epoch_sizes: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -56,10 +57,11 @@ class Recipe:
             raise ValueError("train.lr must be > 0, and train.min_lr, train.warmup_epochs and "
                              "train.weight_decay >= 0")
         if self.epoch_sizes is not None:
-            sizes = tuple(int(v) for v in self.epoch_sizes)
+            given = self.epoch_sizes
+            sizes = (int(given),) * int(self.epochs) if isinstance(given, int) else tuple(int(v) for v in given)
             if len(sizes) != int(self.epochs) or min(sizes) < 1:
-                raise ValueError(f"train.epoch_sizes needs one positive size per epoch ({self.epochs}), "
-                                 f"got {list(self.epoch_sizes)}")
+                raise ValueError(f"train.epoch_sizes needs one positive size, or a list with one per epoch "
+                                 f"({self.epochs}), got {given}")
             object.__setattr__(self, "epoch_sizes", sizes)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown train.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
