@@ -49,8 +49,12 @@ def main() -> None:
                        [f"model.checkpoint={out / 'phase1' / 'model.safetensors'}", *args.overrides])
     minutes = (time.perf_counter() - start) / 60
     print(f"final val accuracy {record['final_val_acc']:.4f}; recipe wall clock {minutes:.1f} min")
-    if args.no_install:
-        return
+    if not args.no_install:
+        install(out, first, record, minutes)
+
+
+def install(out: Path, first: dict, record: dict, minutes: float) -> None:
+    """Copy phase 2's weights into the package and write the combined record beside them."""
     shutil.copyfile(out / "phase2" / "model.safetensors", WEIGHTS.with_suffix(".safetensors"))
     # The shipped record names the packaged file, not where this run wrote its files.
     for phase in (first, record):
