@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from wsol_bench.curves import plot_perturbation_curves
+from wsol_bench.models import fused_attention
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
@@ -259,6 +260,24 @@ def test_batched_equals_one_image_at_a_time_and_the_naive_reference():
     insertion = score_batch(model, images[:1], heat[:1], targets[:1], FaithfulnessSettings(mode="insertion"))
     naive = torch.tensor(naive_curves(model, images[0], heat[0], 0, "insertion"))
     torch.testing.assert_close(insertion["insertion"][0], naive, atol=1e-5, rtol=0)
+
+
+def test_perturbed_passes_use_the_fused_kernel_and_restore_the_explicit_path():
+    """The perturbation passes need no attention maps, so they run fused (the naive reference
+    above runs the explicit path: same curves to 1e-5); afterwards, and after an error, every
+    attention module is back on the explicit path the explainers hook."""
+    model = make_vit()
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    seen: list[bool] = []
+    attention[0].register_forward_pre_hook(lambda m, _: seen.append(bool(m.fused_attn)))
+    images, heat = torch.randn(2, 3, 32, 32), torch.rand(2, 32, 32)
+    score_batch(model, images, heat, torch.tensor([0, 1]), FaithfulnessSettings(batch_size=8))
+    assert len(seen) == 1 + math.ceil(2 * 18 / 8) and all(seen)  # baseline image + chunks
+    assert not any(m.fused_attn for m in attention)
+    with pytest.raises(RuntimeError, match="inside"), fused_attention(model):
+        assert all(m.fused_attn for m in attention)
+        raise RuntimeError("inside")
+    assert not any(m.fused_attn for m in attention)
 
 
 def test_blur_baseline_batched_equals_one_at_a_time():

@@ -467,3 +467,35 @@ def test_bad_recipe_settings_exit_2(monkeypatch, capsys, tmp_path):
     assert "lr_decay" in err
     err = _expect_exit_2(monkeypatch, capsys, tmp_path, "train.augment=timm", f"out_dir={tmp_path / 'o'}")
     assert "train.cache=false" in err
+
+
+# ---------------------------------------------------------------- the shipped model's recipe script
+
+
+def test_train_synthetic_script_runs_both_phases_and_installs_without_paths(tmp_path, monkeypatch):
+    """scripts/train_synthetic.py (shrunk by overrides): phase 2 starts from phase 1's weights,
+    one image cache serves both, and the installed record names no folder of this machine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_synthetic", ROOT / "scripts" / "train_synthetic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "WEIGHTS", tmp_path / "weights" / "wsol_synthetic_vit")
+    (tmp_path / "weights").mkdir()
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train_synthetic.py", "--out-dir", str(out), "--",
+                                      "train.train_params.num_images=16", "train.val_params.num_images=8",
+                                      "train.batch_size=8", "train.epochs=1", "num_workers=0", "threads=1",
+                                      "progress=false"])
+    script.main()
+    record = json.loads((tmp_path / "weights" / "wsol_synthetic_vit.json").read_text())
+    first = record["previous_phase"]
+    assert first["recipe"]["train"]["epoch_sizes"] == 112 and first["history"][0]["train_size"] == 112
+    assert record["recipe"]["train"]["epoch_sizes"] is None and record["history"][0]["train_size"] is None
+    assert record["final_val_acc"] == record["history"][-1]["val_acc"]
+    assert len(list((out / "cache").iterdir())) == 2  # train and val, rendered once for both phases
+    text = json.dumps(record)
+    assert str(tmp_path) not in text and record["benchmark_command"] == "wsol-bench model=wsol_synthetic_vit"
+    installed = load_file(str(tmp_path / "weights" / "wsol_synthetic_vit.safetensors"))
+    trained = load_file(str(out / "phase2" / "model.safetensors"))
+    assert all(torch.equal(installed[k], trained[k]) for k in trained)

@@ -8,6 +8,8 @@ on every attention module and parameters frozen, ready for the explainers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -143,6 +145,22 @@ def switch_off_fused(module: nn.Module, label: str) -> bool | None:
         raise UnsupportedModelError(f"{label}: fused attention cannot be switched off; its attention "
                                     "matrix is never formed, so it cannot be explained")
     return before
+
+
+@contextmanager
+def fused_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every attention module of `model` uses the fused kernel
+    (`F.scaled_dot_product_attention`), for passes that need only the outputs (faithfulness
+    perturbations): faster on CPU and GPU, equal to the explicit path up to float rounding.
+    The previous switches are restored on exit, also after an exception."""
+    saved = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    try:
+        for m in saved:
+            m.fused_attn = True
+        yield model
+    finally:
+        for m, value in saved.items():
+            m.fused_attn = value
 
 
 def disable_fused_attention(model: nn.Module) -> int:

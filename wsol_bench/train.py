@@ -2,7 +2,7 @@
 architecture from scratch, on any dataset of the suite, and write weights the benchmark loads
 unchanged (`wsol-bench model.name=<name> model.checkpoint=<out_dir>/model.safetensors`).
 
-    wsol-bench-train                                  # train=synthetic: the shipped model's recipe
+    wsol-bench-train                                  # train=synthetic: phase 1 of the shipped recipe
     wsol-bench-train train=voc_single_class dataset.params.root=/data device=cuda
     wsol-bench-train out_dir=results/runs/my_run      # again: resumes from its checkpoint
 """
