@@ -43,27 +43,22 @@ def reference_abpc(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tenso
     """ABPC the way the published code computes it: for each image, curve and step, one
     forward pass of one image (step 0 and 100 % included, nothing shared), baseline 0. It
     uses the fused attention kernel as the batched engine does, so the ratio measures batching."""
-    with fused_attention(model):
-        return _reference_abpc(model, images, heatmaps, targets)
-
-
-def _reference_abpc(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
     scores = []
-    for image, heat, target in zip(images, heatmaps, targets.tolist()):
-        n = heat.numel()
-        morf_order = torch.sort(heat.flatten(), descending=True, stable=True).indices
-        areas = []
-        for order in (morf_order, morf_order.flip(0)):  # LeRF: the reverse of the MoRF order
-            probs = []
-            for i in range(STEPS):
-                count = (2 * i * n + STEPS - 1) // (2 * (STEPS - 1))  # round(i * n / 10), half up
-                perturbed = image.clone().flatten(1)
-                perturbed[:, order[:count]] = 0.0
-                logits = model(perturbed.view(1, *image.shape))
-                probs.append(logits.float().softmax(1)[0, target].item())
-            areas.append(sum(probs) / STEPS)
-        scores.append(areas[1] - areas[0])
+    with fused_attention(model):  # switched once for all passes, not per pass
+        for image, heat, target in zip(images, heatmaps, targets.tolist()):
+            n = heat.numel()
+            morf_order = torch.sort(heat.flatten(), descending=True, stable=True).indices
+            areas = []
+            for order in (morf_order, morf_order.flip(0)):  # LeRF: the reverse of the MoRF order
+                probs = []
+                for i in range(STEPS):
+                    count = (2 * i * n + STEPS - 1) // (2 * (STEPS - 1))  # round(i * n / 10), half up
+                    perturbed = image.clone().flatten(1)
+                    perturbed[:, order[:count]] = 0.0
+                    logits = model(perturbed.view(1, *image.shape))
+                    probs.append(logits.float().softmax(1)[0, target].item())
+                areas.append(sum(probs) / STEPS)
+            scores.append(areas[1] - areas[0])
     return torch.tensor(scores, dtype=torch.float64)
 
 

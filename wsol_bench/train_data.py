@@ -172,6 +172,7 @@ class CachedBatches:
     def images_at(self, size: int | None) -> np.ndarray:
         """The cached images, or their copy downsampled to `size` (made on first use)."""
         if size is None or self.cache.images.shape[-2:] == (size, size):
+            self._downsampled.clear()  # back at full size: the smaller copy is not needed again
             return self.cache.images
         if size not in self._downsampled:
             self._downsampled = {size: downsample_images(self.cache.images, size)}  # one copy at a time
