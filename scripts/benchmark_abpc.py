@@ -4,7 +4,7 @@ The reference runs one image, one step, one curve per forward pass (22 passes pe
 the batched engine stacks the 18 perturbed inputs per image into chunks. Both score AG-CAM
 maps of synthetic val images and must give the same ABPC.
 
-Usage: python scripts/benchmark_abpc.py [--images 8] [--batch-size 64] [--device cpu]
+Usage: python scripts/benchmark_abpc.py [--images 8] [--batch-size N] [--device cpu]
            [--models wsol_synthetic_vit vit_small_patch16_224] [--amp]
 """
 
@@ -20,7 +20,8 @@ from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import get_explainer
 
 from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.metrics.faithfulness import FaithfulnessSettings, constant_baseline_probs, score_batch
+from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
+                                             default_batch_size, score_batch)
 from wsol_bench.models import data_config, fused_attention, load_model
 
 IMAGES_PER_CALL = 32  # images per score_batch call, as a data loader would hand them over
@@ -102,7 +103,8 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
         logits.append(explanation.logits)
     heatmaps, degenerate = to_heatmaps(torch.cat(maps), tuple(images.shape[2:]))
     clean_logits = torch.cat(logits)
-    settings = FaithfulnessSettings(batch_size=args.batch_size)
+    chunk = args.batch_size or default_batch_size(device)
+    settings = FaithfulnessSettings(batch_size=chunk)
 
     # Warm-up of both batch shapes (kernel selection, allocator), outside the timings.
     with torch.inference_mode():
@@ -116,11 +118,11 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
     print(f"\n{name}: {n} images, {int(degenerate.sum())} degenerate maps, "
           f"mean ABPC {100 * fast.mean():.2f}%")
     print(f"  reference (batch 1, 22 passes/image)   {n / ref_s:8.2f} img/s")
-    print(f"  batched   (chunks of {args.batch_size:3d}, 18/image) {n / fast_s:8.2f} img/s"
+    print(f"  batched   (chunks of {chunk:3d}, 18/image) {n / fast_s:8.2f} img/s"
           f"   ({ref_s / fast_s:.1f}x the reference)")
     print(f"  max |ABPC reference - batched|        {diff:.2e}")
     if args.amp:
-        amp_settings = FaithfulnessSettings(batch_size=args.batch_size, amp=True)
+        amp_settings = FaithfulnessSettings(batch_size=chunk, amp=True)
         batched_abpc(model, images[:4], heatmaps[:4], labels[:4], clean_logits[:4], amp_settings)
         amp, amp_s = timed(lambda: batched_abpc(model, images, heatmaps, labels, clean_logits,
                                                 amp_settings), device)
@@ -132,7 +134,8 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64, help="perturbed images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="perturbed images per forward pass (default: the engine's default for the device)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=["wsol_synthetic_vit", "vit_small_patch16_224"])
     parser.add_argument("--amp", action="store_true", help="also time the batched path under autocast")

@@ -3,7 +3,8 @@
 # has torch, timm, pandas, scikit-image and matplotlib. Wheels of the remaining pure-Python
 # dependencies (hydra-core, omegaconf, antlr4-python3-runtime, pycocotools) are taken from
 # .whl/ when present. Writes its log and key results to $OUT (default: device_out/).
-#   1. the synthetic training recipe (train=synthetic) on CUDA, and one learning-rate variant
+#   1. the ABPC benchmark (reference procedure vs batched engine) at the default chunk size,
+#      at chunks of 64, and with TF32 and autocast
 #   2. the quickstart with faithfulness=abpc and sweep=grid on CUDA
 #   3. the explainer benchmark at batch 64
 set -u
@@ -20,16 +21,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
 step() { echo "=== $1 ($(date +%T))"; }
-step "train=synthetic on cuda"
-SECONDS=0
-timeout 170 python3 -m wsol_bench.train device=cuda out_dir=/tmp/trainA cache_dir=/tmp/cache progress=false
-echo "train A wall ${SECONDS}s"
-cp /tmp/trainA/model.safetensors "$OUT/trainA.safetensors"; cp /tmp/trainA/model.json "$OUT/trainA.json"
-step "train=synthetic train.lr=2e-3 on cuda"
-SECONDS=0
-timeout 120 python3 -m wsol_bench.train device=cuda train.lr=2.0e-3 out_dir=/tmp/trainB cache_dir=/tmp/cache progress=false
-echo "train B wall ${SECONDS}s"
-cp /tmp/trainB/model.safetensors "$OUT/trainB.safetensors"; cp /tmp/trainB/model.json "$OUT/trainB.json"
+for chunk in "" "--batch-size 64"; do
+  step "ABPC benchmark, 128 images, strict fp32 ${chunk:-default chunk}"
+  timeout 150 python3 scripts/benchmark_abpc.py --device cuda --images 128 $chunk
+done
+step "ABPC benchmark, 128 images, TF32 and autocast"
+timeout 150 python3 scripts/benchmark_abpc.py --device cuda --images 128 --allow-tf32 --amp
 step "quickstart on cuda with abpc and sweep"
 SECONDS=0
 timeout 100 python3 -m wsol_bench.cli device=cuda faithfulness=abpc sweep=grid progress=false num_workers=8 \

@@ -19,6 +19,7 @@ from wsol_bench.models import fused_attention
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
+    default_batch_size,
     faithfulness_rows,
     pixel_ranks,
     score_batch,
@@ -213,6 +214,17 @@ def test_exactly_eighteen_forward_images_per_image_in_chunks():
     score_batch(model, images, heat, targets, FaithfulnessSettings(baseline="blur", mode="deletion"),
                 clean_logits=clean)
     assert counter.samples == 3 * (9 + 1)  # blurred full removal differs per image
+
+
+def test_chunk_size_left_open_follows_the_device():
+    assert default_batch_size(torch.device("cpu")) == 16
+    assert default_batch_size(torch.device("cuda")) == 256  # a device object needs no GPU
+    model = make_vit()
+    images, heat = torch.randn(3, 3, 32, 32), torch.rand(3, 32, 32)
+    counter = SampleCounter(model)
+    score_batch(model, images, heat, torch.tensor([0, 1, 2]), FaithfulnessSettings())
+    # 3 x 18 perturbed + 3 clean images in chunks of 16 (4 passes), + the shared baseline.
+    assert (counter.samples, counter.calls) == (58, 5)
 
 
 # -- batched == one at a time == a naive reference ---------------------------------------------

@@ -82,7 +82,8 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
 
 
 def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
-    """Same settings, other thresholds: every map and faithfulness row comes from the cache."""
+    """Same settings, other thresholds and chunk size: every map and faithfulness row comes
+    from the cache (the chunk size changes speed, not numbers, so it is not in the key)."""
     cfg, tmp = full_run
     import wsol_bench.runner as runner
 
@@ -90,7 +91,7 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
         raise AssertionError("the model was loaded although everything is cached")
 
     monkeypatch.setattr(runner, "load_model", no_model)
-    again = _cfg(tmp, "sweep=grid", "faithfulness=abpc", "metric.thresholds=[0.5]")
+    again = _cfg(tmp, "sweep=grid", "faithfulness=abpc", "metric.thresholds=[0.5]", "faithfulness.batch_size=5")
     run(again, tmp / "again")
     for name in ("faithfulness.csv", "wsoleval.csv", "sweep.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp / "run" / name), pd.read_csv(tmp / "again" / name))

@@ -55,7 +55,10 @@ class FaithfulnessScorer:
                  path: Path, *, dataset_name: str, split: str) -> None:
         self.model_fn, self.stores, self.settings = model_fn, label_stores, settings
         self.path, self.dataset_name, self.split = path, dataset_name, split
-        self.key = settings_key({"faithfulness": vars(settings)})
+        # The chunk size changes speed, not the numbers, so it stays out of the key (as the
+        # explanation batch size stays out of the map key).
+        self.key_settings = {k: v for k, v in vars(settings).items() if k != "batch_size"}
+        self.key = settings_key({"faithfulness": self.key_settings})
         self._rows: dict[tuple[str, int], list[dict]] = {}
         self._cached: dict[tuple[str, int], dict[str, dict]] = {}
         self._shards: dict[tuple[str, int], object] = {}
@@ -113,7 +116,7 @@ class FaithfulnessScorer:
         file.parent.mkdir(parents=True, exist_ok=True)
         settings_file = file.parent / "settings.json"
         if not settings_file.is_file():
-            settings_file.write_text(json.dumps(vars(self.settings), indent=2, default=str))
+            settings_file.write_text(json.dumps(self.key_settings, indent=2, default=str))
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         pd.DataFrame(rows).to_csv(tmp, index=False)
         os.replace(tmp, file)

@@ -58,14 +58,16 @@ class FaithfulnessSettings:
     per curve, fractions 0, 1/(steps-1), ..., 1. baseline: a constant in the normalised
     input, one constant per channel, or "blur". integral: "mean" or "trapezoid"; None picks
     the protocol default (mean for abpc, trapezoid for deletion/insertion). batch_size:
-    perturbed images per forward pass. amp: run the perturbed passes under torch.autocast.
+    perturbed images per forward pass; None picks `default_batch_size` of the model's device
+    (the chunk size changes speed only, not the numbers). amp: run the perturbed passes under
+    torch.autocast.
     """
 
     mode: str = "abpc"
     steps: int = 11
     baseline: float | tuple[float, ...] | str = 0.0
     integral: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     amp: bool = False
     blur_kernel_size: int = 11
     blur_sigma: float = 5.0
@@ -78,7 +80,7 @@ class FaithfulnessSettings:
         if self.integral is not None and self.integral not in INTEGRALS:
             raise ValueError(f"faithfulness integral {self.integral!r} is unknown; "
                              f"valid: {', '.join(INTEGRALS)}")
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+        if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
             raise ValueError(f"faithfulness batch_size must be a positive integer, got {self.batch_size}")
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0 or self.blur_sigma <= 0:
             raise ValueError("faithfulness blur_kernel_size must be odd and positive and blur_sigma "
@@ -109,6 +111,18 @@ class FaithfulnessSettings:
     def blurred(self) -> bool:
         """True for the blur baseline (its fully removed input differs per image)."""
         return self.baseline == "blur"
+
+
+# Perturbed images per forward pass when `batch_size` is None. On CPU, chunks of 16 beat 64:
+# 64 ViT activations of 197 tokens fall out of cache (ViT-S/16 on 2 cores: 1.6x the batch-1
+# reference at 16, 1.3x at 64). Accelerators want large batches to fill their cores.
+DEFAULT_BATCH_SIZE = {"cpu": 16}
+ACCELERATOR_BATCH_SIZE = 256
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Perturbed images per forward pass on `device` when the settings leave it open."""
+    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, ACCELERATOR_BATCH_SIZE)
 
 
 def step_counts(num_pixels: int, steps: int) -> list[int]:
@@ -282,9 +296,10 @@ def score_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, 
     fill = gaussian_blur(images, [settings.blur_kernel_size] * 2, [settings.blur_sigma] * 2) \
         if settings.blurred else _constant_fill(settings, channels, device)
     probs = torch.empty(len(jobs), device=device)
+    chunk = settings.batch_size or default_batch_size(device)
     with fused_attention(model):  # no attention maps are needed here: the fused kernel is faster
-        for start in range(0, len(jobs), settings.batch_size):
-            owner, lo, hi = jobs[start:start + settings.batch_size].unbind(1)
+        for start in range(0, len(jobs), chunk):
+            owner, lo, hi = jobs[start:start + chunk].unbind(1)
             rank = ranks[owner]
             removed = ((rank >= lo[:, None]) & (rank < hi[:, None])).view(-1, 1, height, width)
             inputs = torch.where(removed, fill[owner] if settings.blurred else fill, images[owner])
