@@ -98,6 +98,8 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     proc = _run(["model.checkpoint=missing/weights.safetensors", "progress=false"], tmp_path)
     assert proc.returncode == 2 and "missing/weights.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _run(["progress=maybe"], tmp_path)
+    assert proc.returncode == 2 and "progress='maybe' is not a valid setting" in proc.stderr
 
 
 def test_class_count_mismatch_names_the_numbers(tmp_path):

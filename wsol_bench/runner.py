@@ -24,6 +24,7 @@ from wsol_bench.outputs import environment, write_json
 from wsol_bench.curves import plot_perturbation_curves
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings
 from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
+from wsol_bench.progress import progress_enabled
 from wsol_bench.scorers import FaithfulnessScorer, MaskExporter, NoteCounter, SweepScorer
 from wsol_bench.store import MapStore, file_digest
 from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
@@ -117,7 +118,7 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
         log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
         explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,
                         batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                        progress=bool(cfg.progress))
+                        progress=progress_enabled(cfg.progress))
     else:
         log.info("all maps found in the cache %s (target %s); no model pass", cfg.store.root, target_policy)
     return stores
@@ -177,6 +178,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     write_json(out_dir / "environment.json", environment(cfg.device))
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
+    progress_enabled(cfg.progress)  # a bad value fails here, not after the explanation pass
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset
@@ -217,7 +219,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     try:
         skipped = score_dataset(stores, dataset, scorers, box_protocol=cfg.metric.box_protocol,
                                 batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                                progress=bool(cfg.progress))
+                                progress=progress_enabled(cfg.progress))
     finally:
         records.finish()
     if exporter is not None:

@@ -30,6 +30,7 @@ from wsol_bench.capture import UnsupportedModelError
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, build_shipped,
                                load_model, read_checkpoint, shipped_weights_path)
 from wsol_bench.outputs import environment, write_json
+from wsol_bench.progress import progress_enabled
 from wsol_bench.train_data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
 from wsol_bench.trainer import CHECKPOINT, Recipe, Trainer, evaluate, save_atomic
 
@@ -209,10 +210,11 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ckpt = out_dir / CHECKPOINT
     resume_if_asked(cfg, trainer, settings, ckpt)
     budget = cfg.stop_after_epochs
+    progress = progress_enabled(cfg.progress)
     stop_at = recipe.epochs if budget is None else min(recipe.epochs, trainer.state.epoch + int(budget))
     while trainer.state.epoch < stop_at:
-        stats = trainer.train_epoch(data.train(trainer.order_rng, trainer.epoch_size), progress=cfg.progress)
-        correct, counted, val_skipped = evaluate(trainer.model, data.val(), device, progress=cfg.progress,
+        stats = trainer.train_epoch(data.train(trainer.order_rng, trainer.epoch_size), progress=progress)
+        correct, counted, val_skipped = evaluate(trainer.model, data.val(), device, progress=progress,
                                                  total=data.val_steps)
         size = trainer.epoch_size
         if size is not None and size != pre["size"][0]:

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
 from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images, class_label
+from wsol_bench.progress import progress_enabled
 
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
 SAMPLE_AUGMENTS = ("timm",)                       # applied per image to the decoded original
@@ -253,7 +254,8 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
     facts["index_skipped"] = {w: len(getattr(d, "skipped", None) or []) for w, _, d in splits}
     if cfg.train.get("cache", False):
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-        caches = [cached_images(s, size, interp, cache_dir=cache_dir, workers=workers, progress=cfg.progress)
+        progress = progress_enabled(cfg.progress)
+        caches = [cached_images(s, size, interp, cache_dir=cache_dir, workers=workers, progress=progress)
                   for _, s, _ in splits]
         facts["decode_seconds"] = round(sum(c.seconds for c in caches), 1)
         facts["cache_skipped"] = {w: len(c.skipped) for (w, _, _), c in zip(splits, caches)}
