@@ -113,9 +113,9 @@ class FaithfulnessSettings:
         return self.baseline == "blur"
 
 
-# Perturbed images per forward pass when `batch_size` is None. On CPU, chunks of 16 beat 64:
-# 64 ViT activations of 197 tokens fall out of cache (ViT-S/16 on 2 cores: 1.6x the batch-1
-# reference at 16, 1.3x at 64). Accelerators want large batches to fill their cores.
+# Perturbed images per forward pass when `batch_size` is None. On CPU, small chunks win: the
+# activations of 32 or more 197-token images fall out of cache (ViT-S/16 on 2 cores: 1.7x the
+# batch-1 reference at 8 and 16, 1.3x at 32 and 64). Accelerators want large batches.
 DEFAULT_BATCH_SIZE = {"cpu": 16}
 ACCELERATOR_BATCH_SIZE = 256
 
