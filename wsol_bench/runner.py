@@ -104,7 +104,7 @@ class LazyModel:
 
 
 def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyModel,
-                target_policy: str) -> dict[str, MapStore]:
+                target_policy: str, progress: bool) -> dict[str, MapStore]:
     """The map stores of every configured method for `target_policy`, computing the missing
     shards (and only those) with the model."""
     if not cfg.method:
@@ -118,7 +118,7 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
         log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
         explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,
                         batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                        progress=progress_enabled(cfg.progress))
+                        progress=progress)
     else:
         log.info("all maps found in the cache %s (target %s); no model pass", cfg.store.root, target_policy)
     return stores
@@ -178,7 +178,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     write_json(out_dir / "environment.json", environment(cfg.device))
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
-    progress_enabled(cfg.progress)  # a bad value fails here, not after the explanation pass
+    progress = progress_enabled(cfg.progress)  # a bad value fails here, not after the explanation pass
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset
@@ -189,7 +189,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     log.info("model %s on %s, dataset %s/%s (%d images), methods %s", cfg.model.name, cfg.device,
              dcfg.name, dcfg.split, len(dataset), ", ".join(cfg.method))
 
-    stores = ensure_maps(cfg, dataset, transform, model, cfg.target)
+    stores = ensure_maps(cfg, dataset, transform, model, cfg.target, progress)
     write_json(out_dir / "maps.json", {m: {"folder": str(s.folder.resolve()), "key": s.key,
                                            "shard_size": s.shard_size, "num_items": len(dataset)}
                                        for m, s in stores.items()})
@@ -200,7 +200,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     scorers = [records, notes]
     faithfulness = None
     if cfg.get("faithfulness"):
-        label_stores = stores if cfg.target == "label" else ensure_maps(cfg, dataset, transform, model, "label")
+        label_stores = stores if cfg.target == "label" else \
+            ensure_maps(cfg, dataset, transform, model, "label", progress)
         faithfulness = FaithfulnessScorer(model.get, label_stores, faithfulness_settings(cfg.faithfulness),
                                           out_dir / "faithfulness.csv", dataset_name=dcfg.name, split=dcfg.split)
         scorers.append(faithfulness)
@@ -219,7 +220,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     try:
         skipped = score_dataset(stores, dataset, scorers, box_protocol=cfg.metric.box_protocol,
                                 batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                                progress=progress_enabled(cfg.progress))
+                                progress=progress)
     finally:
         records.finish()
     if exporter is not None:

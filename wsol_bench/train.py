@@ -195,7 +195,8 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     recipe = recipe_from(cfg)
     pre = preprocessing(cfg)
     seed_everything(int(cfg.seed))  # initialisation, and per-image augmentation in this process
-    data = make_data(cfg, recipe.batch_size, recipe.augment, pre, device, workers)
+    progress = progress_enabled(cfg.progress)
+    data = make_data(cfg, recipe.batch_size, recipe.augment, pre, device, workers, progress)
     if data.steps == 0:
         raise ValueError(f"fewer training images than train.batch_size={recipe.batch_size}; lower it or "
                          "add images")
@@ -210,7 +211,6 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ckpt = out_dir / CHECKPOINT
     resume_if_asked(cfg, trainer, settings, ckpt)
     budget = cfg.stop_after_epochs
-    progress = progress_enabled(cfg.progress)
     stop_at = recipe.epochs if budget is None else min(recipe.epochs, trainer.state.epoch + int(budget))
     while trainer.state.epoch < stop_at:
         stats = trainer.train_epoch(data.train(trainer.order_rng, trainer.epoch_size), progress=progress)

@@ -18,7 +18,6 @@ from torchvision.transforms.v2 import functional as TF
 from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
 from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images, class_label
-from wsol_bench.progress import progress_enabled
 
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
 SAMPLE_AUGMENTS = ("timm",)                       # applied per image to the decoded original
@@ -238,9 +237,10 @@ class TrainData:
 
 
 def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any], device: torch.device,
-              workers: int) -> TrainData:
-    """Train and val batches of the configured dataset: from the image cache (train.cache=true)
-    or streamed through `workers` DataLoader processes."""
+              workers: int, progress: bool = False) -> TrainData:
+    """Train and val batches of the configured dataset: from the image cache (train.cache=true,
+    with a progress bar while it is decoded when `progress`) or streamed through `workers`
+    DataLoader processes."""
     size, mean, std, interp = tuple(pre["size"]), pre["mean"], pre["std"], pre["interpolation"]
     train_spec, val_spec = split_spec(cfg, "train"), split_spec(cfg, "val")
     train_ds, val_ds = build_split(train_spec, "train"), build_split(val_spec, "val")
@@ -254,7 +254,6 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
     facts["index_skipped"] = {w: len(getattr(d, "skipped", None) or []) for w, _, d in splits}
     if cfg.train.get("cache", False):
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-        progress = progress_enabled(cfg.progress)
         caches = [cached_images(s, size, interp, cache_dir=cache_dir, workers=workers, progress=progress)
                   for _, s, _ in splits]
         facts["decode_seconds"] = round(sum(c.seconds for c in caches), 1)
