@@ -1,6 +1,6 @@
 """ImageNet ILSVRC2012 validation set with bounding boxes, read from its official layouts.
 
-Layouts (PROTOCOL section 6):
+Layouts (docs/protocol.md section 6):
 - kaggle: <root>/ILSVRC/Data/CLS-LOC/val/*.JPEG (flat) with <root>/LOC_val_solution.csv, or,
   without the csv, <root>/ILSVRC/Annotations/CLS-LOC/val/*.xml; <root>/LOC_synset_mapping.txt.
 - torchvision: <root>/val/<wnid>/*.JPEG with the bbox XMLs in `annotations` (default

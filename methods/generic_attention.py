@@ -1,4 +1,4 @@
-"""Generic attention explainability (Chefer, Gur, Wolf, ICCV 2021), PROTOCOL 2.4:
+"""Generic attention explainability (Chefer, Gur, Wolf, ICCV 2021), docs/protocol.md 2.4:
 R = I; for every block, R = R + mean_h(clamp(dy_c/dA * A, min=0)) @ R; map = R[CLS, patches].
 One forward and one backward, gradients through the unmodified model."""
 

@@ -1,4 +1,4 @@
-"""Grad-CAM for ViT (PROTOCOL 2.5): channel weights = grid mean of the gradient of the target
+"""Grad-CAM for ViT (docs/protocol.md 2.5): channel weights = grid mean of the gradient of the target
 logit w.r.t. the tokens entering the last attention (`blocks[-1].norm1`); map =
 ReLU(sum_c w_c T_c) over the patch tokens. Later layers are useless here: after the last
 attention the patch tokens no longer reach the CLS output, so their gradients are zero."""

@@ -1,4 +1,4 @@
-"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021), PROTOCOL 2.3.
+"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021), docs/protocol.md 2.3.
 
 LRP relevance of the target logit at every attention matrix, weighted by the gradient there,
 rolled out from the CLS row. timm blocks have no `relprop` and the residual adds and attention

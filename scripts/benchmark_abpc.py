@@ -98,7 +98,7 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
     explainer = get_explainer("agcam", model)
     maps, logits = [], []
     for s in range(0, len(images), 16):
-        explanation = explainer(images[s:s + 16], labels[s:s + 16])  # PROTOCOL 5: ground-truth class
+        explanation = explainer(images[s:s + 16], labels[s:s + 16])  # docs/protocol.md 5: ground-truth class
         maps.append(explanation.maps)
         logits.append(explanation.logits)
     heatmaps, degenerate = to_heatmaps(torch.cat(maps), tuple(images.shape[2:]))

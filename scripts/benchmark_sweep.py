@@ -1,10 +1,13 @@
 """Seconds to score 100 thresholds (AG-CAM pixel scores with masks, MaxBoxAcc v1/v2 and PxAP)
 for N images x M methods of smooth random heatmaps, and the projection to 50,000 images.
+With --boxes opencv (the default, wsolevaluation's exact boxes) the OpenCV contours are their
+own stage; with --boxes components MaxBoxAcc reuses the sweep's components.
 
 Heatmaps are upsampled 14x14 Gaussian noise (what a ViT-B/16 map looks like after
 `to_heatmaps`), with one random GT box and a GT mask inside it per image.
 
 Usage: python scripts/benchmark_sweep.py [--images 100] [--methods 7] [--size 224] [--batch 50]
+                                         [--boxes opencv|components]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--methods", type=int, default=7)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--boxes", choices=("opencv", "components"), default="opencv")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     gt, boxes = random_ground_truth(args.images, args.size, generator)
@@ -54,7 +58,7 @@ def main() -> None:
           f"{len(thresholds)} thresholds, "
           f"torch threads {torch.get_num_threads()}")
 
-    stages = ("sweep", "box_accuracy", "pxap")
+    stages = ("sweep", "contours", "box_accuracy", "pxap")
     wall = {name: 0.0 for name in stages}
     cpu = {name: 0.0 for name in stages}
     components_total = 0
@@ -69,13 +73,15 @@ def main() -> None:
         return out
 
     for heat in heatmaps:
-        box_acc, pxap, results = BoxAccuracy(thresholds), PxAP(thresholds), []
+        box_acc, pxap, results = BoxAccuracy(thresholds, boxes=args.boxes), PxAP(thresholds), []
         for start in range(0, args.images, args.batch):
             part = slice(start, start + args.batch)
             batch_gt = GroundTruth(gt.box_masks[part], gt.seg_masks[part], gt.seg_valid[part],
                                    gt.num_boxes[part])
             result, components = timed("sweep", sweep_heatmaps, heat[part], batch_gt, thresholds, "agcam")
             results.append(result)
+            if args.boxes == "opencv":
+                components = timed("contours", box_acc.regions, heat[part])
             timed("box_accuracy", box_acc.update_components, components, boxes[part], correct[part])
             timed("pxap", pxap.update, heat[part], gt.seg_masks[part], gt.seg_valid[part])
             components_total += len(components.area)
@@ -90,7 +96,7 @@ def main() -> None:
     total_wall, total_cpu = sum(wall.values()), sum(cpu.values())
     print(f"total: wall {total_wall:.2f} s, cpu {total_cpu:.2f} s for {pairs} image-methods "
           f"({1e3 * total_cpu / pairs:.2f} ms cpu each); "
-          f"{components_total / pairs / len(thresholds):.1f} components per image and threshold")
+          f"{components_total / pairs / len(thresholds):.1f} {args.boxes} regions per image and threshold")
     per_image = total_cpu / args.images
     print(f"projection for 50,000 images x {args.methods} methods: {per_image * 50_000 / 60:.1f} min cpu "
           f"({per_image * 50_000 / args.methods / 60:.1f} min per method)")

@@ -100,6 +100,10 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _run(["progress=maybe"], tmp_path)
     assert proc.returncode == 2 and "progress='maybe' is not a valid setting" in proc.stderr
+    proc = _run(["sweep=grid", "sweep.boxes=contours", "progress=false", f"store.root={tmp_path / 'cache'}"],
+                tmp_path)
+    assert proc.returncode == 2 and "unknown sweep.boxes 'contours'; valid: opencv, components" in proc.stderr
+    assert not (tmp_path / "cache").exists()  # refused before the model pass
 
 
 def test_class_count_mismatch_names_the_numbers(tmp_path):

@@ -1,10 +1,9 @@
-"""Pixel-perturbation faithfulness: MoRF/LeRF curves, ABPC, deletion/insertion (PROTOCOL 5)."""
+"""Pixel-perturbation faithfulness: MoRF/LeRF curves, ABPC, deletion/insertion (docs/protocol.md 5)."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ from wsol_bench.metrics.faithfulness import (
     pixel_ranks,
     score_batch,
     step_counts,
+    step_fractions,
 )
 
 
@@ -65,7 +65,7 @@ TOP_ROW = [(0, 0), (0, 1), (0, 2), (0, 3)]
 
 def top_row_case() -> tuple[PixelMeanModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     """4x4 image of ones; the heatmap ranks the top row first (1.0 > 0.9 > 0.8 > 0.7 > rest);
-    the model reads the top row only. 16 pixels, 11 steps: counts 0,2,3,5,6,8,10,11,13,14,16."""
+    the model reads the top row only. 16 pixels, 11 steps: counts 0,1,3,4,6,8,9,11,12,14,16."""
     model = PixelMeanModel(TOP_ROW).eval()
     images = torch.ones(1, 3, 4, 4)
     heat = torch.linspace(0.6, 0.0, 12)
@@ -75,11 +75,11 @@ def top_row_case() -> tuple[PixelMeanModel, torch.Tensor, torch.Tensor, torch.Te
 
 # Top-row pixels still at the image value x4 is the logit; hand-derived from the step counts.
 # MoRF removes the top row first: min(count, 4) of them gone.
-MORF_LOGITS = [4, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+MORF_LOGITS = [4, 3, 1, 0, 0, 0, 0, 0, 0, 0, 0]
 # LeRF removes the top row last: max(0, count - 12) of them gone.
-LERF_LOGITS = [4, 4, 4, 4, 4, 4, 4, 4, 3, 2, 0]
+LERF_LOGITS = [4, 4, 4, 4, 4, 4, 4, 4, 4, 2, 0]
 # Insertion reveals the top row first: min(count, 4) of them at the image value.
-INSERTION_LOGITS = [0, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4]
+INSERTION_LOGITS = [0, 1, 3, 4, 4, 4, 4, 4, 4, 4, 4]
 
 
 def expected(logits: list[float]) -> torch.Tensor:
@@ -93,12 +93,18 @@ def trapezoid(values: list[float]) -> float:
 # -- steps and ranking -------------------------------------------------------------------------
 
 
-def test_step_counts_round_half_up_in_exact_arithmetic():
-    assert step_counts(16, 11) == [0, 2, 3, 5, 6, 8, 10, 11, 13, 14, 16]
-    # 224 x 224: 5017.6 i rounded -> hand-computed
-    assert step_counts(224 * 224, 11) == [0, 5018, 10035, 15053, 20070, 25088, 30106, 35123, 40141,
+REFERENCE_FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the reference's literal list
+
+
+def test_step_counts_truncate_as_the_reference():
+    """int(H*W*s) over the literal list: 5017.6 -> 5017 at s = 0.1 for 224 x 224 (rounding
+    would remove 5018), 15052.8 -> 15052 at 0.3, 30105.6 -> 30105, 40140.8 -> 40140."""
+    assert step_fractions(11) == REFERENCE_FRACTIONS
+    assert step_counts(224 * 224, 11) == [0, 5017, 10035, 15052, 20070, 25088, 30105, 35123, 40140,
                                           45158, 50176]
-    assert step_counts(5, 3) == [0, 3, 5]  # 2.5 rounds up
+    assert step_counts(224 * 224, 11) == [int(224 * 224 * s) for s in REFERENCE_FRACTIONS]
+    assert step_counts(16, 11) == [0, 1, 3, 4, 6, 8, 9, 11, 12, 14, 16]  # 1.6, 4.8, 9.6, 12.8 truncated
+    assert step_counts(5, 3) == [0, 2, 5]  # 2.5 truncated
     assert step_counts(10, 11) == list(range(11))  # 0.3 * 10 in floats is 3.0000000000000004
     assert step_counts(7, 2) == [0, 7]
 
@@ -134,7 +140,7 @@ def test_morf_lerf_curves_and_abpc_by_hand():
     assert out["auc_morf"].item() == pytest.approx(auc_morf, abs=1e-6)
     assert out["auc_lerf"].item() == pytest.approx(auc_lerf, abs=1e-6)
     assert out["abpc"].item() == pytest.approx(auc_lerf - auc_morf, abs=1e-6)
-    assert out["abpc"].item() == pytest.approx(0.32687, abs=1e-5)  # (10.18948 - 6.59387) / 11
+    assert out["abpc"].item() == pytest.approx(0.32302, abs=1e-5)  # (10.21892 - 6.66565) / 11
     assert out["auc_morf"].dtype == torch.float64
 
 
@@ -237,8 +243,9 @@ def naive_curves(model: nn.Module, image: torch.Tensor, heat: torch.Tensor, targ
     n = len(values)
     order = sorted(range(n), key=lambda p: (-values[p], p))
     probs = []
-    for i in range(steps):
-        count = math.floor(Fraction(i * n, steps - 1) + Fraction(1, 2))
+    fractions = REFERENCE_FRACTIONS if steps == 11 else [i / (steps - 1) for i in range(steps)]
+    for fraction in fractions:
+        count = int(n * fraction)
         if curve == "morf":
             removed = order[:count]
         elif curve == "lerf":

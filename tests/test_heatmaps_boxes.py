@@ -1,4 +1,4 @@
-"""Hand-computed checks of PROTOCOL section 3: map -> heatmap -> binary map -> boxes -> masks.
+"""Hand-computed checks of docs/protocol.md section 3: map -> heatmap -> binary map -> boxes -> masks.
 
 Every expected value below is written out by hand (with the arithmetic in a comment), never
 recomputed by the code under test.
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsol_bench.boxes import components_to_boxes, ground_truth_box_mask, predicted_box_mask
+from wsol_bench.boxes import agcam_scale, components_to_boxes, ground_truth_box_mask, predicted_box_mask
 from wsol_bench.heatmaps import binarize, to_heatmaps
 
 
@@ -236,11 +236,11 @@ def test_box_masks_reject_unknown_protocol():
 
 
 def test_ground_truth_box_mask_agcam_truncates_scaled_inclusive_box():
-    """agcam: integer inclusive box (x1 - 1), scaled with int(v * size / orig), filled inclusively."""
+    """agcam: integer inclusive box (x1 - 1), scaled with int(v / orig * size), filled inclusively."""
     # Original image W=10, H=5; evaluation size H=4, W=8 (both axes scale by 0.8).
     # Box [3, 1, 8, 4] continuous = inclusive columns 3..7, rows 1..3.
-    #   c0 = int(3 * 8 / 10) = int(2.4) = 2      c1 = int(7 * 8 / 10) = int(5.6) = 5
-    #   r0 = int(1 * 4 / 5)  = int(0.8) = 0      r1 = int(3 * 4 / 5)  = int(2.4) = 2
+    #   c0 = int(3 / 10 * 8) = int(2.4) = 2      c1 = int(7 / 10 * 8) = int(5.6) = 5
+    #   r0 = int(1 / 5 * 4)  = int(0.8) = 0      r1 = int(3 / 5 * 4)  = int(2.4) = 2
     # -> rows 0..2, columns 2..5. (Rounding would give rows 1..2, cols 2..6; using x1 without
     # the -1 would give cols 2..6 and rows 0..2.)
     mask = ground_truth_box_mask(torch.tensor([[3.0, 1.0, 8.0, 4.0]]), (10, 5), (4, 8), "agcam")
@@ -252,16 +252,49 @@ def test_ground_truth_box_mask_agcam_truncates_scaled_inclusive_box():
     assert torch.equal(mask, expected)
 
 
-def test_ground_truth_box_mask_agcam_multiplies_before_dividing():
-    """agcam scales as int(v * size / orig): 11 * 30 / 22 = 15 exactly, not 14.99.. -> 14."""
-    # Original W=22, H=4 -> evaluation H=4, W=30. Box [11, 0, 12, 4] = inclusive column 11,
-    # rows 0..3. c0 = c1 = int(11 * 30 / 22) = int(330 / 22) = 15 (whereas
-    # int(11 * (30 / 22)) = int(14.999999999999998) = 14). Rows: int(0 * 4 / 4) = 0 ..
-    # int(3 * 4 / 4) = 3.
-    mask = ground_truth_box_mask(torch.tensor([[11.0, 0.0, 12.0, 4.0]]), (22, 4), (4, 30), "agcam")
-    expected = torch.zeros(4, 30, dtype=torch.bool)
-    expected[:, 15] = True
+def test_ground_truth_box_mask_agcam_divides_before_multiplying():
+    """agcam scales as the reference's dataset code, int(v / orig * size): 244 / 448 * 224 is
+    121.99999999999999 in float64, so column 121, where int(244 * 224 / 448) would give 122."""
+    # Original W=448, H=4 -> evaluation H=4, W=224. Box [244, 0, 245, 4] = inclusive column 244,
+    # rows 0..3: c0 = c1 = int(244 / 448 * 224) = 121. Rows: int(v / 4 * 4) = v.
+    mask = ground_truth_box_mask(torch.tensor([[244.0, 0.0, 245.0, 4.0]]), (448, 4), (4, 224), "agcam")
+    expected = torch.zeros(4, 224, dtype=torch.bool)
+    expected[:, 121] = True
     assert torch.equal(mask, expected)
+    assert agcam_scale(244, 448, 224) == 121 and int(244 * 224 / 448) == 122
+
+
+def test_agcam_scale_on_the_real_imagenet_val_boxes(shared_data):
+    """Over all 80,477 real ImageNet val boxes, division first differs from multiplication first
+    in exactly five coordinates of four images (the reference's order is division first), and
+    the masks of those images follow it."""
+    from wsol_bench.datasets.imagenet_annotations import inclusive_to_continuous, read_wsol_metadata
+
+    annotations, problems = read_wsol_metadata(shared_data / "wsolevaluation-metadata" / "ILSVRC" / "test")
+    assert problems == []
+    changed = {}
+    for key, ann in annotations.items():
+        width, height = ann.size
+        for box in ann.boxes.tolist():
+            for value, orig in zip(box, (width, height, width, height)):
+                if agcam_scale(value, orig, 224) != int(value * 224 / orig):
+                    changed.setdefault(key, []).append((int(value), orig, agcam_scale(value, orig, 224)))
+    assert changed == {
+        "val/ILSVRC2012_val_00003899.JPEG": [(244, 448, 121)],
+        "val/ILSVRC2012_val_00004376.JPEG": [(183, 336, 121)],
+        "val/ILSVRC2012_val_00033919.JPEG": [(610, 1120, 121), (575, 1120, 114)],
+        "val/ILSVRC2012_val_00037292.JPEG": [(183, 336, 121)],
+    }
+    # Image 00003899 (448 x 500 as stored): inclusive box [244, 163, 446, 478] starts at column
+    # 121 of the 224 x 224 mask, one column left of where int(v * 224 / W) would put it.
+    ann = annotations["val/ILSVRC2012_val_00003899.JPEG"]
+    box = ann.boxes[[b.tolist() == [244, 163, 446, 478] for b in ann.boxes]]
+    assert ann.size == (448, 500) and len(box) == 1
+    mask = ground_truth_box_mask(torch.from_numpy(inclusive_to_continuous(box)), ann.size, (224, 224), "agcam")
+    columns = torch.nonzero(mask.any(0))[:, 0]
+    rows = torch.nonzero(mask.any(1))[:, 0]
+    assert (int(columns.min()), int(columns.max())) == (121, int(446 / 448 * 224))
+    assert (int(rows.min()), int(rows.max())) == (int(163 / 500 * 224), int(478 / 500 * 224))
 
 
 def test_ground_truth_box_mask_agcam_same_size_is_the_box_pixels():

@@ -1,4 +1,4 @@
-"""Hand-computed checks of PROTOCOL 4.1: AG-CAM pixel scores, and the per-image localization
+"""Hand-computed checks of docs/protocol.md 4.1: AG-CAM pixel scores, and the per-image localization
 scores of `wsol_bench.localization` built on them.
 
 Counts (tp, fp, fn, tn) are written out by hand; every score is the literal formula with
@@ -23,7 +23,7 @@ def _mask(rows: list[str]) -> torch.Tensor:
 
 
 def _expected(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
-    """The five PROTOCOL 4.1 formulas for literal integer counts."""
+    """The five docs/protocol.md 4.1 formulas for literal integer counts."""
     n = tp + fp + fn + tn
     return {
         "pixel_acc": (tp + tn + E) / (n + E),
@@ -69,7 +69,7 @@ def test_confusion_counts_hand_example():
 
 
 def test_pixel_scores_hand_example():
-    """The five scores of the 4x4 example equal the PROTOCOL formulas on tp=3, fp=2, fn=2, tn=9."""
+    """The five scores of the 4x4 example equal the docs/protocol.md 4.1 formulas on tp=3, fp=2, fn=2, tn=9."""
     scores = pixel_scores(PRED[None], GT[None])
     assert set(scores) == set(PIXEL_METRICS)
     # (3 + 9 + eps) / (16 + eps), (3 + eps) / (7 + eps), (6 + eps) / (10 + eps),

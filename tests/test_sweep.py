@@ -127,12 +127,12 @@ def test_box_accuracy_from_sweep_components_equals_direct_update():
     _, comps = sweep_heatmaps(heat, ground_truth(samples, (20, 18)), thresholds)
     gt_boxes = [torch.tensor([[1, 2, 9, 12]])] * len(heat)
     correct = torch.tensor([True, False, True, True, False])
-    direct, shared = BoxAccuracy(thresholds), BoxAccuracy(thresholds)
+    direct, shared = BoxAccuracy(thresholds, boxes="components"), BoxAccuracy(thresholds, boxes="components")
     direct.update(heat, gt_boxes, correct)
     shared.update_components(comps, gt_boxes, correct)
     assert direct.compute() == shared.compute()
     with pytest.raises(ValueError, match="other thresholds"):
-        BoxAccuracy((0.5,)).update_components(comps, gt_boxes, correct)
+        BoxAccuracy((0.5,), boxes="components").update_components(comps, gt_boxes, correct)
 
 
 def test_threshold_and_heatmap_checks():

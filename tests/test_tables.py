@@ -115,7 +115,7 @@ def test_threshold_column_appears_only_when_it_varies():
 
 
 def test_published_numbers_exist_only_for_the_paper_setting():
-    """PROTOCOL 7: ImageNet val, ViT-B/16 orig weights, AG-CAM; nothing else is invented."""
+    """docs/protocol.md 7: ImageNet val, ViT-B/16 orig weights, AG-CAM; nothing else is invented."""
     found = {p.metric: p.value for p in published_numbers("imagenet", "val", PAPER_MODEL)}
     assert found == {"box_pixel_acc": 73.41, "box_iou": 52.12, "box_dice": 65.15, "abpc": 36.91}
     assert all(p.source == AGCAM_PAPER for p in published_numbers("imagenet", "val", PAPER_MODEL))

@@ -1,5 +1,5 @@
 """Transformer Attribution against an independent, per-image, hand-written LRP of the same timm
-weights, plus conservation, batching, start_layer and refusal checks (PROTOCOL 2.3)."""
+weights, plus conservation, batching, start_layer and refusal checks (docs/protocol.md 2.3)."""
 
 from __future__ import annotations
 

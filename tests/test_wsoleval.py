@@ -1,5 +1,7 @@
-"""wsolevaluation metrics (PROTOCOL 4.2): hand-computed MaxBoxAcc v1/v2, GT-known and Top-1 Loc,
-PxAP, merging of shards, and agreement with the reference's conventions."""
+"""wsolevaluation metrics (docs/protocol.md 4.2): hand-computed MaxBoxAcc v1/v2, GT-known and
+Top-1 Loc, PxAP, merging of shards, and agreement with the reference's conventions. The hand
+cases of box accuracy use the float variant (boxes="components"); tests/test_wsoleval_exact.py
+holds the OpenCV semantics."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from wsol_bench.heatmaps import to_heatmaps
 from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, inclusive_iou, wsoleval_gt_boxes
 
 # ---------------------------------------------------------------------------------------------
-# Four 10x10 heatmaps, thresholds 0.25 / 0.5 / 0.75, IoU thresholds 30 / 50 / 70.
+# Four 10x10 heatmaps, thresholds 0.25 / 0.5 / 0.75, IoU thresholds 30 / 50 / 70, float variant.
 # Predicted boxes are [x, y, x + w, y + h] clipped to 9, compared inclusively.
 # 0 "v1 vs v2": 0.9 on rows 0..3, cols 0..3 (16 px); 0.6 on rows 6..7, cols 6..7 (4 px).
 #    GT [6,6,8,7] (6 px). Largest box [0,0,4,4]: IoU 0. Small box [6,6,8,8] (9 px): 6/9.
@@ -57,7 +59,7 @@ def test_inclusive_iou_hand_computed():
 
 def test_box_accuracy_hand_computed():
     heat, gt, correct = _box_case()
-    metric = BoxAccuracy(THRESHOLDS)
+    metric = BoxAccuracy(THRESHOLDS, boxes="components")
     ious = metric.update(heat, gt, correct)
     np.testing.assert_allclose(ious["iou_v1"], [[0, 0, 0], [0.5625] * 3, [0.75, 0.75, 0], [0.5] * 3])
     np.testing.assert_allclose(ious["iou_v2"], [[2 / 3, 2 / 3, 0], [0.5625] * 3, [0.75, 0.75, 0], [0.5] * 3])
@@ -82,7 +84,7 @@ def test_box_accuracy_best_threshold_is_per_delta():
     heat[0, 2:8, 2:8] = 0.4  # 6x6 block -> box [2,2,8,8] (49 px) at t < 0.4
     heat[0, 3:7, 3:7] = 0.9  # 4x4 core -> box [3,3,7,7] (25 px) at 0.4 <= t < 0.9
     gt = [torch.tensor([[3, 3, 7, 7]])]  # 25 px: IoU 25/49 = 0.51 at t=0.25, 1.0 at t=0.5
-    metric = BoxAccuracy(THRESHOLDS)
+    metric = BoxAccuracy(THRESHOLDS, boxes="components")
     metric.update(heat, gt, torch.tensor([True]))
     out = metric.compute()
     assert out["maxboxacc_v2_thresholds"] == {30: 0.25, 50: 0.25, 70: 0.5}
@@ -104,7 +106,7 @@ def test_box_accuracy_matches_per_threshold_reference():
     thresholds = tuple(np.arange(0, 1, 0.1).tolist())
     gt = [torch.tensor([[2, 3, 10, 12]]), torch.tensor([[0, 0, 19, 23], [5, 5, 8, 9]]),
           torch.tensor([[12, 1, 19, 8]])]
-    ious = BoxAccuracy(thresholds).update(heat, gt, torch.ones(3, dtype=torch.bool))
+    ious = BoxAccuracy(thresholds, boxes="components").update(heat, gt, torch.ones(3, dtype=torch.bool))
     for b in range(3):
         for i, t in enumerate(thresholds):
             for key, largest in (("iou_v1", True), ("iou_v2", False)):
@@ -149,11 +151,17 @@ def test_merge_of_halves_equals_one_pass_and_state_round_trip():
     assert first.merge(restored).compute() == whole.compute()
     with pytest.raises(ValueError, match="thresholds"):
         whole.merge(BoxAccuracy((0.1, 0.2)))
+    with pytest.raises(ValueError, match="box sources"):
+        whole.merge(BoxAccuracy(THRESHOLDS, boxes="components"))
+    with pytest.raises(ValueError, match="box source"):
+        BoxAccuracy(THRESHOLDS, boxes="components").load_state_dict(whole.state_dict())
 
 
 def test_box_accuracy_rejects_bad_settings():
     with pytest.raises(ValueError, match="50"):
         BoxAccuracy(THRESHOLDS, iou_thresholds=(30, 70))
+    with pytest.raises(ValueError, match="sweep.boxes.*opencv, components"):
+        BoxAccuracy(THRESHOLDS, boxes="contours")
     with pytest.raises(ValueError, match="increasing"):
         BoxAccuracy((0.5, 0.25))
     with pytest.raises(ValueError, match="no images"):

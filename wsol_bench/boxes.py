@@ -7,7 +7,8 @@ Rasterisation protocols (how boxes become pixel masks):
 - "agcam": the AG-CAM reference. Predicted boxes (cv2 x, y, w, h) are filled up to x+w and
   y+h INCLUSIVE, one pixel beyond the component on the right and bottom (clipped at the
   image edge). Ground-truth boxes are the dataset's integer inclusive boxes, scaled to the
-  evaluation size with int() truncation, filled inclusively.
+  evaluation size as the reference's dataset code does, int(v / orig * size) (division
+  first, then truncation), filled inclusively.
 - "exact": a cleaner variant. Predicted boxes cover exactly their component's bounding
   rectangle; a ground-truth pixel belongs to a box when its centre lies inside the box scaled
   to the evaluation size.
@@ -64,11 +65,19 @@ def ground_truth_box_mask(orig_boxes: torch.Tensor, orig_size: tuple[int, int], 
     mask = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in orig_boxes.double().tolist():
         # Integer inclusive corners (x1 - 1: our boxes have continuous edges), scaled as the
-        # reference does: int(v * size / orig), multiplication first.
-        c0, r0 = int(x0 * width / orig_w), int(y0 * height / orig_h)
-        c1, r1 = int((x1 - 1) * width / orig_w), int((y1 - 1) * height / orig_h)
+        # reference does: int(v / orig * size), division first. The order matters: float
+        # rounding can land just under an integer (244 / 448 * 224 = 121.999...), and the
+        # reference truncates that to 121 where int(244 * 224 / 448) gives 122.
+        c0, r0 = agcam_scale(x0, orig_w, width), agcam_scale(y0, orig_h, height)
+        c1, r1 = agcam_scale(x1 - 1, orig_w, width), agcam_scale(y1 - 1, orig_h, height)
         mask[max(r0, 0):min(r1 + 1, height), max(c0, 0):min(c1 + 1, width)] = True
     return torch.from_numpy(mask)
+
+
+def agcam_scale(value: float, orig: int, size: int) -> int:
+    """One ground-truth coordinate rescaled as the AG-CAM reference's dataset code does:
+    int(value / orig * size), in float64, division first."""
+    return int(float(value) / float(orig) * float(size))
 
 
 def _check_protocol(protocol: str) -> None:

@@ -13,11 +13,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from wsol_bench.capture import UnsupportedModelError
+from wsol_bench.contours import MissingDependencyError
 from wsol_bench.models import ModelLoadError
 
 log = logging.getLogger("wsol_bench")
 # Errors caused by the user's settings or files: print the message, not a traceback.
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, ValueError, FileNotFoundError,
+               KeyError)
 
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="config", version_base="1.3")

@@ -45,7 +45,7 @@ def decode_mask(rle: dict) -> torch.Tensor:
 
 
 def predicted_union_masks(heatmaps: torch.Tensor, threshold: float, protocol: str = "agcam") -> torch.Tensor:
-    """Box-union masks (all components, PROTOCOL 4.1) of `heatmaps > threshold`, bool [B, H, W]."""
+    """Box-union masks (all components, docs/protocol.md 4.1) of `heatmaps > threshold`, bool [B, H, W]."""
     size = tuple(heatmaps.shape[-2:])
     binary = binarize(heatmaps, threshold).cpu()
     masks = [predicted_box_mask(components_to_boxes(b), size, protocol) for b in binary]

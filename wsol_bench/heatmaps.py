@@ -1,4 +1,4 @@
-"""Raw patch-grid maps -> heatmaps at the evaluation size (PROTOCOL 3)."""
+"""Raw patch-grid maps -> heatmaps at the evaluation size (docs/protocol.md 3)."""
 
 from __future__ import annotations
 

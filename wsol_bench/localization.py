@@ -1,4 +1,4 @@
-"""Per-image localization scores of a batch of heatmaps (PROTOCOL 3 and 4.1).
+"""Per-image localization scores of a batch of heatmaps (docs/protocol.md 3 and 4.1).
 
 For each threshold: binary map -> one box per connected component (all components) ->
 box-union mask -> AG-CAM pixel scores against the union of the ground-truth boxes of the

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("wsol-bench", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas",
-            "scikit-image", "scipy", "pycocotools", "safetensors", "pillow")
+            "scikit-image", "scipy", "pycocotools", "opencv-python-headless", "safetensors", "pillow")
 
 
 def environment(device: str) -> dict:

@@ -1,6 +1,6 @@
 """Published numbers a user compares a run with, in one place, each with its source.
 
-Only numbers stated in PROTOCOL.md section 7 are listed. Keys follow the run's config and the
+Only numbers stated in docs/protocol.md section 7 are listed. Keys follow the run's config and the
 table columns: dataset name and split (`dataset.name`, `dataset.split`), model name
 (`model.name`), method name, and metric (`box_pixel_acc`, `box_iou`, `box_dice`: AG-CAM pixel
 scores against the union of ground-truth boxes; `abpc`: pixel-perturbation ABPC), all in
@@ -36,7 +36,7 @@ PUBLISHED: tuple[PublishedNumber, ...] = (
     PublishedNumber("imagenet", "val", PAPER_MODEL, "agcam", "abpc", 36.91, AGCAM_PAPER),
 )
 
-# The protocol the published localization numbers follow (PROTOCOL 4.1): maps of the predicted
+# The protocol the published localization numbers follow (docs/protocol.md 4.1): maps of the predicted
 # class, correctly classified images only. A run with other settings is still shown beside
 # them, with a note saying what differs.
 PAPER_SETTINGS = {"target": "predicted", "metric.image_filter": "correct"}

@@ -107,7 +107,12 @@ def _caption(run: RunFolder, variant: str, faith: bool, wsol: bool) -> str:
         parts.append("ABPC, AUC MoRF, AUC LeRF: pixel perturbation of the ground-truth class, "
                      "percent, mean over all images (n_images_abpc).")
     if wsol:
-        parts.append("MaxBoxAccV2 (and PxAP): wsolevaluation, percent (n_images_wsol).")
+        # wsoleval.csv files written before the OpenCV mode have no `boxes` column: float components
+        written = run.wsoleval["boxes"] if "boxes" in run.wsoleval else []
+        boxes = ", ".join(sorted(set(written))) or "components"
+        source = ("its own OpenCV contours" if boxes == "opencv"
+                  else f"the float variant sweep.boxes={boxes}, not the published procedure")
+        parts.append(f"MaxBoxAccV2 (and PxAP): wsolevaluation, boxes from {source}, percent (n_images_wsol).")
     return " ".join(parts)
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.dataset_summary import format_summary, summarize
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.datasets.base import RESAMPLER
 from wsol_bench.figures import denormalize, heatmap_gallery, plot_sweep
 from wsol_bench.methods import get_explainer
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
@@ -77,6 +78,7 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
         "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params)},
         "preprocess": {"size": list(transform.size), "mean": list(transform.mean), "std": list(transform.std),
                        "interpolation": transform.interpolation, "resize": transform.resize,
+                       "resampler": RESAMPLER,
                        **({"crop_pct": transform.crop_pct} if transform.resize == "timm" else {})},
         "method": {"name": m.name, "params": as_dict(m.params)},
         "target_policy": target_policy,
@@ -189,6 +191,12 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     log.info("model %s on %s, dataset %s/%s (%d images), methods %s", cfg.model.name, cfg.device,
              dcfg.name, dcfg.split, len(dataset), ", ".join(cfg.method))
 
+    sweep = None
+    if cfg.get("sweep"):  # built before the model pass, so a bad sweep setting costs no explaining
+        sweep = SweepScorer(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds,
+                            box_protocol=cfg.metric.box_protocol, image_filter=cfg.metric.image_filter,
+                            sweep_path=out_dir / "sweep.csv", wsoleval_path=out_dir / "wsoleval.csv",
+                            dataset_name=dcfg.name, split=dcfg.split, boxes=cfg.sweep.get("boxes", "opencv"))
     stores = ensure_maps(cfg, dataset, transform, model, cfg.target, progress)
     write_json(out_dir / "maps.json", {m: {"folder": str(s.folder.resolve()), "key": s.key,
                                            "shard_size": s.shard_size, "num_items": len(dataset)}
@@ -210,12 +218,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
         exporter = MaskExporter(out_dir / "masks", thresholds[0], box_protocol=cfg.metric.box_protocol,
                                 class_names=getattr(dataset, "class_names", None))
         scorers.append(exporter)
-    sweep = None
-    if cfg.get("sweep"):
-        sweep = SweepScorer(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds,
-                            box_protocol=cfg.metric.box_protocol, image_filter=cfg.metric.image_filter,
-                            sweep_path=out_dir / "sweep.csv", wsoleval_path=out_dir / "wsoleval.csv",
-                            dataset_name=dcfg.name, split=dcfg.split)
+    if sweep is not None:
         scorers.append(sweep)
     try:
         skipped = score_dataset(stores, dataset, scorers, box_protocol=cfg.metric.box_protocol,

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from wsol_bench.contours import require_cv2
 from wsol_bench.export import coco_document, predicted_union_masks
 from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
+from wsol_bench.metrics.faithfulness import (ENGINE_VERSION, FaithfulnessSettings, constant_baseline_probs,
                                              faithfulness_rows, score_batch)
 from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, wsoleval_gt_boxes
 from wsol_bench.pipeline import MethodBatch, rows_at
@@ -44,7 +45,7 @@ class NoteCounter:
 
 
 class FaithfulnessScorer:
-    """Pixel-perturbation curves (PROTOCOL 5) of every method's ground-truth-class maps.
+    """Pixel-perturbation curves (docs/protocol.md 5) of every method's ground-truth-class maps.
 
     The maps come from `label_stores` (target policy "label"), which may be the run's own
     stores. Per-image rows are cached next to those maps, one CSV per shard and settings, so
@@ -58,7 +59,7 @@ class FaithfulnessScorer:
         # The chunk size changes speed, not the numbers, so it stays out of the key (as the
         # explanation batch size stays out of the map key).
         self.key_settings = {k: v for k, v in vars(settings).items() if k != "batch_size"}
-        self.key = settings_key({"faithfulness": self.key_settings})
+        self.key = settings_key({"faithfulness": self.key_settings, "engine": ENGINE_VERSION})
         self._rows: dict[tuple[str, int], list[dict]] = {}
         self._cached: dict[tuple[str, int], dict[str, dict]] = {}
         self._shards: dict[tuple[str, int], object] = {}
@@ -133,14 +134,21 @@ class FaithfulnessScorer:
 class SweepScorer:
     """Threshold sweep of one run: AG-CAM pixel scores at every threshold of a grid (mean over
     the images `image_filter` keeps -> sweep.csv), and the wsolevaluation metrics MaxBoxAcc
-    (v1, v2), GT-known / Top-1 Loc and, with masks, PxAP (PROTOCOL 4.2; all images ->
-    wsoleval.csv). Components are computed once per image and threshold and feed both."""
+    (v1, v2), GT-known / Top-1 Loc and, with masks, PxAP (docs/protocol.md 4.2; all images ->
+    wsoleval.csv). The float components of each image are labelled once for all thresholds and
+    feed the AG-CAM sweep (and MaxBoxAcc with boxes="components"); with boxes="opencv" (the
+    default) MaxBoxAcc scores wsolevaluation's own OpenCV contours."""
 
     def __init__(self, thresholds, iou_thresholds, *, box_protocol: str, image_filter: str,
-                 sweep_path: Path, wsoleval_path: Path, dataset_name: str, split: str) -> None:
+                 sweep_path: Path, wsoleval_path: Path, dataset_name: str, split: str,
+                 boxes: str = "opencv") -> None:
         threshold_array(thresholds, np.float64)  # names the problem with a bad grid
         self.thresholds = [float(t) for t in thresholds]
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
+        self.boxes = boxes
+        BoxAccuracy(self.thresholds, self.iou_thresholds, boxes)  # names a bad setting before any work
+        if boxes == "opencv":
+            require_cv2()  # a missing OpenCV is named now, not after the explanation pass
         self.box_protocol, self.image_filter = box_protocol, image_filter
         self.sweep_path, self.wsoleval_path = sweep_path, wsoleval_path
         self.dataset_name, self.split = dataset_name, split
@@ -156,8 +164,10 @@ class SweepScorer:
         self.correct.setdefault(mb.method, []).append(correct)
         size = tuple(mb.heatmaps.shape[-2:])
         gt_boxes = [wsoleval_gt_boxes(s, size) for s in mb.samples]
-        acc = self.boxacc.setdefault(mb.method, BoxAccuracy(self.thresholds, self.iou_thresholds))
-        acc.update_components(components, gt_boxes, torch.from_numpy(correct))
+        acc = self.boxacc.setdefault(mb.method, BoxAccuracy(self.thresholds, self.iou_thresholds, self.boxes))
+        # the float variant shares the pixel sweep's components; OpenCV's contours are its own
+        regions = components if self.boxes == "components" else acc.regions(mb.heatmaps)
+        acc.update_components(regions, gt_boxes, torch.from_numpy(correct))
         if mb.gt.seg_masks is not None:
             self.pxap.setdefault(mb.method, PxAP(self.thresholds)).update(mb.heatmaps, mb.gt.seg_masks,
                                                                           mb.gt.seg_valid)
@@ -176,7 +186,7 @@ class SweepScorer:
                 table["filter"] = self.image_filter
                 sweep_frames.append(table)
             acc = self.boxacc[method].compute()
-            row = {"method": method, "dataset": self.dataset_name, "split": self.split,
+            row = {"method": method, "dataset": self.dataset_name, "split": self.split, "boxes": acc["boxes"],
                    "n_images": acc["num_images"], "n_without_gt_boxes": acc["num_without_gt_boxes"],
                    "maxboxacc": acc["maxboxacc"], "maxboxacc_threshold": acc["maxboxacc_threshold"],
                    "maxboxacc_v2": acc["maxboxacc_v2"]}

@@ -1,4 +1,4 @@
-"""Localization scores over a whole grid of thresholds in one pass (PROTOCOL 3, 4.1, 4.2).
+"""Localization scores over a whole grid of thresholds in one pass (docs/protocol.md 3, 4.1, 4.2).
 
 The binary maps of one heatmap are nested (heatmap > t only shrinks as t grows), so the
 connected components of every threshold come from one pass over the image instead of one
@@ -67,7 +67,8 @@ class ThresholdComponents:
     image: np.ndarray  # int64 [C]
     level: np.ndarray  # int64 [C], index into `thresholds`
     boxes: np.ndarray  # int64 [C, 4]
-    area: np.ndarray  # int64 [C], pixels
+    area: np.ndarray  # int64 [C], pixels (float64 contour areas for OpenCV's contours)
+    source: str = "components"  # "components" (8-connected pixel sets) or "opencv" (contours)
 
     def group(self) -> np.ndarray:
         """Flat (image, threshold) index of each component: image * T + level."""
@@ -79,10 +80,11 @@ class ThresholdComponents:
         return np.bincount(self.group(), minlength=size).reshape(self.num_images, len(self.thresholds))
 
     def largest(self) -> np.ndarray:
-        """Index of the largest component (most pixels) of every (image, threshold) that has one.
-        Ties go to the component whose first pixel comes first in raster order."""
+        """Index of the largest component (largest `area`) of every (image, threshold) that has
+        one. Ties go to the first entry: for pixel components, the one whose first pixel comes
+        first in raster order."""
         group = self.group()
-        best = np.zeros(self.num_images * len(self.thresholds), dtype=np.int64)
+        best = np.zeros(self.num_images * len(self.thresholds), dtype=self.area.dtype)
         np.maximum.at(best, group, self.area)
         candidates = np.flatnonzero(self.area == best[group])
         first = np.ones(len(candidates), dtype=bool)
@@ -253,7 +255,7 @@ class SweepResult:
 
 def sweep_pixel_scores(components: ThresholdComponents, gt: GroundTruth, protocol: str = "agcam"
                        ) -> SweepResult:
-    """AG-CAM pixel scores (PROTOCOL 4.1) of the box-union of ALL components at every threshold,
+    """AG-CAM pixel scores (docs/protocol.md 4.1) of the box-union of ALL components at every threshold,
     against the GT box-union and, where present, the GT mask. Equal to `score_heatmaps` at each
     threshold; `gt` must come from `ground_truth(..., protocol)` with the same protocol."""
     if protocol not in PROTOCOLS:
@@ -328,7 +330,7 @@ def _level_counts(cover: np.ndarray, target: np.ndarray, valid: np.ndarray | Non
 
 
 def _prefixed(prefix: str, counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The PROTOCOL 4.1 formulas, written exactly as `pixel_scores` evaluates them."""
+    """The docs/protocol.md 4.1 formulas, written exactly as `pixel_scores` evaluates them."""
     tp, fp, fn, tn = counts["tp"], counts["fp"], counts["fn"], counts["tn"]
     total = tp + fp + fn + tn
     scores = {

@@ -64,7 +64,7 @@ def localization_table(records: pd.DataFrame, image_filter: str = "correct") -> 
 
 
 def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness.csv") -> pd.DataFrame:
-    """Per method: mean ABPC, AUC MoRF and AUC LeRF over ALL its images (PROTOCOL 5: no
+    """Per method: mean ABPC, AUC MoRF and AUC LeRF over ALL its images (docs/protocol.md 5: no
     correctness filter), in percent, and the number of images (`n_images_abpc`)."""
     require_columns(faithfulness, ["image_id", "method", *FAITH_NAMES], source)
     duplicated = faithfulness.duplicated(["image_id", "method"], keep=False)
@@ -81,7 +81,7 @@ def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness
     if (gap > ABPC_TOLERANCE).any():
         bad = faithfulness.loc[gap > ABPC_TOLERANCE, "image_id"].tolist()
         raise ValueError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
-                         "the file is inconsistent (PROTOCOL 5)")
+                         "the file is inconsistent (docs/protocol.md 5)")
     grouped = faithfulness.groupby("method", sort=False)
     summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
     summary["n_images_abpc"] = grouped.size()

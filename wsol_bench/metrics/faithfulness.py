@@ -1,10 +1,11 @@
-"""Pixel-perturbation faithfulness (PROTOCOL 5): MoRF/LeRF curves and ABPC (the AG-CAM
+"""Pixel-perturbation faithfulness (docs/protocol.md 5): MoRF/LeRF curves and ABPC (the AG-CAM
 protocol), and RISE deletion/insertion, from one batched perturbation engine.
 
 Conventions (each one is tested):
-- Steps: step i of S covers the fraction i/(S-1) of the n = H*W pixels; its pixel count is
-  floor(i*n/(S-1) + 1/2), i.e. round half up, computed in exact integer arithmetic so that
-  0.3 * n never lands on the wrong side of an integer through floating point.
+- Steps: step i of S covers the fraction s_i = i/(S-1) of the n = H*W pixels; its pixel
+  count is int(n * s_i) in float64, truncated, as the AG-CAM reference computes it from the
+  literal list [0.0, 0.1, ..., 1.0] (i/10 is that list's float exactly). For 224 x 224 that
+  is 5017 pixels at s = 0.1 (5017.6 truncated) and 15052 at 0.3.
 - Ranking: the MoRF order is a stable sort by descending heatmap value, ties broken by
   ascending row-major pixel index. The LeRF order is exactly the reverse of the MoRF order
   (so tied pixels go in descending index order): LeRF removing m pixels removes the last m
@@ -16,7 +17,7 @@ Conventions (each one is tested):
 - Deletion is MoRF removal. Insertion starts from the baseline and reveals the most relevant
   pixels first: with m pixels revealed, all pixels after the first m of the MoRF order are at
   the baseline.
-- Score: softmax probability of the target class (PROTOCOL 5: the ground-truth class).
+- Score: softmax probability of the target class (docs/protocol.md 5: the ground-truth class).
   AUC: plain mean over the steps (AG-CAM) or the trapezoid rule over the fractions i/(S-1)
   (RISE). ABPC = AUC_LeRF - AUC_MoRF, as a fraction (tables multiply by 100).
 
@@ -48,6 +49,9 @@ MODES = ("abpc", "deletion", "insertion")
 INTEGRALS = ("mean", "trapezoid")
 CURVES = {"abpc": ("morf", "lerf"), "deletion": ("deletion",), "insertion": ("insertion",)}
 DEFAULT_INTEGRAL = {"abpc": "mean", "deletion": "trapezoid", "insertion": "trapezoid"}
+# Part of the faithfulness cache key: bump it whenever the same settings give other numbers,
+# so rows cached by an older engine are recomputed, never reused (2: truncated step counts).
+ENGINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,9 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def step_counts(num_pixels: int, steps: int) -> list[int]:
-    """Pixels affected at each step: floor(i * n / (steps - 1) + 1/2) for i = 0..steps-1."""
-    last = steps - 1
-    return [(2 * i * num_pixels + last) // (2 * last) for i in range(steps)]
+    """Pixels affected at each step: int(n * s) for s = i / (steps - 1), i = 0..steps-1, in
+    float64 and truncated, exactly as the reference (5017 of 50176 pixels at s = 0.1)."""
+    return [int(num_pixels * fraction) for fraction in step_fractions(steps)]
 
 
 def step_fractions(steps: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""AG-CAM pixel scores (PROTOCOL 4.1): pixel accuracy, IoU, Dice, precision, recall from the
+"""AG-CAM pixel scores (docs/protocol.md 4.1): pixel accuracy, IoU, Dice, precision, recall from the
 per-image confusion counts of a predicted and a ground-truth mask, with eps = 1e-5."""
 
 from __future__ import annotations

@@ -1,19 +1,21 @@
-"""wsolevaluation metrics (Choe et al., CVPR 2020; PROTOCOL 4.2): MaxBoxAcc (v1 and v2),
-GT-known and Top-1 Loc, and PxAP, accumulated as mergeable per-threshold counts.
+"""wsolevaluation metrics (Choe et al., CVPR 2020; docs/protocol.md section 4.2): MaxBoxAcc
+(v1 and v2), GT-known and Top-1 Loc, and PxAP, accumulated as mergeable per-threshold counts.
 
 Box accuracy follows the reference's conventions: ground-truth boxes are inclusive integer
-boxes rescaled to the evaluation size with int(); a predicted box is the bounding rectangle of
-a component, [x, y, x + w, y + h] (one pixel beyond the component on the right and bottom,
-the reference's cv2.boundingRect reading) clipped to W - 1, H - 1; IoU counts pixels
-inclusively (+1 on each side); no component gives the box [0, 0, 0, 0].
+boxes rescaled to the evaluation size with int(v * new / orig) (multiplication first, as
+wsolevaluation's resize_bbox); a predicted box is the bounding rectangle [x, y, x + w, y + h]
+(one pixel beyond the region on the right and bottom, the reference's cv2.boundingRect
+reading) clipped to W - 1, H - 1; IoU counts pixels inclusively (+1 on each side); a threshold
+with no region gives the box [0, 0, 0, 0].
 
-Where this follows PROTOCOL rather than the reference, on purpose:
-- Binary maps are `heatmap > t` on the float heatmap (PROTOCOL 3). The reference thresholds a
-  uint8 copy, `uint8(255 * heatmap) > int(t * max)`, which moves each threshold by up to 1/255.
-- Components are 8-connected pixel sets. The reference takes cv2 contours in RETR_TREE mode, so
-  for v2 it also adds the boxes of holes, and for v1 it picks the contour with the largest
-  polygon area (cv2.contourArea) where this module picks the component with the most pixels
-  (ties: the component whose first pixel comes first in raster order).
+Where the boxes come from (`boxes`):
+- "opencv" (the default): exactly wsolevaluation's, see `wsol_bench.contours`: contours of the
+  uint8 heatmap thresholded at int(t * max), holes included (RETR_TREE), v1 the contour of
+  largest polygon area. Published MaxBoxAcc numbers come from these.
+- "components": a float variant, not the reference: `heatmap > t` on the float heatmap,
+  8-connected pixel sets without hole boxes, v1 the set with most pixels (ties: first pixel in
+  raster order). It moves MaxBoxAccV2 by a fraction of a point and shares its components with
+  the AG-CAM pixel sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from wsol_bench.contours import opencv_components
 from wsol_bench.datasets.base import Sample
 from wsol_bench.sweep import (
     DEFAULT_THRESHOLDS,
@@ -33,6 +36,7 @@ from wsol_bench.sweep import (
 )
 
 IOU_THRESHOLDS = (30, 50, 70)  # percent, as wsolevaluation's --iou_threshold_list
+BOX_SOURCES = ("opencv", "components")  # wsolevaluation's contours | the float 8-connected variant
 
 
 def wsoleval_gt_boxes(sample: Sample, size: tuple[int, int]) -> torch.Tensor:
@@ -71,8 +75,12 @@ class BoxAccuracy:
     is >= delta (and, for Top-1, whose class is also correct). Counts add, so shards merge."""
 
     def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                 iou_thresholds: Sequence[int] = IOU_THRESHOLDS) -> None:
+                 iou_thresholds: Sequence[int] = IOU_THRESHOLDS, boxes: str = "opencv") -> None:
         threshold_array(thresholds)
+        if boxes not in BOX_SOURCES:
+            raise ValueError(f"unknown sweep.boxes {boxes!r}; valid: {', '.join(BOX_SOURCES)} (opencv: "
+                             "wsolevaluation's exact contours; components: the float 8-connected variant)")
+        self.boxes = boxes
         self.thresholds = tuple(float(t) for t in thresholds)
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
         if 50 not in self.iou_thresholds or len(set(self.iou_thresholds)) != len(self.iou_thresholds):
@@ -95,7 +103,13 @@ class BoxAccuracy:
                ) -> dict[str, np.ndarray]:
         """Add a batch: heatmaps [B, H, W], per image its inclusive GT boxes [K, 4] (see
         `wsoleval_gt_boxes`), and whether its class was predicted correctly, bool [B]."""
-        return self.update_components(threshold_components(heatmaps, self.thresholds), gt_boxes, correct)
+        return self.update_components(self.regions(heatmaps), gt_boxes, correct)
+
+    def regions(self, heatmaps: torch.Tensor) -> ThresholdComponents:
+        """The boxes of every heatmap at every threshold, from `self.boxes`'s source."""
+        if self.boxes == "opencv":
+            return opencv_components(heatmaps, self.thresholds)
+        return threshold_components(heatmaps, self.thresholds)
 
     def update_components(self, components: ThresholdComponents, gt_boxes: Sequence[torch.Tensor],
                           correct: torch.Tensor) -> dict[str, np.ndarray]:
@@ -103,6 +117,9 @@ class BoxAccuracy:
         image and threshold, {"iou_v1": [B, T], "iou_v2": [B, T]} (float64)."""
         if components.thresholds != self.thresholds:
             raise ValueError("the components were computed over other thresholds than this BoxAccuracy's")
+        if components.source != self.boxes:
+            raise ValueError(f"these regions come from {components.source!r} but this BoxAccuracy scores "
+                             f"boxes={self.boxes!r}; build them with BoxAccuracy.regions")
         batch, levels = components.num_images, len(self.thresholds)
         correct = np.asarray(torch.as_tensor(correct).cpu(), dtype=bool).reshape(-1)
         if len(gt_boxes) != batch or correct.shape != (batch,):
@@ -136,8 +153,10 @@ class BoxAccuracy:
 
     def merge(self, other: BoxAccuracy) -> BoxAccuracy:
         """Add another accumulator's counts (same thresholds) into this one; returns self."""
-        if (other.thresholds, other.iou_thresholds) != (self.thresholds, self.iou_thresholds):
-            raise ValueError("cannot merge BoxAccuracy states with different thresholds or IoU thresholds")
+        if (other.thresholds, other.iou_thresholds, other.boxes) != (self.thresholds, self.iou_thresholds,
+                                                                      self.boxes):
+            raise ValueError("cannot merge BoxAccuracy states with different thresholds, IoU thresholds or "
+                             "box sources")
         self.num_images += other.num_images
         self.num_without_gt_boxes += other.num_without_gt_boxes
         for name in ("correct_v1", "correct_v2", "top1_v1", "top1_v2"):
@@ -147,16 +166,16 @@ class BoxAccuracy:
     def state_dict(self) -> dict:
         """Plain lists, ints and tensors: safe for torch.save / torch.load(weights_only=True)."""
         return {"thresholds": list(self.thresholds), "iou_thresholds": list(self.iou_thresholds),
-                "num_images": self.num_images, "num_without_gt_boxes": self.num_without_gt_boxes,
+                "boxes": self.boxes, "num_images": self.num_images, "num_without_gt_boxes": self.num_without_gt_boxes,
                 "correct_v1": self.correct_v1.clone(), "correct_v2": self.correct_v2.clone(),
                 "top1_v1": self.top1_v1.clone(), "top1_v2": self.top1_v2.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the state with a saved one (thresholds must match this accumulator's)."""
-        saved = (tuple(state["thresholds"]), tuple(state["iou_thresholds"]))
-        if saved != (self.thresholds, self.iou_thresholds):
-            raise ValueError("saved BoxAccuracy state has other thresholds; build BoxAccuracy with the saved "
-                             "ones")
+        saved = (tuple(state["thresholds"]), tuple(state["iou_thresholds"]), state.get("boxes", "components"))
+        if saved != (self.thresholds, self.iou_thresholds, self.boxes):
+            raise ValueError("saved BoxAccuracy state has other thresholds or box source; build BoxAccuracy "
+                             "with the saved ones")
         self.num_images = int(state["num_images"])
         self.num_without_gt_boxes = int(state["num_without_gt_boxes"])
         for name in ("correct_v1", "correct_v2", "top1_v1", "top1_v2"):
@@ -168,15 +187,16 @@ class BoxAccuracy:
         `loc_threshold`, the v1 IoU-50 best threshold. Ties between thresholds go to the lowest."""
         if self.num_images == 0:
             raise ValueError("BoxAccuracy has no images; call update() first")
-        scale = 100.0 / self.num_images
-        v1 = self.correct_v1.double().numpy() * scale
-        v2 = self.correct_v2.double().numpy() * scale
+        # count * 100 / n, in the reference's order, so percentages agree to the last bit
+        v1 = self.correct_v1.double().numpy() * 100.0 / self.num_images
+        v2 = self.correct_v2.double().numpy() * 100.0 / self.num_images
         best_v1, best_v2 = v1.argmax(1), v2.argmax(1)
         d50 = self.iou_thresholds.index(50)
         loc_index = int(best_v1[d50])
         thresholds = list(self.thresholds)
         deltas = list(enumerate(self.iou_thresholds))
         return {
+            "boxes": self.boxes,
             "maxboxacc": float(v1[d50, loc_index]),
             "maxboxacc_threshold": thresholds[loc_index],
             "maxboxacc_v2": float(np.mean([v2[d, best_v2[d]] for d in range(len(self.iou_thresholds))])),
@@ -185,7 +205,7 @@ class BoxAccuracy:
             "maxboxacc_v1_per_iou": {delta: float(v1[d, best_v1[d]]) for d, delta in deltas},
             "maxboxacc_v1_thresholds": {delta: thresholds[best_v1[d]] for d, delta in deltas},
             "gt_known_loc": float(v1[d50, loc_index]),
-            "top1_loc": float(self.top1_v1[d50, loc_index]) * scale,
+            "top1_loc": float(self.top1_v1[d50, loc_index]) * 100.0 / self.num_images,
             "loc_threshold": thresholds[loc_index],
             "num_images": self.num_images,
             "num_without_gt_boxes": self.num_without_gt_boxes,
@@ -213,7 +233,7 @@ def _best_iou(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.ndarray
 
 
 class PxAP:
-    """Pixel average precision (PROTOCOL 4.2, wsolevaluation's MaskEvaluator), over the dataset.
+    """Pixel average precision (docs/protocol.md 4.2, wsolevaluation's MaskEvaluator), over the dataset.
 
     Each pixel's heatmap value falls into one bin of the edges [t_0, ..., t_{T-1}, 1.0]
     (a value v counts as predicted positive at edge e when v >= e, compared in float64 as the
