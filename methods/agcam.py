@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from wsol_bench.capture import AttentionCapture
+from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer, target_score
 from .registry import register_explainer

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wsol_bench.capture import require_class_token
+from wsol_bench.methods.capture import require_class_token
 from wsol_bench.models import patch_grid
 
 

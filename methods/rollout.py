@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from wsol_bench.capture import AttentionCapture
+from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer
 from .registry import register_explainer

@@ -27,7 +27,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from wsol_bench.capture import UnsupportedModelError
+from wsol_bench.methods.capture import UnsupportedModelError
 
 from .base import Explainer, target_score
 from .registry import register_explainer

@@ -19,7 +19,7 @@ from torch import nn
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import get_explainer
 
-from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
                                              default_batch_size, score_batch)
 from wsol_bench.models import data_config, fused_attention, load_model

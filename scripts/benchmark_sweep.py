@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.localization import GroundTruth
+from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.metrics.localization import GroundTruth
 from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP
-from wsol_bench.sweep import DEFAULT_THRESHOLDS, SweepResult, sweep_heatmaps
+from wsol_bench.regions.components import DEFAULT_THRESHOLDS, SweepResult, sweep_heatmaps
 
 
 def random_ground_truth(count: int, size: int, generator: torch.Generator

@@ -15,7 +15,7 @@ import torch
 from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.methods import available, get_explainer
 
-from wsol_bench.figures import class_gallery, denormalize
+from wsol_bench.report.figures import class_gallery, denormalize
 from wsol_bench.models import data_config, load_model
 
 

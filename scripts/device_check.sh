@@ -29,7 +29,7 @@ step "ABPC benchmark, 128 images, TF32 and autocast"
 timeout 150 python3 scripts/benchmark_abpc.py --device cuda --images 128 --allow-tf32 --amp
 step "quickstart on cuda with abpc and sweep"
 SECONDS=0
-timeout 100 python3 -m wsol_bench.cli device=cuda faithfulness=abpc sweep=grid progress=false num_workers=8 \
+timeout 100 python3 -m wsol_bench device=cuda faithfulness=abpc sweep=grid progress=false num_workers=8 \
   store.root=/tmp/store hydra.run.dir=/tmp/quick
 echo "quickstart wall ${SECONDS}s"
 cp /tmp/quick/table_box.csv "$OUT/quick_table_box.csv"; cp /tmp/quick/wsoleval.csv "$OUT/quick_wsoleval.csv"

@@ -28,7 +28,7 @@ WEIGHTS = ROOT / "wsol_bench" / "weights" / "wsol_synthetic_vit"
 
 def run_phase(preset: str, out: Path, cache: Path, overrides: list[str]) -> dict:
     """One `wsol-bench-train` run (seed 0); returns its model.json record."""
-    command = [sys.executable, "-m", "wsol_bench.train", f"train={preset}", "seed=0", f"out_dir={out}",
+    command = [sys.executable, "-m", "wsol_bench.cli.train", f"train={preset}", "seed=0", f"out_dir={out}",
                f"cache_dir={cache}", f"hydra.run.dir={out / 'hydra'}", *overrides]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, check=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import make_vit
 
 from methods import get_explainer
-from wsol_bench.capture import UnsupportedModelError
+from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import disable_fused_attention
 
 

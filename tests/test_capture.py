@@ -9,7 +9,7 @@ from conftest import make_vit
 from torch import nn
 
 from methods import get_explainer
-from wsol_bench.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
+from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 
 
 def _images(n=2, seed=1):

@@ -12,7 +12,7 @@ from wsol_bench.datasets.imagenet import ImageNetVal
 from wsol_bench.datasets.imagenet_annotations import read_wsol_metadata
 from wsol_bench.datasets.synthetic import SyntheticShapes
 
-from wsol_bench.dataset_summary import format_summary, group_key, summarize
+from wsol_bench.report.dataset_summary import format_summary, group_key, summarize
 
 
 def test_group_key_removes_specifics() -> None:

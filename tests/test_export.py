@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from wsol_bench.export import (
+from wsol_bench.report.export import (
     decode_mask,
     encode_mask,
     predicted_union_masks,
     read_coco_masks,
     write_coco_masks,
 )
-from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.sweep import coverage_levels, threshold_components
+from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.regions.components import coverage_levels, threshold_components
 
 
 def _masks() -> torch.Tensor:

@@ -13,7 +13,7 @@ from conftest import make_vit
 from PIL import Image
 from torch import nn
 
-from wsol_bench.curves import plot_perturbation_curves
+from wsol_bench.report.curves import plot_perturbation_curves
 from wsol_bench.models import fused_attention
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,

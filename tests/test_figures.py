@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsol_bench.figures import class_gallery, denormalize, heatmap_gallery
+from wsol_bench.report.figures import class_gallery, denormalize, heatmap_gallery
 
 
 def test_gallery_has_one_panel_per_image_and_method(tmp_path):

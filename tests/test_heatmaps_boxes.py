@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsol_bench.boxes import agcam_scale, components_to_boxes, ground_truth_box_mask, predicted_box_mask
-from wsol_bench.heatmaps import binarize, to_heatmaps
+from wsol_bench.regions.boxes import agcam_scale, components_to_boxes, ground_truth_box_mask, predicted_box_mask
+from wsol_bench.regions.heatmaps import binarize, to_heatmaps
 
 
 def _mask(rows: list[str]) -> torch.Tensor:

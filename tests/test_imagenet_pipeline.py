@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from test_imagenet import REAL, REAL_BOX_COUNTS, _real_items, build_kaggle, build_torchvision, build_wsol, sorted_wnids
 
-from wsol_bench.runner import run
+from wsol_bench.run.runner import run
 
 LAYOUTS = ["kaggle", "torchvision", "wsolevaluation"]
 

@@ -10,8 +10,8 @@ from conftest import make_vit
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
 
-from wsol_bench.pipeline import run_localization
-from wsol_bench.tables import localization_table
+from wsol_bench.run.pipeline import run_localization
+from wsol_bench.report.tables import localization_table
 
 
 class ConstantMap(Explainer):
@@ -148,7 +148,7 @@ def test_empty_threshold_list_is_refused(setup, tmp_path):
 
 def test_markdown_and_latex_tables_round_trip(setup, tmp_path):
     """The paper-layout Markdown and LaTeX tables parse back to the CSV table's numbers."""
-    from wsol_bench.tables import paper_table, write_tables
+    from wsol_bench.report.tables import paper_table, write_tables
 
     model, _ = setup
     records, _ = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model),

@@ -1,5 +1,5 @@
 """Hand-computed checks of docs/protocol.md 4.1: AG-CAM pixel scores, and the per-image localization
-scores of `wsol_bench.localization` built on them.
+scores of `wsol_bench.metrics.localization` built on them.
 
 Counts (tp, fp, fn, tn) are written out by hand; every score is the literal formula with
 eps = 1e-5 applied to those integers.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from wsol_bench.datasets.base import Sample
 
-from wsol_bench.localization import ground_truth, metric_columns, score_heatmaps
+from wsol_bench.metrics.localization import ground_truth, metric_columns, score_heatmaps
 from wsol_bench.metrics.pixel import EPS, PIXEL_METRICS, confusion_counts, pixel_scores
 
 E = 1e-5

@@ -14,16 +14,16 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_tables import assert_matches_csv, parse_latex, parse_markdown, records_frame
 
-from wsol_bench.paper_numbers import AGCAM_PAPER, PAPER_MODEL
-from wsol_bench.report import compare_tables, config_differences, main, rebuild_gallery
-from wsol_bench.run_folder import check_run, combined_table, read_run, run_tables, write_run_tables
-from wsol_bench.table_format import latex_escape
+from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL
+from wsol_bench.cli.report import compare_tables, config_differences, main, rebuild_gallery
+from wsol_bench.report.run_folder import check_run, combined_table, read_run, run_tables, write_run_tables
+from wsol_bench.report.table_format import latex_escape
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     """A real benchmark run: 8 synthetic images, AG-CAM and random, shipped model."""
-    from wsol_bench.runner import run
+    from wsol_bench.run.runner import run
 
     root = tmp_path_factory.mktemp("run")
     out = root / "run"

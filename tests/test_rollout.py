@@ -177,6 +177,6 @@ def test_batched_equals_one_at_a_time(tiny_vit):
 
 def test_rollout_refuses_avg_pool_model():
     """A model without a class token is refused."""
-    from wsol_bench.capture import UnsupportedModelError
+    from wsol_bench.methods.capture import UnsupportedModelError
     with pytest.raises(UnsupportedModelError):
         get_explainer("rollout", make_vit(class_token=False, global_pool="avg"))

@@ -11,11 +11,11 @@ import torch
 from hydra import compose, initialize_config_module
 
 from wsol_bench.datasets import build_dataset
-from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings, score_batch
 from wsol_bench.models import load_model
-from wsol_bench.runner import build_transform, run
-from wsol_bench.store import MapStore
+from wsol_bench.run.runner import build_transform, run
+from wsol_bench.run.store import MapStore
 
 N = 12
 
@@ -67,7 +67,7 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
     transform = build_transform(cfg)
     ds = build_dataset("synthetic", transform=transform, split="val", num_images=N)
     model = load_model("wsol_synthetic_vit")
-    from wsol_bench.runner import store_settings
+    from wsol_bench.run.runner import store_settings
 
     store = MapStore(cfg.store.root, store_settings(cfg, transform, "agcam", "label"), 8)
     shard = store.load(0)
@@ -85,7 +85,7 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
     """Same settings, other thresholds and chunk size: every map and faithfulness row comes
     from the cache (the chunk size changes speed, not numbers, so it is not in the key)."""
     cfg, tmp = full_run
-    import wsol_bench.runner as runner
+    import wsol_bench.run.runner as runner
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although everything is cached")
@@ -102,7 +102,7 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
 
 def test_exported_coco_masks_decode_to_the_scored_masks(full_run, tmp_path):
     """export_masks=true: the predicted masks read back from COCO RLE give the records' scores."""
-    from wsol_bench.export import read_coco_masks
+    from wsol_bench.report.export import read_coco_masks
     from wsol_bench.metrics.pixel import pixel_scores
 
     cfg, tmp = full_run

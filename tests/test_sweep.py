@@ -8,11 +8,11 @@ import pytest
 import torch
 from wsol_bench.datasets.base import Sample
 
-from wsol_bench.boxes import components_to_boxes
-from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.localization import ground_truth, score_heatmaps
+from wsol_bench.regions.boxes import components_to_boxes
+from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.metrics.localization import ground_truth, score_heatmaps
 from wsol_bench.metrics.wsoleval import BoxAccuracy
-from wsol_bench.sweep import (
+from wsol_bench.regions.components import (
     DEFAULT_THRESHOLDS,
     SweepResult,
     sweep_heatmaps,

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsol_bench.paper_numbers import AGCAM_PAPER, PAPER_MODEL, published_numbers
-from wsol_bench.table_format import cell_text, to_latex, to_markdown, to_text, write_table_files
-from wsol_bench.tables import (faithfulness_summary, localization_table, paper_table, published_rows,
+from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL, published_numbers
+from wsol_bench.report.table_format import cell_text, to_latex, to_markdown, to_text, write_table_files
+from wsol_bench.report.tables import (faithfulness_summary, localization_table, paper_table, published_rows,
                                wsoleval_summary)
 
 METRICS = ("pixel_acc", "iou", "dice", "precision", "recall")

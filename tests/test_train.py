@@ -17,14 +17,15 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
 
-from wsol_bench import train as train_cli
+from wsol_bench.cli import train as train_cli
+from wsol_bench.train import recipe as train_recipe
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples, registry
 from wsol_bench.datasets.base import normalize_image
-from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images
+from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images
 from wsol_bench.models import load_model
-from wsol_bench.train_data import (CachedBatches, LabelledImage, augment_batch, collate_labelled, dihedral,
+from wsol_bench.train.data import (CachedBatches, LabelledImage, augment_batch, collate_labelled, dihedral,
                                    normalize_batch)
-from wsol_bench.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
+from wsol_bench.train.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_KWARGS = "{img_size:32,patch_size:8,embed_dim:24,depth:2,num_heads:3}"
@@ -218,7 +219,7 @@ def test_progressive_run_exports_weights_of_the_plain_architecture(tmp_path):
     """A run with smaller early epochs writes weights that the benchmark's plain (fixed-size)
     model loads strictly, with the val accuracy logged at the full size."""
     cfg = make_cfg(tmp_path, "train.epoch_sizes=[16,32]")
-    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    record = train_recipe.train_from_config(cfg, tmp_path / "out")
     assert [h["train_size"] for h in record["history"]] == [16, 32]
     assert "val_acc_at_train_size" in record["history"][0] and "val_acc_at_train_size" not in record["history"][1]
     assert "dynamic_img_size" not in record["kwargs"]
@@ -238,7 +239,7 @@ def straight(kind: str, tmp_path_factory) -> tuple:
         tmp = tmp_path_factory.mktemp(f"straight_{kind}")
         extra = [] if kind == "cache" else ["train.cache=false", "train.augment=timm",
                                             "train.timm_augment.scale=[0.5,1.0]"]
-        _RUNS[kind] = (kind, extra, tmp, train_cli.train_from_config(make_cfg(tmp, *extra), tmp / "out"))
+        _RUNS[kind] = (kind, extra, tmp, train_recipe.train_from_config(make_cfg(tmp, *extra), tmp / "out"))
     return _RUNS[kind]
 
 
@@ -267,11 +268,11 @@ def test_resume_continues_to_identical_weights(straight_run):
     """1 epoch, stop, resume 1 epoch == 2 epochs straight (weights bit-identical, same steps)."""
     _, extra, tmp, record = straight_run
     out = tmp / "resumed"
-    first = train_cli.train_from_config(make_cfg(tmp, *extra, "stop_after_epochs=1"), out)
+    first = train_recipe.train_from_config(make_cfg(tmp, *extra, "stop_after_epochs=1"), out)
     assert first == {"complete": False, "epoch": 1} and not (out / "model.safetensors").exists()
     payload = torch.load(out / "checkpoint.pt", weights_only=True)
     assert payload["state"]["epoch"] == 1 and payload["state"]["step"] == 4
-    resumed = train_cli.train_from_config(make_cfg(tmp, *extra), out)
+    resumed = train_recipe.train_from_config(make_cfg(tmp, *extra), out)
     assert resumed["steps"] == record["steps"]
     a, b = load_file(str(tmp / "out" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -283,9 +284,9 @@ def test_resume_continues_to_identical_weights(straight_run):
 def test_resume_with_other_settings_is_refused(straight_run):
     _, extra, tmp, _ = straight_run
     with pytest.raises(ValueError, match=r"train.lr: 0.0005 -> 0.002"):
-        train_cli.train_from_config(make_cfg(tmp, *extra, "train.lr=2e-3"), tmp / "out")
+        train_recipe.train_from_config(make_cfg(tmp, *extra, "train.lr=2e-3"), tmp / "out")
     with pytest.raises(FileNotFoundError, match="resume=true"):
-        train_cli.train_from_config(make_cfg(tmp, *extra, "resume=true"), tmp / "empty")
+        train_recipe.train_from_config(make_cfg(tmp, *extra, "resume=true"), tmp / "empty")
 
 
 def test_load_model_reproduces_the_logged_val_accuracy(straight_run):
@@ -330,7 +331,7 @@ def test_skipped_items_are_dropped_and_counted(monkeypatch, tmp_path, cache):
                         lambda transform=None, **p: _SometimesCorrupt(transform, **p))
     cfg = make_cfg(tmp_path, "dataset.name=sometimes_corrupt", f"train.cache={str(cache).lower()}",
                    "train.epochs=1")
-    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    record = train_recipe.train_from_config(cfg, tmp_path / "out")
     assert record["history"][0]["val_images"] == 24 and record["history"][0]["val_correct"] <= 24
     if cache:  # dropped once, when decoding: 16 of 64 train items, 8 of 32 val items
         assert record["cache_skipped"] == {"train": 16, "val": 8}
@@ -350,7 +351,7 @@ def test_shipped_architecture_round_trip(tmp_path):
                                             "train.val_params.num_images=8", "train.epochs=1",
                                             "num_workers=0",
                                             "progress=false", "threads=1", f"cache_dir={tmp_path / 'cache'}"])
-    record = train_cli.train_from_config(cfg, tmp_path / "out")
+    record = train_recipe.train_from_config(cfg, tmp_path / "out")
     assert record["steps"] == 1 and record["benchmark_overrides"][0] == "model.name=wsol_synthetic_vit"
     model = load_model("wsol_synthetic_vit", checkpoint=tmp_path / "out" / "model.safetensors", num_classes=6)
     transform = EvalTransform((224, 224), (0.5,) * 3, (0.5,) * 3)
@@ -377,7 +378,7 @@ def test_presets_compose(preset, dataset, model):
         cfg = compose("trainer", overrides=[f"train={preset}"])
     assert cfg.dataset.name == dataset and cfg.model.name == model
     assert cfg.train.train_params.split != cfg.train.val_params.split
-    recipe = train_cli.recipe_from(cfg)
+    recipe = train_recipe.recipe_from(cfg)
     assert recipe.epochs >= 1 and recipe.lr > 0
     if preset == "synthetic":  # phase 1 trains at 112 px, phase 2 at the model's 224 on the same images
         assert recipe.epoch_sizes == (112,) * recipe.epochs
@@ -454,7 +455,7 @@ def test_checkpoint_with_other_class_count_exits_2_unless_head_reset(monkeypatch
                          f"out_dir={tmp_path / 'o'}")
     assert f"model.checkpoint={ckpt} has a 5-class head" in err and "train.reset_head=true" in err
     cfg = make_cfg(tmp_path, f"model.checkpoint={ckpt}", "train.reset_head=true", "train.epochs=1")
-    record = train_cli.train_from_config(cfg, tmp_path / "reset")
+    record = train_recipe.train_from_config(cfg, tmp_path / "reset")
     assert record["num_classes"] == 6
     state = load_file(str(tmp_path / "reset" / "model.safetensors"))
     assert state["head.weight"].shape == (6, 24)

@@ -14,7 +14,7 @@ import yaml
 from conftest import make_vit
 from wsol_bench.methods.registry import available, get_explainer
 
-from wsol_bench.capture import AttentionCapture, UnsupportedModelError
+from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
 
 NAME = "transformer_attribution"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "transformer_attribution.yaml"

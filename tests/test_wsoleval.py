@@ -12,8 +12,8 @@ import pytest
 import torch
 from wsol_bench.datasets.base import Sample
 
-from wsol_bench.boxes import components_to_boxes, ground_truth_box_mask
-from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.regions.boxes import components_to_boxes, ground_truth_box_mask
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, inclusive_iou, wsoleval_gt_boxes
 
 # ---------------------------------------------------------------------------------------------

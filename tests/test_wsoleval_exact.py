@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsol_bench.contours import opencv_components, require_cv2
-from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.regions.contours import opencv_components, require_cv2
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.wsoleval import BoxAccuracy
 
 cv2 = pytest.importorskip("cv2")

@@ -9,7 +9,7 @@ reading) clipped to W - 1, H - 1; IoU counts pixels inclusively (+1 on each side
 with no region gives the box [0, 0, 0, 0].
 
 Where the boxes come from (`boxes`):
-- "opencv" (the default): exactly wsolevaluation's, see `wsol_bench.contours`: contours of the
+- "opencv" (the default): exactly wsolevaluation's, see `wsol_bench.regions.contours`: contours of the
   uint8 heatmap thresholded at int(t * max), holes included (RETR_TREE), v1 the contour of
   largest polygon area. Published MaxBoxAcc numbers come from these.
 - "components": a float variant, not the reference: `heatmap > t` on the float heatmap,
@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from wsol_bench.contours import opencv_components
+from wsol_bench.regions.contours import opencv_components
 from wsol_bench.datasets.base import Sample
-from wsol_bench.sweep import (
+from wsol_bench.regions.components import (
     DEFAULT_THRESHOLDS,
     ThresholdComponents,
     heatmaps_as_numpy,
@@ -267,7 +267,7 @@ class PxAP:
         heat = heatmaps_as_numpy(heatmaps)
         if heat.size and (heat.min() < 0 or heat.max() > 1):
             raise ValueError("PxAP needs heatmaps in [0, 1]; normalise them with "
-                             "wsol_bench.heatmaps.to_heatmaps")
+                             "wsol_bench.regions.heatmaps.to_heatmaps")
         target = np.asarray(torch.as_tensor(gt_masks).cpu(), dtype=bool)
         keep = np.ones_like(target) if valid is None else np.asarray(torch.as_tensor(valid).cpu(), dtype=bool)
         if target.shape != heat.shape or keep.shape != heat.shape:

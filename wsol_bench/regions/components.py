@@ -32,8 +32,8 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from wsol_bench.boxes import PROTOCOLS
-from wsol_bench.localization import GroundTruth
+from wsol_bench.regions.boxes import PROTOCOLS
+from wsol_bench.metrics.localization import GroundTruth
 from wsol_bench.metrics.pixel import EPS
 
 # wsolevaluation's grid: numpy.arange(0, 1, 0.01), exactly those float64 values.
@@ -103,7 +103,7 @@ def heatmaps_as_numpy(heatmaps: torch.Tensor | np.ndarray) -> np.ndarray:
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"heatmaps must be a float [B, H, W] array, got {array.dtype} {tuple(array.shape)}")
     if not np.isfinite(array).all():
-        raise ValueError("heatmaps hold NaN or inf; build them with wsol_bench.heatmaps.to_heatmaps, "
+        raise ValueError("heatmaps hold NaN or inf; build them with wsol_bench.regions.heatmaps.to_heatmaps, "
                          "which turns degenerate maps into zeros")
     return array
 

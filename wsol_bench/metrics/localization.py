@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from wsol_bench.boxes import components_to_boxes, ground_truth_box_mask, predicted_box_mask
+from wsol_bench.regions.boxes import components_to_boxes, ground_truth_box_mask, predicted_box_mask
 from wsol_bench.datasets.base import IGNORE_INDEX, Sample
-from wsol_bench.heatmaps import binarize
+from wsol_bench.regions.heatmaps import binarize
 from wsol_bench.metrics.pixel import PIXEL_METRICS, pixel_scores
 
 

@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from wsol_bench.capture import UnsupportedModelError
-from wsol_bench.contours import MissingDependencyError
+from wsol_bench.methods.capture import UnsupportedModelError
+from wsol_bench.regions.contours import MissingDependencyError
 from wsol_bench.models import ModelLoadError
 
 log = logging.getLogger("wsol_bench")
@@ -24,7 +24,7 @@ USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, Va
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from wsol_bench.runner import run
+    from wsol_bench.run.runner import run
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))

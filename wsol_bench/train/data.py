@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
-from wsol_bench.image_cache import DatasetSpec, ImageCache, cached_images, class_label
+from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images, class_label
 
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
 SAMPLE_AUGMENTS = ("timm",)                       # applied per image to the decoded original

@@ -28,7 +28,7 @@ import wsol_bench.datasets as dataset_package
 from wsol_bench.datasets import Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import resize_sample
 
-log = logging.getLogger("wsol_bench.train")
+log = logging.getLogger("wsol_bench.train.recipe")
 CACHE_FORMAT = 1
 
 

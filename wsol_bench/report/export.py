@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from wsol_bench.boxes import components_to_boxes, predicted_box_mask
-from wsol_bench.heatmaps import binarize
+from wsol_bench.regions.boxes import components_to_boxes, predicted_box_mask
+from wsol_bench.regions.heatmaps import binarize
 
 
 def encode_mask(mask: torch.Tensor | np.ndarray) -> dict:
@@ -119,4 +119,4 @@ def read_coco_masks(path: str | Path) -> list[CocoMask]:
                 for a in document["annotations"]]
     except (KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a COCO mask file with RLE segmentations ({error!r}); "
-                         "write it with wsol_bench.export.write_coco_masks") from error
+                         "write it with wsol_bench.report.export.write_coco_masks") from error

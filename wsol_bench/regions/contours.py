@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from wsol_bench.sweep import DEFAULT_THRESHOLDS, ThresholdComponents, heatmaps_as_numpy, threshold_array
+from wsol_bench.regions.components import DEFAULT_THRESHOLDS, ThresholdComponents, heatmaps_as_numpy, threshold_array
 
 INSTALL_HINT = ("pip install opencv-python-headless (it comes with wsol-bench; reinstall it), or score "
                 "with the float variant: sweep.boxes=components")
@@ -45,7 +45,7 @@ def uint8_heatmaps(heatmaps: np.ndarray) -> np.ndarray:
     """wsolevaluation's uint8 copy of [B, H, W] heatmaps in [0, 1]: (h * 255) truncated, in float64."""
     if heatmaps.size and (heatmaps.min() < 0 or heatmaps.max() > 1):
         raise ValueError("wsolevaluation's boxes need heatmaps in [0, 1]; normalise them with "
-                         "wsol_bench.heatmaps.to_heatmaps")
+                         "wsol_bench.regions.heatmaps.to_heatmaps")
     return (heatmaps.astype(np.float64) * 255).astype(np.uint8)
 
 

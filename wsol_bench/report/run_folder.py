@@ -2,7 +2,7 @@
 benchmark run and `wsol-bench-report` both use.
 
 A run folder holds `config.yaml`, `records.csv` and optionally `faithfulness.csv` and
-`wsoleval.csv`; `run_tables` aggregates them (`wsol_bench.tables`), `write_run_tables` writes
+`wsoleval.csv`; `run_tables` aggregates them (`wsol_bench.report.tables`), `write_run_tables` writes
 the results as CSV, Markdown and LaTeX, `check_run` compares them with the tables on disk.
 """
 
@@ -16,9 +16,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from wsol_bench.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
-from wsol_bench.table_format import to_text, write_table_files
-from wsol_bench.tables import (PUBLISHED_SUFFIX, faithfulness_summary, localization_table, ordered_columns,
+from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
+from wsol_bench.report.table_format import to_text, write_table_files
+from wsol_bench.report.tables import (PUBLISHED_SUFFIX, faithfulness_summary, localization_table, ordered_columns,
                                paper_table, wsoleval_summary)
 
 VARIANTS = {"box": "union of ground-truth boxes", "mask": "ground-truth segmentation mask"}

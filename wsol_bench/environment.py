@@ -1,12 +1,11 @@
-"""What a run writes next to its records: the resolved config and its environment."""
+"""What a run or a training writes about where it ran: Python, platform, device and the
+versions of the packages its numbers depend on."""
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
@@ -28,10 +27,3 @@ def environment(device: str) -> dict:
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)

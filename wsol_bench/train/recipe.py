@@ -1,11 +1,7 @@
-"""The `wsol-bench-train` command (Hydra): fine-tune a timm model, or train the shipped
-architecture from scratch, on any dataset of the suite, and write weights the benchmark loads
-unchanged (`wsol-bench model.name=<name> model.checkpoint=<out_dir>/model.safetensors`).
-
-    wsol-bench-train                                  # train=synthetic: phase 1 of the shipped recipe
-    wsol-bench-train train=voc_single_class dataset.params.root=/data device=cuda
-    wsol-bench-train out_dir=results/runs/my_run      # again: resumes from its checkpoint
-"""
+"""A training run from a resolved configuration (what `wsol-bench-train` runs): the model
+(a timm model, fine-tuned, or the shipped architecture from scratch), the recipe, resuming,
+and the weights and record the benchmark loads unchanged
+(`wsol-bench model.name=<name> model.checkpoint=<out_dir>/model.safetensors`)."""
 
 from __future__ import annotations
 
@@ -13,28 +9,26 @@ import logging
 import os
 import random
 import shlex
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import timm
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from wsol_bench.capture import UnsupportedModelError
+from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, build_shipped,
                                load_model, read_checkpoint, shipped_weights_path)
-from wsol_bench.outputs import environment, write_json
+from wsol_bench.environment import environment
+from wsol_bench.files import write_json
 from wsol_bench.progress import progress_enabled
-from wsol_bench.train_data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
-from wsol_bench.trainer import CHECKPOINT, Recipe, Trainer, evaluate, save_atomic
+from wsol_bench.train.data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
+from wsol_bench.train.trainer import CHECKPOINT, Recipe, Trainer, evaluate, save_atomic
 
-log = logging.getLogger("wsol_bench.train")
+log = logging.getLogger("wsol_bench.train.recipe")
 USER_ERRORS = (ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError, KeyError)
 DATA_KEYS = ("train_params", "val_params", "cache", "timm_augment", "reset_head")
 HEAD_MODULES = ("head", "head_dist")
@@ -283,25 +277,3 @@ def export(cfg: DictConfig, trainer: Trainer, pre: dict[str, Any], facts: dict[s
     log.info("wrote %s (final val acc %.4f); benchmark it with: %s", weights, last["val_acc"],
              record["benchmark_command"])
     return record
-
-
-@hydra.main(config_path="pkg://wsol_bench.conf", config_name="trainer", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    try:
-        train_from_config(cfg, out_dir)
-    except USER_ERRORS as exc:
-        if os.environ.get("WSOL_BENCH_DEBUG"):
-            raise
-        log.error("%s", exc)
-        print(f"wsol-bench-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
-    _main()
-
-
-if __name__ == "__main__":
-    main()

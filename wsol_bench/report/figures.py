@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
 
-from wsol_bench.boxes import components_to_boxes
-from wsol_bench.heatmaps import binarize, to_heatmaps
+from wsol_bench.regions.boxes import components_to_boxes
+from wsol_bench.regions.heatmaps import binarize, to_heatmaps
 
 
 def denormalize(image: torch.Tensor, mean, std) -> torch.Tensor:

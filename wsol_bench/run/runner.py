@@ -14,21 +14,22 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wsol_bench.dataset_summary import format_summary, summarize
+from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.datasets.base import RESAMPLER
-from wsol_bench.figures import denormalize, heatmap_gallery, plot_sweep
+from wsol_bench.report.figures import denormalize, heatmap_gallery, plot_sweep
 from wsol_bench.methods import get_explainer
 from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
                                shipped_weights_path)
-from wsol_bench.outputs import environment, write_json
-from wsol_bench.curves import plot_perturbation_curves
+from wsol_bench.environment import environment
+from wsol_bench.files import write_json
+from wsol_bench.report.curves import plot_perturbation_curves
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings
-from wsol_bench.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
+from wsol_bench.run.pipeline import LocalizationRecords, explain_dataset, has_masks, score_dataset
 from wsol_bench.progress import progress_enabled
-from wsol_bench.scorers import FaithfulnessScorer, MaskExporter, NoteCounter, SweepScorer
-from wsol_bench.store import MapStore, file_digest
-from wsol_bench.run_folder import format_run_tables, run_tables, write_run_tables
+from wsol_bench.run.scorers import FaithfulnessScorer, MaskExporter, NoteCounter, SweepScorer
+from wsol_bench.run.store import MapStore, file_digest
+from wsol_bench.report.run_folder import format_run_tables, run_tables, write_run_tables
 
 log = logging.getLogger("wsol_bench")
 MODES = ("run", "summary")

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from wsol_bench.models import disable_fused_attention
-from wsol_bench.train_data import LabelledBatch, augment_batch
+from wsol_bench.train.data import LabelledBatch, augment_batch
 
-log = logging.getLogger("wsol_bench.train")
+log = logging.getLogger("wsol_bench.train.recipe")
 CHECKPOINT = "checkpoint.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -3,7 +3,7 @@
 Localization scores come from the per-image records, ABPC from the per-image faithfulness
 rows, MaxBoxAccV2 and PxAP from the per-method wsolevaluation rows; `paper_table` puts them
 side by side in the paper's layout (methods as rows, percent), optionally with published
-numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.table_format`.
+numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.report.table_format`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from wsol_bench.metrics.pixel import PIXEL_METRICS
-from wsol_bench.paper_numbers import PublishedNumber
-from wsol_bench.table_format import to_text, write_table_files
+from wsol_bench.report.paper_numbers import PublishedNumber
+from wsol_bench.report.table_format import to_text, write_table_files
 
 FILTERS = ("correct", "all")
 PAPER_NAMES = {"pixel_acc": "Pixel Acc", "iou": "IoU", "dice": "Dice", "precision": "Precision",

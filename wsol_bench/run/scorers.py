@@ -14,15 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsol_bench.contours import require_cv2
-from wsol_bench.export import coco_document, predicted_union_masks
-from wsol_bench.heatmaps import to_heatmaps
+from wsol_bench.regions.contours import require_cv2
+from wsol_bench.report.export import coco_document, predicted_union_masks
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import (ENGINE_VERSION, FaithfulnessSettings, constant_baseline_probs,
                                              faithfulness_rows, score_batch)
 from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, wsoleval_gt_boxes
-from wsol_bench.pipeline import MethodBatch, rows_at
-from wsol_bench.store import MapStore, settings_key
-from wsol_bench.sweep import SweepResult, sweep_heatmaps, threshold_array
+from wsol_bench.run.pipeline import MethodBatch, rows_at
+from wsol_bench.run.store import MapStore, settings_key
+from wsol_bench.regions.components import SweepResult, sweep_heatmaps, threshold_array
 
 FAITHFULNESS_ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target"]
 

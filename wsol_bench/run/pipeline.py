@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from wsol_bench.datasets.base import Batch, Sample, collate_samples
-from wsol_bench.heatmaps import to_heatmaps
-from wsol_bench.localization import GroundTruth, ground_truth, metric_columns, score_heatmaps
+from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.metrics.localization import GroundTruth, ground_truth, metric_columns, score_heatmaps
 from wsol_bench.methods.base import Explainer
-from wsol_bench.store import MapStore, Shard
+from wsol_bench.run.store import MapStore, Shard
 
 TARGET_POLICIES = ("predicted", "label")
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "threshold", "label", "prediction", "target",

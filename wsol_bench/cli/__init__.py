@@ -1,0 +1,2 @@
+"""The console commands: `wsol-bench` (bench), `wsol-bench-report` (report) and
+`wsol-bench-train` (train)."""

@@ -1,0 +1,115 @@
+"""`wsol-bench-report`: rebuild, check and compare run folders.
+
+    wsol-bench-report RUN                 rebuild RUN's tables (and gallery) from its records
+    wsol-bench-report RUN --check         exit 1 when RUN's tables differ from its records
+    wsol-bench-report RUN_A RUN_B ...     compare runs side by side (differences to RUN_A)
+    wsol-bench-report RUN_A RUN_B --combined   one table, a block of rows per run/dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsol_bench.report.compare import (DEFAULT_TOLERANCE, compare_tables, comparison_cells, config_differences,
+                                       run_labels)
+from wsol_bench.report.run_folder import (VARIANTS, check_run, combined_table, format_run_tables, read_run,
+                                          run_tables, write_run_tables)
+from wsol_bench.report.table_format import to_markdown, to_text, write_table_files
+from wsol_bench.run.gallery import rebuild_gallery
+
+
+def report_one(run_dir: Path, out: Path | None, gallery: bool) -> None:
+    """Rebuild one run's tables (and gallery) and print them."""
+    run = read_run(run_dir)
+    tables = run_tables(run)
+    target = out or run_dir
+    write_run_tables(run_dir, target, tables)
+    print(format_run_tables(tables))
+    if gallery:
+        print(rebuild_gallery(run, target / "gallery.png"))
+    print(f"\ntables written to {target}")
+
+
+def report_many(run_dirs: list[Path], out: Path | None, tolerance: float, combined: bool) -> None:
+    """Compare several runs (or combine them into one table) and print the result."""
+    runs = [read_run(d) for d in run_dirs]
+    labels = run_labels(len(runs))
+    legend = [f"{label} = {run.path} ({run.dataset_label}, {run.setting('model.name', '?')})"
+              for label, run in zip(labels, runs)]
+    differences = config_differences([r.config for r in runs])
+    diff_lines = [f"config differs: {key}: " + ", ".join(f"{lab}={val}" for lab, val in zip(labels, values))
+                  for key, values in differences.items()]
+    if len({r.dataset_label for r in runs}) > 1 and not combined:
+        diff_lines.append("the runs are on different datasets: --combined gives one table with a block per run")
+    all_tables = [run_tables(r) for r in runs]
+    for variant in VARIANTS:
+        if not all(variant in t for t in all_tables):
+            continue
+        if combined:
+            table = combined_table(runs, variant)
+            print(to_text(table, table.attrs["caption"], table.attrs["notes"]) + "\n")
+            if out:
+                write_table_files(table, out, f"combined_{variant}", caption=table.attrs["caption"],
+                                  notes=table.attrs["notes"], block_column="dataset")
+            continue
+        comparison = compare_tables([t[variant] for t in all_tables], labels, tolerance)
+        caption = (f"{variant}: runs side by side; differences to {labels[0]} beyond {tolerance} "
+                   "percentage points (or present in one run only) are marked")
+        print(to_text(comparison_cells(comparison, "text"), caption + " with *", legend) + "\n")
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            comparison.values.to_csv(out / f"comparison_{variant}.csv", index=False)
+            (out / f"comparison_{variant}.md").write_text(
+                to_markdown(comparison_cells(comparison, "markdown"), caption + " in bold", legend + diff_lines))
+    print("\n".join(diff_lines) if diff_lines else "configs agree")
+    if out:
+        print(f"\nwritten to {out}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wsol-bench-report", description="Rebuild a run's tables from its records, check them, "
+        "or compare several runs side by side.")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) of wsol-bench")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write here (one run: default the run folder; several: default print only)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when tables rebuilt from records differ from the run's table.csv")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="comparison: mark differences above this many percentage points")
+    parser.add_argument("--combined", action="store_true",
+                        help="several runs: one table with a block of rows per run instead of a comparison")
+    parser.add_argument("--no-gallery", action="store_true", help="one run: do not redraw gallery.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns (and exits with) 0, 1 (check failed) or 2 (bad input)."""
+    args = parse_args(argv)
+    try:
+        if args.check:
+            failed = False
+            for run_dir in args.runs:
+                lines = check_run(run_dir)
+                failed |= bool(lines)
+                print(f"{run_dir}: " + ("tables DIFFER from its records:\n  " + "\n  ".join(lines) if lines
+                                        else "tables match its records"))
+            code = 1 if failed else 0
+        elif len(args.runs) == 1:
+            report_one(args.runs[0], args.out, gallery=not args.no_gallery)
+            code = 0
+        else:
+            report_many(args.runs, args.out, args.tolerance, args.combined)
+            code = 0
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"wsol-bench-report: error: {exc}", file=sys.stderr)
+        code = 2
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

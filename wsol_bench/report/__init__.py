@@ -1,0 +1,1 @@
+"""Tables, figures and exports built from a run folder's files."""
