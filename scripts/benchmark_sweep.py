@@ -19,8 +19,11 @@ import torch
 
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.localization import GroundTruth
-from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP
-from wsol_bench.regions.components import DEFAULT_THRESHOLDS, SweepResult, sweep_heatmaps
+from wsol_bench.metrics.box_accuracy import BoxAccuracy
+from wsol_bench.metrics.localization import localization_scores
+from wsol_bench.metrics.pxap import PxAP
+from wsol_bench.metrics.sweep import SweepMeans
+from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS
 
 
 def random_ground_truth(count: int, size: int, generator: torch.Generator
@@ -73,19 +76,21 @@ def main() -> None:
         return out
 
     for heat in heatmaps:
-        box_acc, pxap, results = BoxAccuracy(thresholds, boxes=args.boxes), PxAP(thresholds), []
+        box_acc, pxap = BoxAccuracy(thresholds, boxes=args.boxes), PxAP(thresholds)
+        means = SweepMeans(thresholds, [f"{p}_{m}" for p in ("box", "mask")
+                                        for m in ("pixel_acc", "iou", "dice", "precision", "recall")])
         for start in range(0, args.images, args.batch):
             part = slice(start, start + args.batch)
             batch_gt = GroundTruth(gt.box_masks[part], gt.seg_masks[part], gt.seg_valid[part],
                                    gt.num_boxes[part])
-            result, components = timed("sweep", sweep_heatmaps, heat[part], batch_gt, thresholds, "agcam")
-            results.append(result)
+            scores, components = timed("sweep", localization_scores, heat[part], batch_gt, thresholds, "agcam")
+            timed("sweep", means.update, scores, correct[part])
             if args.boxes == "opencv":
                 components = timed("contours", box_acc.regions, heat[part])
-            timed("box_accuracy", box_acc.update_components, components, boxes[part], correct[part])
+            timed("box_accuracy", box_acc.update, components, boxes[part], correct[part])
             timed("pxap", pxap.update, heat[part], gt.seg_masks[part], gt.seg_valid[part])
             components_total += len(components.area)
-        SweepResult.concat(results).best_thresholds(correct)
+        means.compute()
         box_acc.compute()
         pxap.compute()
 

@@ -17,7 +17,8 @@ from wsol_bench.report.export import (
     write_coco_masks,
 )
 from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.regions.components import coverage_levels, threshold_components
+from wsol_bench.regions.components import threshold_components
+from wsol_bench.regions.rasterize import coverage_levels
 
 
 def _masks() -> torch.Tensor:

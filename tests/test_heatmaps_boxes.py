@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsol_bench.regions.boxes import agcam_scale, components_to_boxes, ground_truth_box_mask, predicted_box_mask
+from wsol_bench.regions.components import ThresholdComponents
+from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.heatmaps import binarize, to_heatmaps
+from wsol_bench.regions.rasterize import agcam_scale, ground_truth_box_mask, union_masks
 
 
 def _mask(rows: list[str]) -> torch.Tensor:
@@ -123,37 +125,52 @@ def test_binarize_is_strictly_greater_than_threshold():
     assert binarize(heat, 0.5).dtype == torch.bool
 
 
-def test_components_to_boxes_single_component_continuous_edges():
+def regions_of(binary) -> ThresholdComponents:
+    """The region engine's components of one bool [H, W] map (as a 0/1 heatmap cut at 0.5)."""
+    heat = torch.as_tensor(np.asarray(binary), dtype=torch.float32)[None]
+    return find_regions(heat, [0.5])
+
+
+def boxes_of(binary, largest_only: bool = False) -> torch.Tensor:
+    regions = regions_of(binary)
+    if largest_only:
+        keep = regions.largest()
+        return torch.from_numpy(regions.boxes[keep]).float().reshape(-1, 4)
+    return regions.boxes_at(0, 0)
+
+
+def test_components_single_component_continuous_edges():
     """A component over columns 1..2 of row 3 gives the float xyxy box [1, 3, 3, 4]."""
     binary = torch.zeros(6, 6, dtype=torch.bool)
     binary[3, 1] = binary[3, 2] = True
-    boxes = components_to_boxes(binary)
+    boxes = boxes_of(binary)
     assert boxes.dtype == torch.float32
     assert boxes.shape == (1, 4)
     assert boxes.tolist() == [[1.0, 3.0, 3.0, 4.0]]
+    assert regions_of(binary).area.tolist() == [2]
 
 
-def test_components_to_boxes_diagonal_pixels_are_one_component():
+def test_components_diagonal_pixels_are_one_component():
     """Two pixels touching only at a corner are one 8-connected component."""
     binary = np.zeros((4, 4), dtype=bool)
     binary[0, 0] = binary[1, 1] = True
-    assert components_to_boxes(binary).tolist() == [[0.0, 0.0, 2.0, 2.0]]
+    assert boxes_of(binary).tolist() == [[0.0, 0.0, 2.0, 2.0]]
     # The anti-diagonal too: (row 2, col 3) and (row 3, col 2).
     binary = np.zeros((4, 4), dtype=bool)
     binary[2, 3] = binary[3, 2] = True
-    assert components_to_boxes(torch.from_numpy(binary)).tolist() == [[2.0, 2.0, 4.0, 4.0]]
+    assert boxes_of(torch.from_numpy(binary)).tolist() == [[2.0, 2.0, 4.0, 4.0]]
 
 
-def test_components_to_boxes_empty_map_gives_no_boxes():
-    """An all-False map yields a float tensor of shape [0, 4], also with largest_only."""
+def test_components_empty_map_gives_no_boxes():
+    """An all-False map yields a float tensor of shape [0, 4], also for the largest."""
     empty = torch.zeros(5, 5, dtype=torch.bool)
     for largest_only in (False, True):
-        boxes = components_to_boxes(empty, largest_only=largest_only)
+        boxes = boxes_of(empty, largest_only=largest_only)
         assert boxes.shape == (0, 4)
         assert boxes.dtype == torch.float32
 
 
-def test_components_to_boxes_several_components():
+def test_components_several_components():
     """Three separate components give three boxes (compared as a sorted set)."""
     binary = _mask(["001101",   # C: rows 0..1, cols 2..3; A: (0, 5)
                     "001100",
@@ -161,33 +178,37 @@ def test_components_to_boxes_several_components():
                     "100000",
                     "111000",
                     "000000"])
-    boxes = components_to_boxes(binary)
+    boxes = boxes_of(binary)
     assert boxes.shape == (3, 4)
     assert _sorted_rows(boxes) == [[0.0, 2.0, 3.0, 5.0],   # B
                                    [2.0, 0.0, 4.0, 2.0],   # C
                                    [5.0, 0.0, 6.0, 1.0]]   # A
 
 
-def test_components_to_boxes_largest_only_counts_pixels():
-    """largest_only keeps the component with most PIXELS, not the largest box."""
+def test_components_largest_counts_pixels():
+    """The largest component is the one with most PIXELS, not the largest box."""
     binary = _mask(["000100",   # X: diagonal (0,3) (1,4) (2,5): 3 pixels, box area 9
                     "000010",
                     "000001",
                     "000000",
                     "110000",   # Y: 2x2 block rows 4..5, cols 0..1: 4 pixels, box area 4
                     "110000"])
-    assert _sorted_rows(components_to_boxes(binary)) == [[0.0, 4.0, 2.0, 6.0], [3.0, 0.0, 6.0, 3.0]]
-    assert components_to_boxes(binary, largest_only=True).tolist() == [[0.0, 4.0, 2.0, 6.0]]
+    assert _sorted_rows(boxes_of(binary)) == [[0.0, 4.0, 2.0, 6.0], [3.0, 0.0, 6.0, 3.0]]
+    assert boxes_of(binary, largest_only=True).tolist() == [[0.0, 4.0, 2.0, 6.0]]
 
 
-# Two boxes on a (H=5, W=6) image: [1,1,3,2] is the component cols 1..2, row 1 (cv2 rect
-# x=1, y=1, w=2, h=1); [4,3,6,5] is cols 4..5, rows 3..4, touching the right/bottom border.
-PRED_BOXES = torch.tensor([[1.0, 1.0, 3.0, 2.0], [4.0, 3.0, 6.0, 5.0]])
+# Two components on a (H=5, W=6) image: row 1, cols 1..2 (box [1,1,3,2], cv2 rect x=1, y=1,
+# w=2, h=1), and rows 3..4, cols 4..5 (box [4,3,6,5]), touching the right/bottom border.
+PRED_BINARY = _mask(["000000",
+                     "011000",
+                     "000000",
+                     "000011",
+                     "000011"])
 
 
-def test_predicted_box_mask_agcam_fills_one_extra_pixel_clipped():
+def test_union_mask_agcam_fills_one_extra_pixel_clipped():
     """agcam fills columns x..x+w and rows y..y+h inclusive, clipped at the image border."""
-    mask = predicted_box_mask(PRED_BOXES, (5, 6), "agcam")
+    mask = union_masks(regions_of(PRED_BINARY), 0, "agcam")[0]
     expected = _mask(["000000",
                       "011100",    # cols 1..3 (x=1 .. x+w=3), rows 1..2 (y=1 .. y+h=2)
                       "011100",
@@ -197,42 +218,36 @@ def test_predicted_box_mask_agcam_fills_one_extra_pixel_clipped():
     assert torch.equal(mask, expected)
 
 
-def test_predicted_box_mask_exact_fills_exactly_the_box():
+def test_union_mask_exact_fills_exactly_the_box():
     """exact fills exactly the component's bounding rectangle."""
-    mask = predicted_box_mask(PRED_BOXES, (5, 6), "exact")
-    expected = _mask(["000000",
-                      "011000",
-                      "000000",
-                      "000011",
-                      "000011"])
-    assert torch.equal(mask, expected)
+    mask = union_masks(regions_of(PRED_BINARY), 0, "exact")[0]
+    assert torch.equal(mask, PRED_BINARY)
 
 
-def test_predicted_box_mask_default_protocol_is_agcam_and_empty_boxes():
-    """The default protocol is agcam; no boxes give an all-False mask."""
-    assert torch.equal(predicted_box_mask(PRED_BOXES, (5, 6)),
-                       predicted_box_mask(PRED_BOXES, (5, 6), "agcam"))
+def test_union_mask_default_protocol_is_agcam_and_empty_maps():
+    """The default protocol is agcam; no regions give an all-False mask."""
+    assert torch.equal(union_masks(regions_of(PRED_BINARY), 0), union_masks(regions_of(PRED_BINARY), 0, "agcam"))
     for protocol in ("agcam", "exact"):
-        mask = predicted_box_mask(torch.zeros(0, 4), (3, 4), protocol)
+        mask = union_masks(regions_of(torch.zeros(3, 4, dtype=torch.bool)), 0, protocol)[0]
         assert mask.shape == (3, 4)
         assert not mask.any()
 
 
-def test_predicted_box_mask_single_pixel_component():
+def test_union_mask_single_pixel_component():
     """A 1-pixel component at (row 0, col 0) covers 2x2 under agcam and 1x1 under exact."""
-    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    assert torch.equal(predicted_box_mask(box, (3, 3), "agcam"), _mask(["110", "110", "000"]))
-    assert torch.equal(predicted_box_mask(box, (3, 3), "exact"), _mask(["100", "000", "000"]))
+    binary = _mask(["100", "000", "000"])
+    assert torch.equal(union_masks(regions_of(binary), 0, "agcam")[0], _mask(["110", "110", "000"]))
+    assert torch.equal(union_masks(regions_of(binary), 0, "exact")[0], _mask(["100", "000", "000"]))
 
 
 def test_box_masks_reject_unknown_protocol():
     """An unknown protocol raises ValueError in both rasterisers, even with no boxes."""
+    with pytest.raises(ValueError, match="metric.box_protocol"):
+        union_masks(regions_of(PRED_BINARY), 0, "cv2")
     with pytest.raises(ValueError):
-        predicted_box_mask(PRED_BOXES, (5, 6), "cv2")
+        union_masks(regions_of(torch.zeros(5, 6, dtype=torch.bool)), 0, "AGCAM")
     with pytest.raises(ValueError):
-        predicted_box_mask(torch.zeros(0, 4), (5, 6), "AGCAM")
-    with pytest.raises(ValueError):
-        ground_truth_box_mask(PRED_BOXES, (6, 5), (5, 6), "wsolevaluation")
+        ground_truth_box_mask(torch.tensor([[1.0, 1.0, 3.0, 2.0]]), (6, 5), (5, 6), "wsolevaluation")
 
 
 def test_ground_truth_box_mask_agcam_truncates_scaled_inclusive_box():

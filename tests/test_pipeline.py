@@ -10,8 +10,10 @@ from conftest import make_vit
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
 
-from wsol_bench.run.pipeline import run_localization
 from wsol_bench.report.tables import localization_table
+from wsol_bench.run.pipeline import explain_dataset, has_masks, score_dataset
+from wsol_bench.run.scorers.records import LocalizationRecords
+from wsol_bench.run.store import MapStore
 
 
 class ConstantMap(Explainer):
@@ -42,12 +44,20 @@ def setup():
     return model, ds
 
 
-def _run(setup, tmp_path, explainers, **kwargs):
-    model, ds = setup
+def _run(setup, tmp_path, explainers, *, thresholds=(0.5,), target_policy="predicted", batch_size=16,
+         shard_size=256):
+    """Explain what the store lacks, then score every image into records.csv, as a run does."""
+    _, ds = setup
     path = tmp_path / "records.csv"
-    params = {"thresholds": [0.5], "dataset_name": "synthetic", "split": "val", "progress": False,
-              "store_root": tmp_path / "cache", **kwargs}
-    stores = run_localization(explainers, ds, records_path=path, **params)
+    stores = {m: MapStore(tmp_path / "cache", {"method": m, "target_policy": target_policy}, shard_size)
+              for m in explainers}
+    explain_dataset(explainers, stores, ds, target_policy=target_policy, batch_size=batch_size, progress=False)
+    records = LocalizationRecords(path, list(thresholds), dataset_name="synthetic", split="val",
+                                  box_protocol="agcam", has_masks=has_masks(ds))
+    try:
+        score_dataset(stores, ds, [records], batch_size=batch_size, progress=False)
+    finally:
+        records.close()
     return pd.read_csv(path), stores
 
 

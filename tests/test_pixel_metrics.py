@@ -11,8 +11,15 @@ import pytest
 import torch
 from wsol_bench.datasets.base import Sample
 
-from wsol_bench.metrics.localization import ground_truth, metric_columns, score_heatmaps
+from wsol_bench.metrics.localization import ground_truth, localization_scores, metric_columns
 from wsol_bench.metrics.pixel import EPS, PIXEL_METRICS, confusion_counts, pixel_scores
+
+
+def score_heatmaps(heatmaps, gt, thresholds, protocol="agcam") -> list[list[dict]]:
+    """The region engine's scores as rows: result[t][b] = {column: value, "n_pred_boxes": int}."""
+    scores, _ = localization_scores(heatmaps, gt, thresholds, protocol)
+    return [[{name: (int(v[t, b]) if name == "n_pred_boxes" else float(v[t, b])) for name, v in scores.items()}
+             for b in range(len(heatmaps))] for t in range(len(thresholds))]
 
 E = 1e-5
 
@@ -159,7 +166,7 @@ def test_pixel_scores_per_image_independence_in_a_batch():
 
 
 # ---------------------------------------------------------------------------------------------
-# localization.ground_truth / score_heatmaps on two hand-built 8x8 samples.
+# localization.ground_truth / localization_scores on two hand-built 8x8 samples.
 #
 # Sample A: label 2, stored at 8x8 (orig == eval size).
 #   boxes: [1,1,5,4] class 2 -> cols 1..4, rows 1..3 (12 px); [5,5,8,8] class 0 -> EXCLUDED.

@@ -14,7 +14,8 @@ from wsol_bench.datasets import build_dataset
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings, score_batch
 from wsol_bench.models import load_model
-from wsol_bench.run.runner import build_transform, run
+from wsol_bench.run.maps import build_transform
+from wsol_bench.run.runner import run
 from wsol_bench.run.store import MapStore
 
 N = 12
@@ -67,7 +68,7 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
     transform = build_transform(cfg)
     ds = build_dataset("synthetic", transform=transform, split="val", num_images=N)
     model = load_model("wsol_synthetic_vit")
-    from wsol_bench.run.runner import store_settings
+    from wsol_bench.run.maps import store_settings
 
     store = MapStore(cfg.store.root, store_settings(cfg, transform, "agcam", "label"), 8)
     shard = store.load(0)
@@ -85,12 +86,12 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
     """Same settings, other thresholds and chunk size: every map and faithfulness row comes
     from the cache (the chunk size changes speed, not numbers, so it is not in the key)."""
     cfg, tmp = full_run
-    import wsol_bench.run.runner as runner
+    import wsol_bench.run.maps as maps
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although everything is cached")
 
-    monkeypatch.setattr(runner, "load_model", no_model)
+    monkeypatch.setattr(maps, "load_model", no_model)
     again = _cfg(tmp, "sweep=grid", "faithfulness=abpc", "metric.thresholds=[0.5]", "faithfulness.batch_size=5")
     run(again, tmp / "again")
     for name in ("faithfulness.csv", "wsoleval.csv", "sweep.csv"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from wsol_bench.run.runner import build_transform, store_settings
+from wsol_bench.run.maps import build_transform, store_settings
 from wsol_bench.run.store import MapStore, Shard, settings_key
 
 SCRIPT = Path(sys.executable).parent / "wsol-bench"

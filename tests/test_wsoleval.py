@@ -5,16 +5,18 @@ holds the OpenCV semantics."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from wsol_bench.datasets.base import Sample
 
-from wsol_bench.regions.boxes import components_to_boxes, ground_truth_box_mask
+from test_sweep import skimage_boxes
+
+from wsol_bench.metrics.base import RunMetric
+from wsol_bench.metrics.box_accuracy import BoxAccuracy, best_ious, inclusive_iou
+from wsol_bench.metrics.pxap import PxAP
 from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.metrics.wsoleval import BoxAccuracy, PxAP, inclusive_iou, wsoleval_gt_boxes
+from wsol_bench.regions.rasterize import ground_truth_box_mask, wsoleval_gt_boxes
 
 # ---------------------------------------------------------------------------------------------
 # Four 10x10 heatmaps, thresholds 0.25 / 0.5 / 0.75, IoU thresholds 30 / 50 / 70, float variant.
@@ -60,7 +62,8 @@ def test_inclusive_iou_hand_computed():
 def test_box_accuracy_hand_computed():
     heat, gt, correct = _box_case()
     metric = BoxAccuracy(THRESHOLDS, boxes="components")
-    ious = metric.update(heat, gt, correct)
+    metric.update(heat, gt, correct)
+    ious = best_ious(metric.regions(heat), gt)
     np.testing.assert_allclose(ious["iou_v1"], [[0, 0, 0], [0.5625] * 3, [0.75, 0.75, 0], [0.5] * 3])
     np.testing.assert_allclose(ious["iou_v2"], [[2 / 3, 2 / 3, 0], [0.5625] * 3, [0.75, 0.75, 0], [0.5] * 3])
     assert metric.correct_v1.tolist() == [[3, 3, 2], [3, 3, 2], [1, 1, 0]]
@@ -94,23 +97,24 @@ def test_box_accuracy_best_threshold_is_per_delta():
 def test_image_without_gt_boxes_is_counted_and_never_correct():
     heat, _, _ = _box_case()
     metric = BoxAccuracy(THRESHOLDS)
-    ious = metric.update(heat[:1], [torch.zeros(0, 4, dtype=torch.int64)], torch.tensor([True]))
-    assert (ious["iou_v2"] == 0).all()
+    no_boxes = [torch.zeros(0, 4, dtype=torch.int64)]
+    metric.update(heat[:1], no_boxes, torch.tensor([True]))
+    assert (best_ious(metric.regions(heat[:1]), no_boxes)["iou_v2"] == 0).all()
     assert metric.compute()["num_without_gt_boxes"] == 1 and metric.compute()["maxboxacc"] == 0.0
 
 
 def test_box_accuracy_matches_per_threshold_reference():
-    """The vectorised IoUs equal a plain loop over thresholds with components_to_boxes."""
+    """The vectorised IoUs equal a plain loop over thresholds with scikit-image's labelling."""
     torch.manual_seed(3)
     heat, _ = to_heatmaps(torch.randn(3, 5, 5), (24, 20))
     thresholds = tuple(np.arange(0, 1, 0.1).tolist())
     gt = [torch.tensor([[2, 3, 10, 12]]), torch.tensor([[0, 0, 19, 23], [5, 5, 8, 9]]),
           torch.tensor([[12, 1, 19, 8]])]
-    ious = BoxAccuracy(thresholds, boxes="components").update(heat, gt, torch.ones(3, dtype=torch.bool))
+    ious = best_ious(BoxAccuracy(thresholds, boxes="components").regions(heat), gt)
     for b in range(3):
         for i, t in enumerate(thresholds):
             for key, largest in (("iou_v1", True), ("iou_v2", False)):
-                boxes = components_to_boxes(heat[b] > t, largest_only=largest).long()
+                boxes = skimage_boxes(heat[b] > t, largest_only=largest).long()
                 if len(boxes) == 0:
                     boxes = torch.zeros(1, 4, dtype=torch.long)
                 boxes[:, 2] = boxes[:, 2].clamp(max=19)
@@ -130,7 +134,7 @@ def test_predicted_boxes_equal_external_contour_rectangles():
             contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
             rects = map(cv2.boundingRect, contours)
             ref = sorted([x, y, min(x + w, 25), min(y + h, 29)] for x, y, w, h in rects)
-            ours = components_to_boxes(heat[b] > t).long()
+            ours = BoxAccuracy((t,), boxes="components").regions(heat[b:b + 1]).boxes_at(0, 0).long()
             ours[:, 2] = ours[:, 2].clamp(max=25)
             ours[:, 3] = ours[:, 3].clamp(max=29)
             assert sorted(ours.tolist()) == ref
@@ -143,18 +147,13 @@ def test_merge_of_halves_equals_one_pass_and_state_round_trip():
     first, second = BoxAccuracy(THRESHOLDS), BoxAccuracy(THRESHOLDS)
     first.update(heat[:1], gt[:1], correct[:1])
     second.update(heat[1:], gt[1:], correct[1:])
-    buffer = io.BytesIO()
-    torch.save(second.state_dict(), buffer)
-    buffer.seek(0)
-    restored = BoxAccuracy(THRESHOLDS)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
-    assert first.merge(restored).compute() == whole.compute()
-    with pytest.raises(ValueError, match="thresholds"):
-        whole.merge(BoxAccuracy((0.1, 0.2)))
-    with pytest.raises(ValueError, match="box sources"):
-        whole.merge(BoxAccuracy(THRESHOLDS, boxes="components"))
-    with pytest.raises(ValueError, match="box source"):
-        BoxAccuracy(THRESHOLDS, boxes="components").load_state_dict(whole.state_dict())
+    restored = RunMetric.from_json(second.to_json())
+    first.merge_state(restored)
+    assert first.compute() == whole.compute()
+    with pytest.raises(ValueError, match="different settings"):
+        whole.merge_state(BoxAccuracy((0.1, 0.2)))
+    with pytest.raises(ValueError, match="different settings"):
+        whole.merge_state(BoxAccuracy(THRESHOLDS, boxes="components"))
 
 
 def test_box_accuracy_rejects_bad_settings():
@@ -252,9 +251,8 @@ def test_pxap_equals_reference_formula_and_merges():
     first, second = PxAP(tuple(thresholds.tolist())), PxAP(tuple(thresholds.tolist()))
     first.update(heat[:1], gt[:1], valid[:1])
     second.update(heat[1:], gt[1:], valid[1:])
-    restored = PxAP(tuple(thresholds.tolist()))
-    restored.load_state_dict(second.state_dict())
-    assert first.merge(restored).compute()["pxap"] == whole.compute()["pxap"]
+    first.merge_state(RunMetric.from_json(second.to_json()))
+    assert first.compute()["pxap"] == whole.compute()["pxap"]
 
 
 def test_pxap_rejects_bad_input():

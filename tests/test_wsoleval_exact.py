@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.regions.contours import opencv_components, require_cv2
 from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.metrics.wsoleval import BoxAccuracy
 
 cv2 = pytest.importorskip("cv2")
 IOUS = (30, 50, 70)
@@ -204,4 +204,4 @@ def test_regions_of_the_other_source_are_refused():
     gt = [torch.tensor(g) for g in _gt()[:2]]
     floats = BoxAccuracy((0.5,), boxes="components").regions(heat)
     with pytest.raises(ValueError, match="boxes='opencv'"):
-        BoxAccuracy((0.5,)).update_components(floats, gt, torch.ones(2, dtype=torch.bool))
+        BoxAccuracy((0.5,)).update(floats, gt, torch.ones(2, dtype=torch.bool))

@@ -3,9 +3,10 @@ file in the same folder and is renamed over the target when complete."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,25 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, payload: Any) -> Path:
     """Write `payload` as indented JSON atomically (values JSON cannot hold are written as text)."""
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+class CsvRows:
+    """An append-only CSV file with a fixed header, flushed after every batch of rows, so a
+    killed run leaves every finished row on disk."""
+
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        self._writer.writeheader()
+
+    def write(self, rows: Iterable[dict]) -> None:
+        """Append rows (dicts keyed by the header's columns)."""
+        self._writer.writerows(rows)
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if not self._file.closed:
+            self._file.close()

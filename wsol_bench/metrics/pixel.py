@@ -1,5 +1,6 @@
-"""AG-CAM pixel scores (docs/protocol.md 4.1): pixel accuracy, IoU, Dice, precision, recall from the
-per-image confusion counts of a predicted and a ground-truth mask, with eps = 1e-5."""
+"""AG-CAM pixel scores (docs/protocol.md 4.1): pixel accuracy, IoU, Dice, precision and recall
+from confusion counts (tp, fp, fn, tn), with eps = 1e-5. `scores_from_counts` is the one place
+the formulas are written; every score of the suite (records, sweeps, masks) goes through it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ import torch
 
 EPS = 1e-5
 PIXEL_METRICS = ("pixel_acc", "iou", "dice", "precision", "recall")
+
+
+def scores_from_counts(tp, fp, fn, tn) -> dict:
+    """The five scores from float64 counts (numpy arrays or torch tensors of any shape)."""
+    total = tp + fp + fn + tn
+    return {
+        "pixel_acc": (tp + tn + EPS) / (total + EPS),
+        "iou": (tp + EPS) / (tp + fp + fn + EPS),
+        "dice": (2 * tp + EPS) / (2 * tp + fp + fn + EPS),
+        "precision": (tp + EPS) / (tp + fp + EPS),
+        "recall": (tp + EPS) / (tp + fn + EPS),
+    }
 
 
 def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
@@ -30,14 +43,6 @@ def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor |
 
 def pixel_scores(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
-    """The five AG-CAM scores per image, as fractions (float64 [B] each)."""
+    """The five AG-CAM scores of [B, H, W] bool masks per image, as fractions (float64 [B] each)."""
     c = confusion_counts(pred, gt, valid)
-    tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
-    total = tp + fp + fn + tn
-    return {
-        "pixel_acc": (tp + tn + EPS) / (total + EPS),
-        "iou": (tp + EPS) / (tp + fp + fn + EPS),
-        "dice": (2 * tp + EPS) / (2 * tp + fp + fn + EPS),
-        "precision": (tp + EPS) / (tp + fp + EPS),
-        "recall": (tp + EPS) / (tp + fn + EPS),
-    }
+    return scores_from_counts(c["tp"], c["fp"], c["fn"], c["tn"])

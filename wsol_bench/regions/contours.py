@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from wsol_bench.regions.components import DEFAULT_THRESHOLDS, ThresholdComponents, heatmaps_as_numpy, threshold_array
+from wsol_bench.regions.components import ThresholdComponents, heatmaps_as_numpy
+from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS, threshold_array
 
 INSTALL_HINT = ("pip install opencv-python-headless (it comes with wsol-bench; reinstall it), or score "
                 "with the float variant: sweep.boxes=components")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from wsol_bench.regions.boxes import components_to_boxes, predicted_box_mask
-from wsol_bench.regions.heatmaps import binarize
+from wsol_bench.regions.engine import find_regions
+from wsol_bench.regions.rasterize import union_masks
 
 
 def encode_mask(mask: torch.Tensor | np.ndarray) -> dict:
@@ -46,10 +46,7 @@ def decode_mask(rle: dict) -> torch.Tensor:
 
 def predicted_union_masks(heatmaps: torch.Tensor, threshold: float, protocol: str = "agcam") -> torch.Tensor:
     """Box-union masks (all components, docs/protocol.md 4.1) of `heatmaps > threshold`, bool [B, H, W]."""
-    size = tuple(heatmaps.shape[-2:])
-    binary = binarize(heatmaps, threshold).cpu()
-    masks = [predicted_box_mask(components_to_boxes(b), size, protocol) for b in binary]
-    return torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool)
+    return union_masks(find_regions(heatmaps, [threshold]), 0, protocol)
 
 
 def coco_document(image_keys: Sequence[str], masks: torch.Tensor, category_ids: Sequence[int],

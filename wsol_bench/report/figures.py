@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
 
-from wsol_bench.regions.boxes import components_to_boxes
-from wsol_bench.regions.heatmaps import binarize, to_heatmaps
+from wsol_bench.regions.engine import find_regions
+from wsol_bench.regions.heatmaps import to_heatmaps
 
 
 def denormalize(image: torch.Tensor, mean, std) -> torch.Tensor:
@@ -68,9 +68,9 @@ def heatmap_gallery(images: list[torch.Tensor], gt_boxes: list[torch.Tensor], ma
         axes[r][0].set_ylabel(titles[r] if titles else "", fontsize=7)
     for c, (method, raw) in enumerate(maps.items(), start=1):
         heat, degenerate = to_heatmaps(raw[:n], size)
+        regions = find_regions(heat, [threshold])
         for r in range(n):
-            boxes = components_to_boxes(binarize(heat[r], threshold))
-            _overlay(axes[r][c], images[r], heat[r], boxes, "white", bool(degenerate[r]))
+            _overlay(axes[r][c], images[r], heat[r], regions.boxes_at(r, 0), "white", bool(degenerate[r]))
         axes[0][c].set_title(method, fontsize=9)
     axes[0][0].set_title("input, GT boxes", fontsize=9)
     return _save(fig, axes, path)

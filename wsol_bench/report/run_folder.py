@@ -1,9 +1,11 @@
 """Every table of a run, rebuilt from the files in its folder: the one path that the
 benchmark run and `wsol-bench-report` both use.
 
-A run folder holds `config.yaml`, `records.csv` and optionally `faithfulness.csv` and
-`wsoleval.csv`; `run_tables` aggregates them (`wsol_bench.report.tables`), `write_run_tables` writes
-the results as CSV, Markdown and LaTeX, `check_run` compares them with the tables on disk.
+A run folder holds `config.yaml`, `records.csv` and optionally `faithfulness.csv` and the
+metric states of a sweep (`states/sweep.json`, from which `sweep.csv` and `wsoleval.csv` are
+built; folders written before the states existed keep only `wsoleval.csv`, read as it is);
+`run_tables` aggregates them (`wsol_bench.report.tables`), `write_run_tables` writes the results
+as CSV, Markdown and LaTeX, `check_run` compares them with the tables on disk.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wsol_bench.metrics.base import RunMetric, load_states
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
+from wsol_bench.report.sweep_tables import sweep_table, wsoleval_table
 from wsol_bench.report.table_format import to_text, write_table_files
 from wsol_bench.report.tables import (PUBLISHED_SUFFIX, faithfulness_summary, localization_table, ordered_columns,
                                paper_table, wsoleval_summary)
@@ -24,6 +28,8 @@ from wsol_bench.report.tables import (PUBLISHED_SUFFIX, faithfulness_summary, lo
 VARIANTS = {"box": "union of ground-truth boxes", "mask": "ground-truth segmentation mask"}
 FILTER_WORDS = {"correct": "correctly classified images", "all": "all images"}
 CHECK_TOLERANCE = 1e-9  # tables on disk are written at full precision
+SWEEP_STATES = Path("states") / "sweep.json"
+SWEEP_TABLES = ("sweep", "wsoleval")  # tables of a sweep, written as <name>.csv
 
 
 @dataclass
@@ -35,6 +41,7 @@ class RunFolder:
     records: pd.DataFrame
     faithfulness: pd.DataFrame | None = None
     wsoleval: pd.DataFrame | None = None
+    sweep: pd.DataFrame | None = None  # rebuilt from the sweep's metric states, when the folder has them
 
     def setting(self, key: str, default=None):
         """A config value by dotted key (`dataset.name`), or `default` when absent."""
@@ -88,6 +95,8 @@ def read_run(run_dir: str | Path) -> RunFolder:
     run = RunFolder(path, config, _read_csv(path / "records.csv", optional=False),
                     _read_csv(path / "faithfulness.csv", optional=True),
                     _read_csv(path / "wsoleval.csv", optional=True))
+    if (path / SWEEP_STATES).is_file():
+        _rebuild_sweep_tables(run, load_states(path / SWEEP_STATES))
     for name, frame in (("records.csv", run.records), ("faithfulness.csv", run.faithfulness),
                         ("wsoleval.csv", run.wsoleval)):
         _check_dataset(frame, path / name, run.setting("dataset.name"))
@@ -95,6 +104,15 @@ def read_run(run_dir: str | Path) -> RunFolder:
         raise ValueError(f"{config_path} has no metric.image_filter; add `image_filter: correct` "
                          "(the paper) or `all` under metric")
     return run
+
+
+def _rebuild_sweep_tables(run: RunFolder, states: dict[str, dict[str, RunMetric]]) -> None:
+    """sweep.csv's and wsoleval.csv's tables from the metric states (they replace what the
+    folder's wsoleval.csv says, which `check_run` compares with them)."""
+    image_filter = run.setting("metric.image_filter", "correct")
+    run.sweep = sweep_table(states, image_filter)
+    run.wsoleval = wsoleval_table(states, image_filter, dataset=str(run.setting("dataset.name")),
+                                  split=str(run.setting("dataset.split")))
 
 
 def _caption(run: RunFolder, variant: str, faith: bool, wsol: bool) -> str:
@@ -159,6 +177,8 @@ def run_tables(run_dir: str | Path | RunFolder) -> dict[str, pd.DataFrame]:
                                   str(run.setting("model.name")))
     thresholds = sorted(set(localization.index.get_level_values("threshold").astype(float)))
     tables = {"localization": localization}
+    if run.sweep is not None:
+        tables["sweep"], tables["wsoleval"] = run.sweep, run.wsoleval
     for variant in VARIANTS:
         if f"{variant}_iou" not in localization.columns:
             continue
@@ -182,6 +202,10 @@ def write_run_tables(run_dir: str | Path, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     tables["localization"].to_csv(out / "table.csv")
     paths = [out / "table.csv"]
+    for name in SWEEP_TABLES:
+        if name in tables:
+            tables[name].to_csv(out / f"{name}.csv", index=False)
+            paths.append(out / f"{name}.csv")
     for variant in VARIANTS:
         if variant in tables:
             view = tables[variant]
@@ -218,8 +242,9 @@ def frame_differences(expected: pd.DataFrame, actual: pd.DataFrame, name: str,
 
 
 def check_run(run_dir: str | Path) -> list[str]:
-    """Rebuild a run's tables from its records and compare them with `table.csv` and any
-    `table_<variant>.csv` on disk; returns the differences (empty: they agree)."""
+    """Rebuild a run's tables from its records and metric states and compare them with
+    `table.csv`, any `table_<variant>.csv`, and `sweep.csv` / `wsoleval.csv` on disk; returns the
+    differences (empty: they agree)."""
     path = Path(run_dir)
     tables = run_tables(path)
     on_disk = path / "table.csv"
@@ -230,6 +255,11 @@ def check_run(run_dir: str | Path) -> list[str]:
         file = path / f"table_{variant}.csv"
         if variant in tables and file.is_file():
             lines += frame_differences(tables[variant], pd.read_csv(file), file.name)
+    for name in SWEEP_TABLES:
+        file = path / f"{name}.csv"
+        if name in tables:
+            lines += (frame_differences(tables[name], pd.read_csv(file), file.name) if file.is_file()
+                      else [f"{file} is missing"])
     return lines
 
 

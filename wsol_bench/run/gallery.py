@@ -1,4 +1,5 @@
-"""The heatmap gallery of a finished run, redrawn from its map store and its dataset."""
+"""gallery.png: the first images of a run with every method's heatmap and boxes, drawn at the
+end of a run and redrawn later from the run's map store and dataset (`wsol-bench-report`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,33 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from wsol_bench.datasets import EvalTransform, build_dataset
-from wsol_bench.models import architecture_data_config
+from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.report.figures import denormalize, heatmap_gallery
 from wsol_bench.report.run_folder import RunFolder
+from wsol_bench.run.maps import as_dict, build_transform
 from wsol_bench.run.store import MapStore
 
 DEFAULT_GALLERY_IMAGES = 6
+
+
+def draw_gallery(samples: list[Sample], maps: dict[str, torch.Tensor], transform: EvalTransform, path: Path,
+                 threshold: float) -> None:
+    """Each sample with its label-class boxes, then each method's heatmap and predicted boxes."""
+    heatmap_gallery([denormalize(s.image, transform.mean, transform.std) for s in samples],
+                    [s.boxes[s.box_labels == s.label] for s in samples], maps, path, threshold=threshold,
+                    titles=[s.image_id for s in samples])
+
+
+def write_gallery(cfg: DictConfig, dataset, transform: EvalTransform, stores: dict[str, MapStore],
+                  path: Path) -> None:
+    """The first `gallery_images` usable images of a run with every method's stored map."""
+    count = min(int(cfg.gallery_images), len(dataset))
+    first = {m: s.load(0) for m, s in stores.items()}
+    positions = [int(p) for p in next(iter(first.values())).positions[:count]]
+    maps = {m: shard.maps[:len(positions)] for m, shard in first.items()}
+    draw_gallery([dataset[p] for p in positions], maps, transform, path, float(cfg.metric.thresholds[0]))
 
 
 class GallerySkipped(Exception):
@@ -58,21 +78,14 @@ def rebuild_gallery(run: RunFolder, path: Path) -> str:
         positions, ids, maps = stored_gallery_maps(run, count)
     except GallerySkipped as exc:
         return f"gallery skipped: {exc}"
-    pre = run.setting("preprocess", {}) or {}
-    model_cfg = run.setting("model", {}) or {}
     try:
-        dc = architecture_data_config(model_cfg["name"], **(model_cfg.get("kwargs") or {}))
-        transform = EvalTransform(size=tuple(pre.get("input_size") or dc.input_size[1:]),
-                                  mean=pre.get("mean") or dc.mean, std=pre.get("std") or dc.std,
-                                  interpolation=pre.get("interpolation") or dc.interpolation)
-        dataset = build_dataset(run.setting("dataset.name"), transform=transform,
-                                **(run.setting("dataset.params", {}) or {}))
+        cfg = OmegaConf.create(run.config)
+        transform = build_transform(cfg)
+        dataset = build_dataset(cfg.dataset.name, transform=transform, **as_dict(cfg.dataset.get("params")))
         samples = [dataset[p] for p in positions]
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, IndexError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, IndexError, AttributeError) as exc:
         return f"gallery skipped: the run's dataset or model cannot be rebuilt here ({exc})"
     if [getattr(s, "image_id", None) for s in samples] != list(ids):
         return "gallery skipped: the dataset here yields other images than the stored maps (image ids differ)"
-    heatmap_gallery([denormalize(s.image, transform.mean, transform.std) for s in samples],
-                    [s.boxes[s.box_labels == s.label] for s in samples], maps, path,
-                    threshold=float(run.setting("metric.thresholds", [0.5])[0]), titles=list(ids))
+    draw_gallery(samples, maps, transform, path, float(run.setting("metric.thresholds", [0.5])[0]))
     return f"gallery: {path}"

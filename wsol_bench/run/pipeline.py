@@ -3,18 +3,16 @@
 1. `explain_dataset`: one explainer pass per batch and method, only for the shards the map
    store does not hold yet; each finished shard is written at once, so a killed run resumes
    where it stopped and a finished one costs nothing to re-score.
-2. `score_dataset`: stored maps -> heatmaps -> per-image records (one row per image, method
-   and threshold, appended per batch) and any dataset-level scorers (wsolevaluation metrics,
-   threshold sweeps, faithfulness). No model pass unless a scorer needs one.
+2. `score_dataset`: stored maps -> heatmaps and ground truth -> every scorer of the run
+   (`run.scorers`: per-image records, sweeps, wsolevaluation metrics, faithfulness), batch by
+   batch. No model pass unless a scorer needs one.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -22,31 +20,13 @@ from tqdm.auto import tqdm
 
 from wsol_bench.datasets.base import Batch, Sample, collate_samples
 from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.metrics.localization import GroundTruth, ground_truth, metric_columns, score_heatmaps
 from wsol_bench.methods.base import Explainer
+from wsol_bench.metrics.localization import ground_truth
+from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.scorers.base import Scorer
 from wsol_bench.run.store import MapStore, Shard
 
 TARGET_POLICIES = ("predicted", "label")
-ID_COLUMNS = ["image_id", "dataset", "split", "method", "threshold", "label", "prediction", "target",
-              "target_source", "class_specific", "correct", "degenerate", "n_gt_boxes", "n_pred_boxes"]
-
-
-class RecordWriter:
-    """Append-only CSV of per-image records with a fixed header."""
-
-    def __init__(self, path: Path, columns: list[str]) -> None:
-        self.path, self.columns = path, columns
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=columns)
-        self._writer.writeheader()
-
-    def write(self, rows: Iterable[dict]) -> None:
-        self._writer.writerows(rows)
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def explain_targets(batch: Batch, policy: str) -> torch.Tensor | None:
@@ -146,83 +126,6 @@ def explain_dataset(explainers: dict[str, Explainer], stores: dict[str, MapStore
     return computed
 
 
-@dataclass
-class MethodBatch:
-    """Everything a scorer may need about one method on one batch (all on CPU)."""
-
-    method: str
-    samples: list[Sample]
-    images: torch.Tensor  # normalised model input [B, 3, H, W]
-    maps: torch.Tensor  # raw [B, gh, gw]
-    heatmaps: torch.Tensor  # [B, H, W] in [0, 1]
-    degenerate: torch.Tensor  # bool [B]
-    logits: torch.Tensor  # [B, C] of the clean images
-    targets: torch.Tensor  # [B], the class each map explains
-    gt: GroundTruth
-    shard: Shard  # the stored shard the rows come from (target source, class specificity)
-    positions: list[int]  # dataset positions of the samples
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(1)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return torch.tensor([int(s.label) for s in self.samples], dtype=torch.long)
-
-
-class Scorer(Protocol):
-    """A metric fed batch by batch; `finish` writes its output and returns a summary."""
-
-    def update(self, mb: MethodBatch) -> None: ...
-
-    def finish(self) -> object: ...
-
-
-class LocalizationRecords:
-    """Per-image AG-CAM pixel scores at fixed thresholds, appended to records.csv per batch."""
-
-    def __init__(self, path: Path, thresholds: list[float], *, dataset_name: str, split: str,
-                 box_protocol: str, has_masks: bool) -> None:
-        if not thresholds:
-            raise ValueError("metric.thresholds is empty; give at least one threshold, e.g. [0.5]")
-        self.thresholds, self.dataset_name, self.split = thresholds, dataset_name, split
-        self.box_protocol = box_protocol
-        self.writer = RecordWriter(path, ID_COLUMNS + metric_columns(has_masks))
-
-    def update(self, mb: MethodBatch) -> None:
-        per_threshold = score_heatmaps(mb.heatmaps, mb.gt, self.thresholds, self.box_protocol)
-        predictions, targets = mb.predictions, mb.targets
-        rows = []
-        for threshold, scores in zip(self.thresholds, per_threshold):
-            for i, sample in enumerate(mb.samples):
-                rows.append({
-                    "image_id": sample.image_id, "dataset": self.dataset_name, "split": self.split,
-                    "method": mb.method, "threshold": threshold, "label": sample.label,
-                    "prediction": int(predictions[i]), "target": int(targets[i]),
-                    "target_source": mb.shard.target_source,
-                    "class_specific": int(mb.shard.class_specific),
-                    "correct": int(predictions[i] == sample.label),
-                    "degenerate": int(mb.degenerate[i]), "n_gt_boxes": mb.gt.num_boxes[i],
-                    **scores[i],
-                })
-        self.writer.write(rows)
-
-    def finish(self) -> Path:
-        self.writer.close()
-        return self.writer.path
-
-
-def rows_at(shard: Shard, positions: list[int]) -> torch.Tensor:
-    """Row indices of dataset `positions` in a stored shard."""
-    where = {int(p): i for i, p in enumerate(shard.positions)}
-    missing = [p for p in positions if p not in where]
-    if missing:
-        raise RuntimeError(f"stored shard {shard.index} lacks dataset positions {missing[:5]}: the "
-                           "dataset changed since the maps were stored; delete that cache folder")
-    return torch.tensor([where[p] for p in positions], dtype=torch.long)
-
-
 def has_masks(dataset: Dataset) -> bool:
     """Whether the dataset's items carry segmentation masks (read from its first usable item)."""
     for position in range(len(dataset)):
@@ -234,22 +137,25 @@ def has_masks(dataset: Dataset) -> bool:
 
 def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequence[Scorer], *,
                   box_protocol: str = "agcam", batch_size: int = 16, num_workers: int = 0,
-                  progress: bool = True) -> list[tuple[str, str]]:
+                  progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """Feed every stored map, batch by batch with its ground truth, to every scorer. Returns
-    the (image_id, reason) of the items the dataset skipped."""
+    the (image_id, reason) of the items the dataset skipped, and how many images carry each
+    note of what the loader changed (Sample.notes)."""
     n = len(dataset)
     reference = next(iter(stores.values()))
     skipped: list[tuple[str, str]] = []
+    notes: Counter[str] = Counter()
     bar = tqdm(total=n, desc="scoring", unit="img", disable=not progress)
     for shard_index in range(reference.num_shards(n)):
         shards = {m: s.load(shard_index) for m, s in stores.items()}
         for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
                                 bar, skipped):
             batch = pb.batch
+            notes.update(note for s in batch.samples for note in s.notes)
             size = tuple(batch.images.shape[-2:])
             gt = ground_truth(batch.samples, size, box_protocol)
             for method, shard in shards.items():
-                rows = rows_at(shard, pb.positions)
+                rows = shard.rows_at(pb.positions)
                 maps = shard.maps[rows]
                 heat, degenerate = to_heatmaps(maps, size)
                 mb = MethodBatch(method=method, samples=batch.samples, images=batch.images, maps=maps,
@@ -259,27 +165,4 @@ def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequen
                 for scorer in scorers:
                     scorer.update(mb)
     bar.close()
-    return skipped
-
-
-def run_localization(explainers: dict[str, Explainer], dataset: Dataset, *, records_path: Path,
-                     thresholds: list[float], dataset_name: str, split: str, store_root: Path,
-                     store_settings: dict | None = None, target_policy: str = "predicted",
-                     batch_size: int = 16, num_workers: int = 0, box_protocol: str = "agcam",
-                     shard_size: int = 256, progress: bool = True) -> dict[str, MapStore]:
-    """Explain (what the store lacks) and score every image with every method, writing one
-    record per (image, method, threshold) to `records_path`. Returns the stores."""
-    if not thresholds:
-        raise ValueError("metric.thresholds is empty; give at least one threshold, e.g. [0.5]")
-    base = dict(store_settings or {}, target_policy=target_policy)
-    stores = {m: MapStore(store_root, {**base, "method": m}, shard_size) for m in explainers}
-    explain_dataset(explainers, stores, dataset, target_policy=target_policy, batch_size=batch_size,
-                    num_workers=num_workers, progress=progress)
-    records = LocalizationRecords(records_path, thresholds, dataset_name=dataset_name, split=split,
-                                  box_protocol=box_protocol, has_masks=has_masks(dataset))
-    try:
-        score_dataset(stores, dataset, [records], box_protocol=box_protocol, batch_size=batch_size,
-                      num_workers=num_workers, progress=progress)
-    finally:
-        records.finish()
-    return stores
+    return skipped, dict(notes)

@@ -67,6 +67,15 @@ class Shard:
     target_source: str = "predicted"  # "given" (targets handed in) or "predicted"
     class_specific: bool = True  # False for methods whose map ignores the target class
 
+    def rows_at(self, positions: list[int]) -> torch.Tensor:
+        """Row indices of dataset `positions` in this shard."""
+        where = {int(p): i for i, p in enumerate(self.positions)}
+        missing = [p for p in positions if p not in where]
+        if missing:
+            raise RuntimeError(f"stored shard {self.index} lacks dataset positions {missing[:5]}: the "
+                               "dataset changed since the maps were stored; delete that cache folder")
+        return torch.tensor([where[p] for p in positions], dtype=torch.long)
+
 
 class MapStore:
     """Sharded, keyed cache of one method's maps on one (model, data, preprocessing, target

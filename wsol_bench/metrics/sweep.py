@@ -1,0 +1,68 @@
+"""The AG-CAM pixel scores averaged over images at every threshold of a grid (sweep.csv;
+docs/protocol.md 4.3), as exact sums: the mean of each score per threshold, over all images
+and over the correctly classified ones (the two values of `metric.image_filter`), equal for
+any sharding of the run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsol_bench.metrics.base import RunMetric
+from wsol_bench.metrics.exact_sum import CHUNKS, MAX_VALUES, exact_mean, fixed_point_chunks
+from wsol_bench.regions.thresholds import threshold_array
+
+FILTERS = ("all", "correct")  # the image subsets a sweep keeps sums for (metric.image_filter)
+
+
+class SweepMeans(RunMetric):
+    """Per threshold: exact sums of every score column (fractions in [0, 1]) and of the box
+    counts, and the number of images, for all images and for the correctly classified ones."""
+
+    settings_keys = ("thresholds", "columns")
+
+    def __init__(self, thresholds: Sequence[float], columns: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        threshold_array(thresholds, np.float64)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.columns = tuple(columns)
+        levels = len(self.thresholds)
+        self.add_state("sums", torch.zeros(len(FILTERS), len(self.columns), levels, CHUNKS, dtype=torch.int64),
+                       dist_reduce_fx="sum", persistent=True)
+        self.add_state("boxes", torch.zeros(len(FILTERS), levels, dtype=torch.int64), dist_reduce_fx="sum",
+                       persistent=True)
+        self.add_state("images", torch.zeros(len(FILTERS), dtype=torch.int64), dist_reduce_fx="sum",
+                       persistent=True)
+
+    def update(self, scores: dict[str, np.ndarray], correct: torch.Tensor | np.ndarray) -> None:
+        """Add a batch: `scores` as `metrics.localization.region_scores` gives them ({column:
+        [T, B]} and "n_pred_boxes"), `correct` bool [B]."""
+        correct = np.asarray(torch.as_tensor(correct).cpu(), dtype=bool).reshape(-1)
+        for f, keep in enumerate((np.ones_like(correct), correct)):
+            if int(self.images[f]) + int(keep.sum()) > MAX_VALUES:
+                raise ValueError(f"a sweep holds at most {MAX_VALUES} images per process; split the run")
+            for c, column in enumerate(self.columns):
+                self.sums[f, c] += torch.from_numpy(fixed_point_chunks(scores[column][:, keep]).sum(1))
+            self.boxes[f] += torch.from_numpy(np.asarray(scores["n_pred_boxes"])[:, keep].sum(1).astype(np.int64))
+            self.images[f] += int(keep.sum())
+
+    def compute(self) -> dict[str, pd.DataFrame]:
+        """{filter: table}: one row per threshold with the mean of every column and of
+        n_pred_boxes, and n_images (an empty table where the filter keeps no image)."""
+        out = {}
+        for f, name in enumerate(FILTERS):
+            count = int(self.images[f])
+            if count == 0:
+                out[name] = pd.DataFrame(columns=["threshold", *self.columns, "n_pred_boxes", "n_images"])
+                continue
+            table = {"threshold": list(self.thresholds)}
+            for c, column in enumerate(self.columns):
+                table[column] = [exact_mean(self.sums[f, c, t].tolist(), count) for t in range(len(self.thresholds))]
+            table["n_pred_boxes"] = [int(b) / count for b in self.boxes[f].tolist()]
+            frame = pd.DataFrame(table)
+            frame["n_images"] = count
+            out[name] = frame
+        return out

@@ -1,0 +1,23 @@
+"""Threshold grids: the values a heatmap is cut at, checked once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# wsolevaluation's grid: numpy.arange(0, 1, 0.01), exactly those float64 values.
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(np.arange(0, 1, 0.01).tolist())
+
+
+def threshold_array(thresholds: Sequence[float], dtype: np.dtype = np.float32) -> np.ndarray:
+    """Thresholds as an array in the heatmaps' dtype (the comparison `binarize` makes), after
+    checking that they are finite and strictly increasing in that dtype."""
+    values = np.asarray(list(thresholds), dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError("thresholds must be a non-empty list of numbers, e.g. [0.1, 0.5]")
+    cast = values.astype(dtype)
+    if not np.isfinite(values).all() or (len(cast) > 1 and not (np.diff(cast) > 0).all()):
+        raise ValueError(f"thresholds must be finite and strictly increasing (in {np.dtype(dtype).name}); "
+                         f"sort them and drop duplicates: got {values.tolist()[:8]}...")
+    return cast

@@ -1,0 +1,112 @@
+"""The maps of a run: the preprocessing and the map-store key that identify them, the model
+(loaded only when a map is missing), and the explanation pass over the missing shards."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from wsol_bench.datasets import EvalTransform
+from wsol_bench.datasets.base import RESAMPLER
+from wsol_bench.methods import get_explainer
+from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
+                               shipped_weights_path)
+from wsol_bench.run.pipeline import explain_dataset
+from wsol_bench.run.store import MapStore, file_digest
+
+log = logging.getLogger("wsol_bench")
+
+
+def as_dict(node) -> dict:
+    """A config node (or None) as a plain dict of keyword arguments."""
+    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
+
+
+def build_transform(cfg: DictConfig) -> EvalTransform:
+    """The model's preprocessing (read from its architecture, no weights needed), with any
+    value the config sets taking precedence."""
+    dc = architecture_data_config(cfg.model.name, **as_dict(cfg.model.kwargs))
+    pre = cfg.preprocess
+    size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
+    return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
+                         std=pre.std if pre.std is not None else dc.std,
+                         interpolation=pre.interpolation or dc.interpolation, resize=pre.get("resize", "squash"),
+                         crop_pct=pre.crop_pct if pre.get("crop_pct") is not None else dc.crop_pct)
+
+
+def model_identity(mcfg: DictConfig, seed: int) -> dict:
+    """What determines the model's function: architecture, its options and the weights'
+    content (checkpoint or shipped file digest, or the timm pretrained tag)."""
+    ident = {"name": mcfg.name, "kwargs": as_dict(mcfg.kwargs)}
+    if mcfg.checkpoint is not None:
+        path = Path(mcfg.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.checkpoint={mcfg.checkpoint} does not exist; pass the path "
+                                    "of a .safetensors or .pth file")
+        ident["weights"] = f"sha256:{file_digest(path)}"
+    elif mcfg.name in SHIPPED_MODELS:
+        ident["weights"] = f"sha256:{file_digest(shipped_weights_path(mcfg.name))}"
+    elif mcfg.pretrained:
+        ident["weights"] = f"timm-pretrained:{mcfg.name}"
+    else:
+        ident["weights"] = f"random-init:seed={seed}"
+    return ident
+
+
+def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, target_policy: str) -> dict:
+    """Exactly the settings that determine a method's maps (the map-store key)."""
+    m = cfg.method[method_key]
+    return {
+        "model": model_identity(cfg.model, int(cfg.seed)),
+        "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params)},
+        "preprocess": {"size": list(transform.size), "mean": list(transform.mean), "std": list(transform.std),
+                       "interpolation": transform.interpolation, "resize": transform.resize,
+                       "resampler": RESAMPLER,
+                       **({"crop_pct": transform.crop_pct} if transform.resize == "timm" else {})},
+        "method": {"name": m.name, "params": as_dict(m.params)},
+        "target_policy": target_policy,
+    }
+
+
+class LazyModel:
+    """Loads the model on first use only: a run whose maps are all cached never reads weights."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int | None) -> None:
+        self.cfg, self.num_classes, self._model = cfg, num_classes, None
+
+    def get(self) -> torch.nn.Module:
+        if self._model is None:
+            mcfg = self.cfg.model
+            torch.manual_seed(int(self.cfg.seed))  # random-init models are a function of the seed
+            self._model = load_model(mcfg.name, pretrained=bool(mcfg.pretrained), checkpoint=mcfg.checkpoint,
+                                     device=self.cfg.device, **as_dict(mcfg.kwargs))
+            classes = getattr(self._model, "num_classes", None)
+            if classes is not None and self.num_classes is not None and classes != self.num_classes:
+                raise ModelLoadError(f"model {mcfg.name} predicts {classes} classes but dataset "
+                                     f"{self.cfg.dataset.name} has {self.num_classes}; load a checkpoint "
+                                     "trained on it (model.checkpoint=...)")
+        return self._model
+
+
+def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyModel,
+                target_policy: str, progress: bool) -> dict[str, MapStore]:
+    """The map stores of every configured method for `target_policy`, computing the missing
+    shards (and only those) with the model."""
+    if not cfg.method:
+        raise ValueError("no method selected; e.g. method=[agcam,rollout]")
+    stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy),
+                            int(cfg.store.shard_size)) for key in cfg.method}
+    missing = {key for key, s in stores.items() if s.missing(len(dataset))}
+    if missing:
+        explainers = {key: get_explainer(cfg.method[key].name, model.get(), **as_dict(cfg.method[key].params))
+                      for key in stores if key in missing}
+        log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
+        explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,
+                        batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+                        progress=progress)
+    else:
+        log.info("all maps found in the cache %s (target %s); no model pass", cfg.store.root, target_policy)
+    return stores

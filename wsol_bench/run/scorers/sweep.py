@@ -1,0 +1,107 @@
+"""sweep.csv, wsoleval.csv and sweep.png (`sweep=grid`): the AG-CAM pixel scores at every
+threshold of a grid, and wsolevaluation's MaxBoxAcc (v1, v2), GT-known / Top-1 Loc and, with
+masks, PxAP (docs/protocol.md 4.2, 4.3). The metric states are kept in states/sweep.json, and
+both tables are built from them (here and by `wsol-bench-report`, from the run folder alone)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from wsol_bench.metrics.base import RunMetric, save_states
+from wsol_bench.metrics.box_accuracy import BoxAccuracy
+from wsol_bench.metrics.localization import metric_columns, region_scores
+from wsol_bench.metrics.pxap import PxAP
+from wsol_bench.metrics.sweep import SweepMeans
+from wsol_bench.regions.contours import require_cv2
+from wsol_bench.regions.engine import find_regions
+from wsol_bench.regions.rasterize import wsoleval_gt_boxes
+from wsol_bench.regions.thresholds import threshold_array
+from wsol_bench.report.figures import plot_sweep
+from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE, SWEEP_STATE, sweep_table, wsoleval_table
+from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
+
+STATE_FILE = Path("states") / "sweep.json"
+log = logging.getLogger("wsol_bench")
+
+
+def sweep_thresholds(node: DictConfig) -> list[float]:
+    """The sweep's threshold grid: an explicit list, or numpy.arange(start, stop, step) (the
+    wsolevaluation grid by default: 0.00, 0.01, ..., 0.99)."""
+    if node.get("thresholds") is not None:
+        return [float(t) for t in node.thresholds]
+    if float(node.step) <= 0:
+        raise ValueError(f"sweep.step must be > 0, got {node.step}")
+    return [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
+
+
+@register_scorer("sweep")
+class SweepScorer(Scorer):
+    """Threshold sweep of one run, per method: `SweepMeans` of the AG-CAM scores of the
+    float components, `BoxAccuracy` of the regions of `boxes` ("opencv": wsolevaluation's own
+    contours; "components": the same float components, found once for both), and `PxAP`."""
+
+    def __init__(self, thresholds, iou_thresholds, *, box_protocol: str, image_filter: str, has_masks: bool,
+                 dataset_name: str, split: str, boxes: str = "opencv") -> None:
+        threshold_array(thresholds, np.float64)  # names the problem with a bad grid
+        self.thresholds = [float(t) for t in thresholds]
+        self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
+        self.boxes = boxes
+        BoxAccuracy(self.thresholds, self.iou_thresholds, boxes)  # names a bad setting before any work
+        if boxes == "opencv":
+            require_cv2()  # a missing OpenCV is named now, not after the explanation pass
+        self.box_protocol, self.image_filter, self.has_masks = box_protocol, image_filter, has_masks
+        self.dataset_name, self.split = dataset_name, split
+        self.metrics: dict[str, dict[str, RunMetric]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, context: RunContext) -> SweepScorer | None:
+        if not cfg.get("sweep"):
+            return None
+        return cls(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds, box_protocol=cfg.metric.box_protocol,
+                   image_filter=cfg.metric.image_filter, has_masks=context.has_masks,
+                   dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.get("boxes", "opencv"))
+
+    def _metrics(self, method: str) -> dict[str, RunMetric]:
+        if method not in self.metrics:
+            named = {SWEEP_STATE: SweepMeans(self.thresholds, metric_columns(self.has_masks)),
+                     BOX_STATE: BoxAccuracy(self.thresholds, self.iou_thresholds, self.boxes)}
+            if self.has_masks:
+                named[PXAP_STATE] = PxAP(self.thresholds)
+            self.metrics[method] = named
+        return self.metrics[method]
+
+    def update(self, mb: MethodBatch) -> None:
+        metrics = self._metrics(mb.method)
+        correct = (mb.predictions == mb.labels).numpy()
+        components = find_regions(mb.heatmaps, self.thresholds, "components")
+        metrics[SWEEP_STATE].update(region_scores(components, mb.gt, self.box_protocol), correct)
+        regions = components if self.boxes == "components" else metrics[BOX_STATE].regions(mb.heatmaps)
+        gt_boxes = [wsoleval_gt_boxes(s, tuple(mb.heatmaps.shape[-2:])) for s in mb.samples]
+        metrics[BOX_STATE].update(regions, gt_boxes, correct)
+        if PXAP_STATE in metrics and mb.gt.seg_masks is not None:
+            metrics[PXAP_STATE].update(mb.heatmaps, mb.gt.seg_masks, mb.gt.seg_valid)
+
+    def compute(self) -> dict:
+        """{"sweep": sweep.csv's table, "wsoleval": wsoleval.csv's table}."""
+        return {"sweep": sweep_table(self.metrics, self.image_filter),
+                "wsoleval": wsoleval_table(self.metrics, self.image_filter, dataset=self.dataset_name,
+                                           split=self.split)}
+
+    def write(self, out_dir: Path) -> list[Path]:
+        """The metric states (states/sweep.json) and sweep.png; sweep.csv and wsoleval.csv are
+        built from the states with the run's other tables (`report.run_folder`)."""
+        (out_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        paths = [save_states(out_dir / STATE_FILE, self.metrics)]
+        sweep = self.compute()["sweep"]
+        if len(sweep):
+            plot_sweep(sweep, out_dir / "sweep.png")
+            paths.append(out_dir / "sweep.png")
+        else:
+            log.warning("sweep: no image passes metric.image_filter=%s; sweep.csv is empty (try "
+                        "metric.image_filter=all)", self.image_filter)
+        return paths
