@@ -1,9 +1,15 @@
-"""Explainers of wsol-bench (installed as wsol_bench.methods): one file per method."""
+"""Explainers of wsol-bench (installed as wsol_bench.methods): one file per method, each
+registering itself with `@register_explainer`; every module of this package is imported here,
+so a new method is its file plus its config (conf/method/<name>.yaml), with no other edit."""
 
-# Importing the modules registers the built-in methods.
-from . import agcam, baselines, generic_attention, gradcam, rollout, transformer_attribution  # noqa: F401
+import importlib
+import pkgutil
+
 from .base import Explainer, Explanation, target_score
 from .registry import available, get_explainer, register_explainer
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Explainer", "Explanation", "available", "get_explainer", "register_explainer",
            "target_score"]

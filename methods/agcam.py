@@ -8,7 +8,6 @@ attention branch detached (the authors' model), over the patch keys. One forward
 from __future__ import annotations
 
 import torch
-
 from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer, target_score

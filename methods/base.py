@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from wsol_bench.methods.capture import require_class_token
+
 from wsol_bench.models import patch_grid
 
 

@@ -5,7 +5,6 @@ labels the record, it does not change the map."""
 from __future__ import annotations
 
 import torch
-
 from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer

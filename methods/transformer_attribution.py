@@ -26,7 +26,6 @@ from timm.layers import DropPath, Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-
 from wsol_bench.methods.capture import UnsupportedModelError
 
 from .base import Explainer, target_score

@@ -19,10 +19,14 @@ from torch import nn
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import get_explainer
 
+from wsol_bench.metrics.faithfulness import (
+    FaithfulnessSettings,
+    constant_baseline_probs,
+    default_batch_size,
+    score_batch,
+)
+from wsol_bench.models import data_config, fused_attention, load_model, pretrained_file
 from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.metrics.faithfulness import (FaithfulnessSettings, constant_baseline_probs,
-                                             default_batch_size, score_batch)
-from wsol_bench.models import data_config, fused_attention, load_model
 
 IMAGES_PER_CALL = 32  # images per score_batch call, as a data loader would hand them over
 STEPS = 11
@@ -91,7 +95,7 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
     """Explain N synthetic images with AG-CAM on model `name`, time both ABPC paths and
     return the largest ABPC difference between them."""
     torch.manual_seed(0)
-    model = load_model(name, device=args.device)
+    model = load_model(name, pretrained=pretrained_file(name) is not None, device=args.device)  # shipped: its weights
     device = torch.device(args.device)
     images, labels = synthetic_batch(model, args.images)
     images, labels = images.to(device), labels.to(device)

@@ -12,7 +12,7 @@ import time
 import torch
 from wsol_bench.methods import available, get_explainer
 
-from wsol_bench.models import load_model
+from wsol_bench.models import load_model, pretrained_file
 
 
 def images_per_second(fn, images: torch.Tensor, batches: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
           f"batch {args.batch_size}")
     for name in args.models:
         torch.manual_seed(0)
-        model = load_model(name, device=args.device)
+        model = load_model(name, pretrained=pretrained_file(name) is not None, device=args.device)
         images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
         with torch.no_grad():
             forward = images_per_second(model, images, args.batches)

@@ -17,12 +17,11 @@ import time
 
 import torch
 
-from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.metrics.localization import GroundTruth
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
-from wsol_bench.metrics.localization import localization_scores
+from wsol_bench.metrics.localization import GroundTruth, localization_scores
 from wsol_bench.metrics.pxap import PxAP
 from wsol_bench.metrics.sweep import SweepMeans
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS
 
 

@@ -15,8 +15,8 @@ import torch
 from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.methods import available, get_explainer
 
-from wsol_bench.report.figures import class_gallery, denormalize
 from wsol_bench.models import data_config, load_model
+from wsol_bench.report.figures import class_gallery, denormalize
 
 
 def second_class(sample: Sample) -> int | None:
@@ -44,7 +44,7 @@ def make_class_gallery(path: Path, *, num_images: int = 6, methods: list[str] | 
                        device: str = "cpu") -> Path:
     """Explain class A (the label) and class B (the other object) of `num_images` two-class
     synthetic images with every method and draw `class_gallery` to `path`."""
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, pretrained=True, device=device)
     dc = data_config(model)
     transform = EvalTransform(dc.input_size[1:], dc.mean, dc.std, dc.interpolation)
     # A few spare images in case an object was hidden behind the other one.

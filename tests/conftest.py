@@ -50,3 +50,19 @@ def _one_thread_per_worker():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def installed_copy(tmp_path_factory) -> Path:
+    """The project installed as a user's `pip install .` would (not editable) into a folder
+    of its own; put it first on PYTHONPATH to use it."""
+    import subprocess
+    import sys
+
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--target", str(target), str(REPO)], check=True, timeout=600, capture_output=True)
+    return target

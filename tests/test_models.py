@@ -7,7 +7,6 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from wsol_bench import models
 from wsol_bench.models import ModelLoadError, data_config, load_model, patch_grid
 
 ARCH = "vit_tiny_patch16_224"
@@ -75,7 +74,7 @@ def test_offline_pretrained_error_says_which_file_to_put_where(monkeypatch):
             raise OSError("network is unreachable")
         return real_create(name, pretrained=False, **kwargs)
 
-    monkeypatch.setattr(models.timm, "create_model", offline)
+    monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ModelLoadError) as info:
         load_model("vit_base_patch16_224.orig_in21k_ft_in1k", pretrained=True)
     message = str(info.value)

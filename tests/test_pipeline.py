@@ -158,13 +158,15 @@ def test_empty_threshold_list_is_refused(setup, tmp_path):
 
 def test_markdown_and_latex_tables_round_trip(setup, tmp_path):
     """The paper-layout Markdown and LaTeX tables parse back to the CSV table's numbers."""
-    from wsol_bench.report.tables import paper_table, write_tables
+    from wsol_bench.report.table_format import write_table_files
+    from wsol_bench.report.tables import paper_table
 
     model, _ = setup
     records, _ = _run(setup, tmp_path, {"agcam": get_explainer("agcam", model),
                                         "center": get_explainer("center", model)})
     table = localization_table(records, "all")
-    paths = write_tables(table, tmp_path)
+    paths = [p for v in ("box", "mask")
+             for p in write_table_files(paper_table(table, v), tmp_path, f"table_{v}", formats=("md", "tex"))]
     assert sorted(p.name for p in paths) == ["table_box.md", "table_box.tex", "table_mask.md", "table_mask.tex"]
     expected = paper_table(table, "box")
     md = pd.read_csv(tmp_path / "table_box.md", sep="|", skipinitialspace=True).iloc[1:, 1:-1]

@@ -79,19 +79,109 @@ def test_broken_plugin_names_itself(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text("[wsol_bench.explainers]\nbad = no_such_module:Nope\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    with pytest.raises(ImportError, match="plugin 'bad'"):
-        registry.load_plugins(force=True)
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    registry.load_plugins(force=True)  # other methods keep working
+    assert "agcam" in registry.available() and "bad" not in registry.available()
+    with pytest.raises(ImportError, match="plugin 'bad'.*no_such_module"):
+        registry.explainer_class("bad")
 
 
-def test_plugin_runs_in_the_cli_and_tables(plugin_dir, tmp_path):
-    """The CLI finds the plugin's YAML through hydra.searchpath and puts it in the table."""
+def add_distribution(root: Path, name: str, entry_point: str) -> None:
+    """A dist-info folder under `root` advertising `entry_point` as explainer `name`."""
+    info = root / f"{name}_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[wsol_bench.explainers]\n{name} = {entry_point}\n")
+
+
+@pytest.fixture
+def broken_plugins(plugin_dir: Path) -> Path:
+    """Beside the good plugin: an entry point whose module does not exist, a package without a
+    conf folder, and one whose conf package fails to import."""
+    add_distribution(plugin_dir, "missing", "no_such_module:Nope")
+    (plugin_dir / "noconf_plugin").mkdir()
+    (plugin_dir / "noconf_plugin" / "__init__.py").write_text("class Nope:\n    pass\n")
+    add_distribution(plugin_dir, "noconf", "noconf_plugin:Nope")
+    (plugin_dir / "badconf_plugin" / "conf").mkdir(parents=True)
+    (plugin_dir / "badconf_plugin" / "__init__.py").write_text("class Nope:\n    pass\n")
+    (plugin_dir / "badconf_plugin" / "conf" / "__init__.py").write_text("raise RuntimeError('broken')\n")
+    add_distribution(plugin_dir, "badconf", "badconf_plugin:Nope")
+    return plugin_dir
+
+
+@pytest.fixture
+def forget_plugin_modules():
+    """Drop the modules a test imported from its plugin folder, which is gone afterwards."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.split(".")[0].endswith("_plugin"):
+            del sys.modules[name]
+
+
+def test_hydra_discovers_the_search_path_plugin():
+    """The plugin is installed in the hydra_plugins namespace package, where Hydra looks."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+    from hydra_plugins.wsol_bench_searchpath import ENTRY_POINT_GROUP
+
+    # Hydra executes the plugin modules again when it scans them: compare by name
+    found = [f"{c.__module__}.{c.__qualname__}" for c in Plugins.instance().discover(SearchPathPlugin)]
+    assert "hydra_plugins.wsol_bench_searchpath.WsolBenchSearchPathPlugin" in found
+    assert ENTRY_POINT_GROUP == registry.ENTRY_POINT_GROUP
+
+
+def test_search_path_has_the_config_packages_of_working_plugins_only(broken_plugins, monkeypatch,
+                                                                     forget_plugin_modules):
+    """Broken plugins are skipped; applications other than wsol-bench's are left alone."""
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra_plugins.wsol_bench_searchpath import WsolBenchSearchPathPlugin, plugin_config_paths
+
+    monkeypatch.syspath_prepend(str(broken_plugins))
+    assert plugin_config_paths() == ["pkg://token_norm_plugin.conf"]
+    ours, other = ConfigSearchPathImpl(), ConfigSearchPathImpl()
+    ours.append("main", "pkg://wsol_bench.conf")
+    other.append("main", "pkg://someone_else.conf")
+    for path in (ours, other):
+        WsolBenchSearchPathPlugin().manipulate_search_path(path)
+    assert [e.path for e in ours.get_path()] == ["pkg://wsol_bench.conf", "pkg://token_norm_plugin.conf"]
+    assert [e.path for e in other.get_path()] == ["pkg://someone_else.conf"]
+
+
+def test_broken_plugins_do_not_break_the_cli(broken_plugins, tmp_path):
+    """--help still works and lists the working plugin's method config."""
+    env = {**os.environ, "PYTHONPATH": str(broken_plugins)}
+    script = Path(sys.executable).parent / "wsol-bench"
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method: agcam, center, generic_attention, gradcam, random, rollout, token_norm" in proc.stdout
+
+
+@pytest.mark.parametrize("searchpath", [[], ["hydra.searchpath=[pkg://token_norm_plugin.conf]"]],
+                         ids=["discovered", "hydra.searchpath"])
+def test_plugin_runs_in_the_cli_and_tables(plugin_dir, tmp_path, searchpath):
+    """The CLI finds the plugin's YAML by itself (the search path plugin), or through the
+    hydra.searchpath flag as before, and puts the method in the table."""
     env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
     script = Path(sys.executable).parent / "wsol-bench"
     proc = subprocess.run(
-        [str(script), "method=[center,token_norm]", "hydra.searchpath=[pkg://token_norm_plugin.conf]",
+        [str(script), "method=[center,token_norm]", *searchpath,
          "dataset.params.num_images=8", "progress=false", "hydra.run.dir=run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert list(table["method"]) == ["center", "token_norm"]
     assert "token_norm" in proc.stdout
+
+
+def test_unknown_method_lists_plugin_methods(plugin_dir, tmp_path):
+    """The one-line error for an unknown method lists the plugin's method too."""
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
+    script = Path(sys.executable).parent / "wsol-bench"
+    proc = subprocess.run([str(script), "method=[center,token_nrom]"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("wsol-bench: error: unknown method 'token_nrom'; valid: agcam, center, "
+                                   "generic_attention, gradcam, random, rollout, token_norm, "
+                                   "transformer_attribution")

@@ -67,7 +67,7 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
     assert len(frame) == 2 * N and (frame["target"] == frame["label"]).all()
     transform = build_transform(cfg)
     ds = build_dataset("synthetic", transform=transform, split="val", num_images=N)
-    model = load_model("wsol_synthetic_vit")
+    model = load_model("wsol_synthetic_vit", pretrained=True)
     from wsol_bench.run.maps import store_settings
 
     store = MapStore(cfg.store.root, store_settings(cfg, transform, "agcam", "label"), 8)

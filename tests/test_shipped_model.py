@@ -18,7 +18,7 @@ NUM_VAL = 300
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("wsol_synthetic_vit")
+    return load_model("wsol_synthetic_vit", pretrained=True)
 
 
 @pytest.fixture(scope="module")

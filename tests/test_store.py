@@ -109,3 +109,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     maps_b = torch.cat([torch.load(p, weights_only=True)["maps"]
                         for p in sorted((tmp_path / "fresh").glob("*/shard_*.pt"))])
     assert torch.equal(maps_a, maps_b)
+
+
+def test_the_key_follows_the_package_version_and_the_explainers_source(tmp_path, monkeypatch):
+    """Editing an explainer's module changes its source digest and so the map-store key."""
+    import importlib
+    import sys
+
+    from wsol_bench.methods import Explainer
+    from wsol_bench.methods.registry import source_digest
+
+    module = tmp_path / "edited_method.py"
+    body = ("from wsol_bench.methods import Explainer\n\n"
+            "class Edited(Explainer):\n    def explain(self, images, targets):\n        return {}\n")
+    module.write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = source_digest(importlib.import_module("edited_method").Edited)
+    module.write_text(body.replace("return {}", "return {'changed': 1}"))
+    second = source_digest(importlib.reload(sys.modules["edited_method"]).Edited)
+    assert first != second and issubclass(sys.modules["edited_method"].Edited, Explainer)
+
+    cfg = _cfg()
+    settings = store_settings(cfg, build_transform(cfg), "agcam", cfg.target)
+    assert set(settings["code"]) == {"wsol_bench", "method"} and settings["code"]["wsol_bench"]
+    import wsol_bench.run.maps as maps
+    monkeypatch.setattr(maps, "package_version", lambda: "9.9.9")
+    assert settings_key(store_settings(cfg, build_transform(cfg), "agcam", cfg.target)) != settings_key(settings)

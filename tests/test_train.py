@@ -465,7 +465,20 @@ def test_bad_recipe_settings_exit_2(monkeypatch, capsys, tmp_path):
     err = _expect_exit_2(monkeypatch, capsys, tmp_path, "train.augment=mixup", f"out_dir={tmp_path / 'o'}")
     assert "train.augment='mixup'" in err
     err = _expect_exit_2(monkeypatch, capsys, tmp_path, "+train.lr_decay=0.5", f"out_dir={tmp_path / 'o'}")
-    assert "lr_decay" in err
+    assert "unknown key train.lr_decay; valid keys here: train_params" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr_decay=0.5", "unknown key train.lr_decay; valid keys here: train_params, val_params"),
+    ("train.epochs=many", "train.epochs: Value 'many' of type 'str' could not be converted to Integer"),
+    ("train.timm_augment=0.5", "train.timm_augment: Cannot assign float to Dict[str, Any]"),
+    ("dataset.params.image_sise=32", "unknown key dataset.params.image_sise"),
+])
+def test_bad_types_and_keys_are_refused_when_composing(monkeypatch, capsys, tmp_path, override, message):
+    """The train preset's schema refuses them before any work: one line, exit code 2."""
+    err = _expect_exit_2(monkeypatch, capsys, tmp_path, override, f"out_dir={tmp_path / 'o'}")
+    assert err.startswith(f"wsol-bench-train: error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
     err = _expect_exit_2(monkeypatch, capsys, tmp_path, "train.augment=timm", f"out_dir={tmp_path / 'o'}")
     assert "train.cache=false" in err
 

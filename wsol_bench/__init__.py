@@ -1,4 +1,34 @@
 """wsol-bench: explain Vision Transformers and score the explanations as weakly-supervised
 object localization and faithfulness."""
 
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+_PACKAGE = Path(__file__).resolve().parent
+# Subpackages that an install places inside wsol_bench but that a source checkout keeps at its
+# top level (pyproject's package-dir mapping). Python started from the checkout's root imports
+# this folder rather than the installed package, so without help `wsol_bench.methods` would
+# not be found there.
+_TOP_LEVEL = ("methods", "datasets", "conf")
+
+
+class _CheckoutLayout(importlib.abc.MetaPathFinder):
+    """Finds wsol_bench.methods, .datasets and .conf at the top level of a source checkout."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        parent, _, name = fullname.rpartition(".")
+        if parent != __name__ or name not in _TOP_LEVEL:
+            return None
+        folder = _PACKAGE.parent / name
+        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+
+
+if not (_PACKAGE / "methods").is_dir() and (_PACKAGE.parent / "methods" / "__init__.py").is_file():
+    sys.meta_path.append(_CheckoutLayout())

@@ -10,7 +10,7 @@ from importlib import metadata
 import torch
 
 PACKAGES = ("wsol-bench", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas",
-            "scikit-image", "scipy", "pycocotools", "opencv-python-headless", "safetensors", "pillow")
+            "scipy", "torchmetrics", "pycocotools", "opencv-python-headless", "safetensors", "pillow")
 
 
 def environment(device: str) -> dict:
@@ -27,3 +27,11 @@ def environment(device: str) -> dict:
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def package_version() -> str:
+    """The installed wsol-bench version ("unknown" when it is not installed, e.g. a bare checkout)."""
+    try:
+        return metadata.version("wsol-bench")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -13,21 +13,25 @@ from typing import Any
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed over `path` when the block ends
-    without an error, removed when it raises (nothing partial is left behind)."""
+    without an error, removed when it raises (nothing partial is left behind). `durable`
+    flushes the file to disk before the rename (checkpoints that must survive a power cut)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any], *, durable: bool = False) -> Path:
     """Call `write(tmp)` to write the file, then rename it over `path`; returns `path`."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         write(tmp)
     return Path(path)
 

@@ -12,14 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from wsol_bench.config.errors import run_app
+from wsol_bench.config.keys import check_known_keys
 from wsol_bench.methods.capture import UnsupportedModelError
-from wsol_bench.regions.contours import MissingDependencyError
+from wsol_bench.methods.registry import PluginImportError
 from wsol_bench.models import ModelLoadError
+from wsol_bench.regions.contours import MissingDependencyError
 
 log = logging.getLogger("wsol_bench")
 # Errors caused by the user's settings or files: print the message, not a traceback.
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, ValueError, FileNotFoundError,
-               KeyError)
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, PluginImportError, ValueError,
+               FileNotFoundError, KeyError)
 
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="config", version_base="1.3")
@@ -27,6 +30,7 @@ def _main(cfg: DictConfig) -> None:
     from wsol_bench.run.runner import run
 
     try:
+        check_known_keys(cfg)  # keys added with +key=value, which Hydra lets past the schema
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except MissingMandatoryValue as exc:
         if os.environ.get("WSOL_BENCH_DEBUG"):
@@ -43,48 +47,9 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def method_config_names() -> list[str]:
-    """Names of the method configs shipped in wsol_bench.conf/method."""
-    from importlib import resources
-
-    folder = resources.files("wsol_bench.conf") / "method"
-    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
-
-
-def unknown_methods(overrides: list[str]) -> list[str]:
-    """Method names selected on the command line that have no config in wsol_bench.conf and
-    no registered explainer. Hydra's own error for a list of group options does not say
-    which options exist, so the CLI checks first. A custom hydra.searchpath (plugin configs)
-    disables the check: those configs are only known to Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from wsol_bench.methods import available
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
-    except Exception:  # let Hydra report malformed overrides in its own words
-        return []
-    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
-        return []
-    known = set(method_config_names()) | set(available())
-    unknown = []
-    for o in parsed:
-        if o.key_or_group == "method" and not o.is_sweep_override():
-            value = o.value()
-            names = value if isinstance(value, list) else [value]
-            unknown += [str(n) for n in names if str(n) not in known]
-    return unknown
-
-
 def main() -> None:
     """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
-    bad = unknown_methods(sys.argv[1:])
-    if bad:
-        valid = method_config_names()
-        print(f"wsol-bench: error: unknown method {', '.join(map(repr, bad))}; valid: {', '.join(valid)} "
-              "(plugins: add their config folder with hydra.searchpath=[pkg://<plugin>.conf])", file=sys.stderr)
-        sys.exit(2)
-    _main()
+    run_app(_main, "wsol-bench", "config")
 
 
 if __name__ == "__main__":

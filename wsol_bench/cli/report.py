@@ -12,10 +12,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsol_bench.report.compare import (DEFAULT_TOLERANCE, compare_tables, comparison_cells, config_differences,
-                                       run_labels)
-from wsol_bench.report.run_folder import (VARIANTS, check_run, combined_table, format_run_tables, read_run,
-                                          run_tables, write_run_tables)
+from wsol_bench.report.compare import (
+    DEFAULT_TOLERANCE,
+    compare_tables,
+    comparison_cells,
+    config_differences,
+    run_labels,
+)
+from wsol_bench.report.run_folder import (
+    VARIANTS,
+    check_run,
+    combined_table,
+    format_run_tables,
+    read_run,
+    run_tables,
+    write_run_tables,
+)
 from wsol_bench.report.table_format import to_markdown, to_text, write_table_files
 from wsol_bench.run.gallery import rebuild_gallery
 

@@ -17,6 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from wsol_bench.config.errors import run_app
+from wsol_bench.config.keys import check_known_keys
 from wsol_bench.train.recipe import USER_ERRORS, train_from_config
 
 log = logging.getLogger("wsol_bench.train")
@@ -26,6 +28,7 @@ log = logging.getLogger("wsol_bench.train")
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_known_keys(cfg)  # keys added with +key=value, which Hydra lets past the schema
         train_from_config(cfg, out_dir)
     except USER_ERRORS as exc:
         if os.environ.get("WSOL_BENCH_DEBUG"):
@@ -37,7 +40,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
-    _main()
+    run_app(_main, "wsol-bench-train", "trainer")
 
 
 if __name__ == "__main__":

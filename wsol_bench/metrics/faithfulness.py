@@ -49,9 +49,6 @@ MODES = ("abpc", "deletion", "insertion")
 INTEGRALS = ("mean", "trapezoid")
 CURVES = {"abpc": ("morf", "lerf"), "deletion": ("deletion",), "insertion": ("insertion",)}
 DEFAULT_INTEGRAL = {"abpc": "mean", "deletion": "trapezoid", "insertion": "trapezoid"}
-# Part of the faithfulness cache key: bump it whenever the same settings give other numbers,
-# so rows cached by an older engine are recomputed, never reused (2: truncated step counts).
-ENGINE_VERSION = 2
 
 
 @dataclass(frozen=True)

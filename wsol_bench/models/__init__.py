@@ -1,283 +1,32 @@
-"""Loading the Vision Transformers the benchmark explains.
+"""Models: loading any timm VisionTransformer ready for explanation, switching its fused
+attention, and the shipped model (registered with timm on import)."""
 
-`load_model` builds any timm VisionTransformer by name, with weights from a timm pretrained
-tag (timm's own download and cache), a local checkpoint (safetensors or .pth), or the model
-shipped with the package; it returns the model in eval mode with fused attention switched off
-on every attention module and parameters frozen, ready for the explainers.
-"""
+from wsol_bench.models import shipped
+from wsol_bench.models.attention import (
+    UnsupportedModelError,
+    disable_fused_attention,
+    fused_attention,
+    switch_off_fused,
+)
+from wsol_bench.models.loading import (
+    DataConfig,
+    ModelLoadError,
+    architecture_data_config,
+    data_config,
+    load_model,
+    patch_grid,
+    pretrained_file,
+    read_checkpoint,
+)
 
-from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
-from importlib import resources
-from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from timm.layers import HybridEmbed
-from torch import nn
-
-
-def conv_stem(channels: tuple[int, ...] = (16, 32, 64, 96)) -> nn.Sequential:
-    """Stride-2 3x3 conv + BatchNorm + ReLU layers (224 -> 14 with four of them): the
-    convolutional stem of "Early convolutions help transformers see better" (Xiao et al.
-    2021), which lets a small ViT learn shapes from scratch in minutes on a CPU."""
-    layers: list[nn.Module] = []
-    c_in = 3
-    for c_out in channels:
-        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-        c_in = c_out
-    return nn.Sequential(*layers)
+__all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "data_config",
+           "disable_fused_attention", "fused_attention", "load_model", "patch_grid", "pretrained_file",
+           "read_checkpoint", "shipped", "shipped_weights_path", "switch_off_fused"]
 
 
-def _conv_stem_vit(**kwargs: Any) -> nn.Module:
-    # A timm VisionTransformer whose patch embedding is timm's HybridEmbed over the conv stem:
-    # 14x14 tokens at 224, one CLS token, standard blocks, so every explainer applies.
-    stem = kwargs.pop("stem_channels", (16, 32, 64, 96))
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=1,
-                             embed_layer=partial(HybridEmbed, backbone=conv_stem(tuple(stem))), **kwargs)
-
-
-# Models shipped inside the package: name -> builder, its kwargs, weights file, preprocessing.
-SHIPPED_MODELS: dict[str, dict[str, Any]] = {
-    "wsol_synthetic_vit": {
-        "build": _conv_stem_vit,
-        "kwargs": {"embed_dim": 96, "depth": 6, "num_heads": 3, "num_classes": 6, "img_size": 224,
-                   "stem_channels": (16, 32, 64, 96)},
-        "weights": "wsol_synthetic_vit.safetensors",
-        "data_config": {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5),
-                        "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"},
-    },
-}
-
-
-def build_shipped(name: str, **overrides: Any) -> nn.Module:
-    """A shipped architecture with random weights (training starts here)."""
-    spec = SHIPPED_MODELS[name]
-    return spec["build"](**{**spec["kwargs"], **overrides})
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be built or its weights could not be loaded; the message says why
-    and what to do."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing a model expects."""
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875  # timm's eval transform resizes the shorter side to size / crop_pct
-
-
-def shipped_weights_path(name: str) -> Path:
-    """Location of a shipped model's safetensors file inside the installed package."""
-    spec = SHIPPED_MODELS[name]
-    return Path(str(resources.files("wsol_bench") / "weights" / spec["weights"]))
-
-
-def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DataParallel/DDP save "module.", Lightning-style wrappers save "model."; both may stack.
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in ("module.", "model."):
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """State dict from a .safetensors file or a .pth/.pt file (loaded with weights_only=True);
-    a {"state_dict": ...} or {"model": ...} wrapper is unwrapped and prefixes stripped."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint file not found: {path} (pass an existing file as "
-                             "model.checkpoint=...)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle with arbitrary objects, truncated files, ...
-            raise ModelLoadError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
-                                 f"{exc}. Re-save it as a plain state dict or safetensors.") from exc
-        for wrapper in ("state_dict", "model", "module"):
-            if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
-    return _strip_prefixes(state)
-
-
-def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
-    head = state.get("head.weight")
-    return int(head.shape[0]) if head is not None else None
-
-
-class UnsupportedModelError(ValueError):
-    """The model lacks a structure an explainer relies on; the message names it."""
-
-
-def switch_off_fused(module: nn.Module, label: str) -> bool | None:
-    """Set `module.fused_attn = False` so the attention matrix is formed (and hookable);
-    returns the previous value (None when the module has no such switch)."""
-    if not hasattr(module, "fused_attn"):
-        return None
-    before = bool(module.fused_attn)
-    try:
-        module.fused_attn = False
-    except Exception as exc:
-        raise UnsupportedModelError(f"{label}: cannot switch off fused attention: {exc}") from exc
-    if module.fused_attn:
-        raise UnsupportedModelError(f"{label}: fused attention cannot be switched off; its attention "
-                                    "matrix is never formed, so it cannot be explained")
-    return before
-
-
-@contextmanager
-def fused_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every attention module of `model` uses the fused kernel
-    (`F.scaled_dot_product_attention`), for passes that need only the outputs (faithfulness
-    perturbations): faster on CPU and GPU, equal to the explicit path up to float rounding.
-    The previous switches are restored on exit, also after an exception."""
-    saved = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
-    try:
-        for m in saved:
-            m.fused_attn = True
-        yield model
-    finally:
-        for m, value in saved.items():
-            m.fused_attn = value
-
-
-def disable_fused_attention(model: nn.Module) -> int:
-    """Switch every attention module to the explicit softmax path so hooks see the attention
-    matrix; returns how many modules were switched. Raises if one cannot be switched."""
-    switched = [switch_off_fused(m, f"{type(model).__name__}.{name}") for name, m in model.named_modules()]
-    return sum(s is not None for s in switched)
-
-
-def _create(name: str, **kwargs: Any) -> nn.Module:
-    try:
-        return timm.create_model(name, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
-            known = sorted(SHIPPED_MODELS) + ["any timm model, e.g. vit_base_patch16_224.orig_in21k_ft_in1k"]
-            raise ModelLoadError(f"unknown model {name!r}: {exc}. Valid: {', '.join(known)}") from exc
-        raise
-
-
-def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
-    cfg = getattr(timm.create_model(name, pretrained=False), "pretrained_cfg", {}) or {}
-    sources = []
-    if cfg.get("hf_hub_id"):
-        sources.append(f"the Hugging Face hub repo {cfg['hf_hub_id']} (model.safetensors; put the "
-                       "repo in the hub cache, HF_HOME, and set HF_HUB_OFFLINE=1)")
-    if cfg.get("url"):
-        filename = cfg["url"].rsplit("/", 1)[-1]
-        sources.append(f"the file {filename} from {cfg['url']} (put it in TORCH_HOME/hub/checkpoints, "
-                       f"or pass model.checkpoint=/path/to/{filename} model.pretrained=false)")
-    where = "; or ".join(sources) or "timm's pretrained source for this tag"
-    return ModelLoadError(f"pretrained weights for {name!r} could not be fetched "
-                          f"({type(exc).__name__}: {exc}). Offline, copy {where}.")
-
-
-def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
-               num_classes: int | None = None, device: str | torch.device = "cpu",
-               **timm_kwargs: Any) -> nn.Module:
-    """Build timm model `name` ready for explanation: eval mode, fused attention off,
-    parameters frozen, on `device`.
-
-    Weights come from the shipped file (shipped names), a timm pretrained tag
-    (`pretrained=True`), or `checkpoint` (a local .safetensors/.pth). `num_classes` is checked
-    against the checkpoint's head: a mismatch is an error, never a silently new head.
-    """
-    if name in SHIPPED_MODELS and checkpoint is None:
-        checkpoint = shipped_weights_path(name)
-        if not Path(checkpoint).is_file():
-            raise ModelLoadError(f"shipped weights missing: {checkpoint}; reinstall wsol-bench "
-                                 "or retrain with scripts/train_synthetic.py")
-    state = read_checkpoint(checkpoint) if checkpoint is not None else None
-    head_classes = _num_classes_in(state) if state is not None else None
-    if num_classes is not None and head_classes is not None and head_classes != num_classes:
-        raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
-                             f"num_classes={num_classes} was requested (dataset classes)")
-    kwargs = dict(timm_kwargs)
-    if num_classes is not None or head_classes is not None:
-        kwargs.setdefault("num_classes", num_classes if num_classes is not None else head_classes)
-
-    if name in SHIPPED_MODELS:
-        model = build_shipped(name, **kwargs)
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
-                                **SHIPPED_MODELS[name]["data_config"], "architecture": name}
-    elif state is not None:
-        model = _create(name, pretrained=False, **kwargs)
-    else:
-        try:
-            model = _create(name, pretrained=pretrained, **kwargs)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # network errors surface as many types (OSError, HTTP, hub)
-            if pretrained:
-                raise _pretrained_help(name, exc) from exc
-            raise
-
-    if state is not None:
-        model_classes = getattr(model, "num_classes", None)
-        if head_classes is not None and model_classes is not None and head_classes != model_classes:
-            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
-                                 f"model {name} was built with {model_classes} classes")
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # tensor shape mismatches
-            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {name}: {exc}") from exc
-        if missing or unexpected:
-            raise ModelLoadError(f"checkpoint {checkpoint} does not match {name}: missing "
-                                 f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
-    elif num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
-        raise ModelLoadError(f"model {name} has {model.num_classes} classes but num_classes="
-                             f"{num_classes} was requested")
-
-    disable_fused_attention(model)
-    model.requires_grad_(False)  # explainers take gradients w.r.t. activations, never weights
-    return model.eval().to(device)
-
-
-def data_config(model: nn.Module) -> DataConfig:
-    """Input size, mean, std and interpolation the model expects (timm's pretrained config)."""
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return DataConfig(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]),
-                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"),
-                      crop_pct=float(cfg.get("crop_pct", 0.875)))
-
-
-def architecture_data_config(name: str, **timm_kwargs: Any) -> DataConfig:
-    """`data_config` of architecture `name` without reading any weights: the model is built
-    on the meta device, so a re-scoring run learns the preprocessing (part of the map cache
-    key) in milliseconds instead of loading a checkpoint it does not need."""
-    with torch.device("meta"):
-        if name in SHIPPED_MODELS:
-            model = build_shipped(name, **timm_kwargs)
-            model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **SHIPPED_MODELS[name]["data_config"]}
-        else:
-            model = _create(name, pretrained=False, **timm_kwargs)
-    return data_config(model)
-
-
-def patch_grid(model: nn.Module) -> tuple[int, int]:
-    """(rows, cols) of the patch grid, read from the model, never assumed."""
-    grid = model.patch_embed.grid_size
-    return int(grid[0]), int(grid[1])
+def shipped_weights_path(name: str = "wsol_synthetic_vit"):
+    """Location of a shipped model's weights inside the installed package."""
+    path = pretrained_file(name)
+    if path is None:
+        raise ModelLoadError(f"{name} is not a model shipped with wsol-bench")
+    return path

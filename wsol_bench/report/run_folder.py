@@ -22,8 +22,14 @@ from wsol_bench.metrics.base import RunMetric, load_states
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
 from wsol_bench.report.sweep_tables import sweep_table, wsoleval_table
 from wsol_bench.report.table_format import to_text, write_table_files
-from wsol_bench.report.tables import (PUBLISHED_SUFFIX, faithfulness_summary, localization_table, ordered_columns,
-                               paper_table, wsoleval_summary)
+from wsol_bench.report.tables import (
+    PUBLISHED_SUFFIX,
+    faithfulness_summary,
+    localization_table,
+    ordered_columns,
+    paper_table,
+    wsoleval_summary,
+)
 
 VARIANTS = {"box": "union of ground-truth boxes", "mask": "ground-truth segmentation mask"}
 FILTER_WORDS = {"correct": "correctly classified images", "all": "all images"}

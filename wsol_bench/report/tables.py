@@ -9,13 +9,11 @@ numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import pandas as pd
 
 from wsol_bench.metrics.pixel import PIXEL_METRICS
 from wsol_bench.report.paper_numbers import PublishedNumber
-from wsol_bench.report.table_format import to_text, write_table_files
 
 FILTERS = ("correct", "all")
 PAPER_NAMES = {"pixel_acc": "Pixel Acc", "iou": "IoU", "dice": "Dice", "precision": "Precision",
@@ -159,21 +157,3 @@ def paper_table(table: pd.DataFrame, variant: str = "box", *, faithfulness: pd.D
             view = _attach(view, extra)
     view = published_rows(view, published, variant)
     return ordered_columns(view).reset_index(drop=True)
-
-
-def format_table(table: pd.DataFrame, variant: str = "box") -> str:
-    """`paper_table` as aligned text with two decimals, for the terminal."""
-    return to_text(paper_table(table, variant))
-
-
-def write_tables(table: pd.DataFrame, folder, stem: str = "table", **paper_options) -> list[Path]:
-    """Write the paper-layout table of each ground-truth variant as Markdown and LaTeX
-    (`<stem>_<variant>.md`, `.tex`); `paper_options` go to `paper_table`. Returns the paths."""
-    paths = []
-    for variant in ("box", "mask"):
-        if f"{variant}_iou" not in table.columns:
-            continue
-        view = paper_table(table, variant, **paper_options)
-        paths += write_table_files(view, Path(folder), f"{stem}_{variant}", formats=("md", "tex"))
-    return paths
-

@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.datasets import EvalTransform
 from wsol_bench.datasets.base import RESAMPLER
+from wsol_bench.environment import package_version
 from wsol_bench.methods import get_explainer
-from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, load_model,
-                               shipped_weights_path)
+from wsol_bench.methods.registry import explainer_class, source_digest
+from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, pretrained_file
 from wsol_bench.run.pipeline import explain_dataset
 from wsol_bench.run.store import MapStore, file_digest
 
@@ -33,7 +34,9 @@ def build_transform(cfg: DictConfig) -> EvalTransform:
     size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
     return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
                          std=pre.std if pre.std is not None else dc.std,
-                         interpolation=pre.interpolation or dc.interpolation, resize=pre.get("resize", "squash"),
+                         interpolation=pre.interpolation or dc.interpolation,
+                         # .get: run folders written before these settings existed are rebuilt too
+                         resize=pre.get("resize", "squash"),
                          crop_pct=pre.crop_pct if pre.get("crop_pct") is not None else dc.crop_pct)
 
 
@@ -47,8 +50,8 @@ def model_identity(mcfg: DictConfig, seed: int) -> dict:
             raise FileNotFoundError(f"model.checkpoint={mcfg.checkpoint} does not exist; pass the path "
                                     "of a .safetensors or .pth file")
         ident["weights"] = f"sha256:{file_digest(path)}"
-    elif mcfg.name in SHIPPED_MODELS:
-        ident["weights"] = f"sha256:{file_digest(shipped_weights_path(mcfg.name))}"
+    elif mcfg.pretrained and pretrained_file(mcfg.name) is not None:  # a local file, e.g. the shipped model's
+        ident["weights"] = f"sha256:{file_digest(pretrained_file(mcfg.name))}"
     elif mcfg.pretrained:
         ident["weights"] = f"timm-pretrained:{mcfg.name}"
     else:
@@ -66,6 +69,8 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
                        "interpolation": transform.interpolation, "resize": transform.resize,
                        "resampler": RESAMPLER,
                        **({"crop_pct": transform.crop_pct} if transform.resize == "timm" else {})},
+        # the package version and the explainer's source: an edited method recomputes its maps
+        "code": {"wsol_bench": package_version(), "method": source_digest(explainer_class(m.name))},
         "method": {"name": m.name, "params": as_dict(m.params)},
         "target_policy": target_policy,
     }

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from wsol_bench.datasets.base import Batch, Sample, collate_samples
-from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.methods.base import Explainer
 from wsol_bench.metrics.localization import ground_truth
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.scorers.base import Scorer
 from wsol_bench.run.store import MapStore, Shard

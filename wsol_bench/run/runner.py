@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wsol_bench.config.methods import check_method_params
 from wsol_bench.datasets import build_dataset
 from wsol_bench.environment import environment
 from wsol_bench.files import atomic_write_text, write_json
@@ -48,6 +49,11 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
     progress = progress_enabled(cfg.progress)  # a bad value fails here, not after the explanation pass
+    if cfg.mode == "run":
+        if not cfg.method:
+            raise ValueError("no method selected; e.g. method=[agcam,rollout]")
+        for m in cfg.method.values():  # a misspelt parameter fails now, not when its maps are missing
+            check_method_params(m.name, as_dict(m.params))
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wsol_bench.files import atomic_write, atomic_write_text
 
 SHARD_FORMAT = 1  # bump when the payload layout changes, so old caches are not misread
 
@@ -114,17 +115,13 @@ class MapStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         settings_file = self.folder / "settings.json"
         if not settings_file.is_file():
-            _atomic_write_text(settings_file, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+            atomic_write_text(settings_file, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
         payload = {"format": SHARD_FORMAT, "maps": shard.maps.float().cpu().contiguous(),
                    "logits": shard.logits.float().cpu().contiguous(), "targets": shard.targets.cpu(),
                    "positions": shard.positions.cpu(), "image_ids": list(shard.image_ids),
                    "skipped": [list(s) for s in shard.skipped], "target_source": shard.target_source,
                    "class_specific": bool(shard.class_specific)}
-        path = self.shard_path(shard.index)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(self.shard_path(shard.index), lambda tmp: torch.save(payload, tmp))
 
     def load(self, index: int) -> Shard:
         """Read shard `index`; a missing or unreadable file names itself and the fix."""
@@ -151,8 +148,3 @@ class MapStore:
         for index in range(self.num_shards(num_items)):
             yield self.load(index)
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import shlex
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from wsol_bench.methods.capture import UnsupportedModelError
-from wsol_bench.models import (SHIPPED_MODELS, ModelLoadError, architecture_data_config, build_shipped,
-                               load_model, read_checkpoint, shipped_weights_path)
 from wsol_bench.environment import environment
-from wsol_bench.files import write_json
+from wsol_bench.files import atomic_write, write_json
+from wsol_bench.methods.capture import UnsupportedModelError
+from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, read_checkpoint
 from wsol_bench.progress import progress_enabled
 from wsol_bench.train.data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
 from wsol_bench.train.trainer import CHECKPOINT, Recipe, Trainer, evaluate, save_atomic
@@ -38,8 +36,8 @@ def preprocessing(cfg: DictConfig) -> dict[str, Any]:
     """Input size, mean, std and interpolation: the architecture's own (as the benchmark reads
     them), with any `preprocess.*` value set in the config taking precedence."""
     name = cfg.model.name
-    if name not in SHIPPED_MODELS and not timm.is_model(name):
-        raise ModelLoadError(f"unknown model.name={name!r}; valid: {', '.join(SHIPPED_MODELS)} or any timm "
+    if not timm.is_model(name):
+        raise ModelLoadError(f"unknown model.name={name!r}; valid: wsol_synthetic_vit (shipped) or any timm "
                              "model name (with an optional pretrained tag)")
     dc = architecture_data_config(name, **as_dict(cfg.model.kwargs))
     pre = cfg.preprocess
@@ -49,13 +47,9 @@ def preprocessing(cfg: DictConfig) -> dict[str, Any]:
 
 
 def recipe_from(cfg: DictConfig) -> Recipe:
-    """The optimisation settings of the train group; an unknown key is an error."""
-    settings = {k: v for k, v in as_dict(cfg.train).items() if k not in DATA_KEYS}
-    known = {f.name for f in fields(Recipe)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown train settings {unknown}; valid: {sorted(known | set(DATA_KEYS))}")
-    recipe = Recipe(**settings)
+    """The optimisation settings of the train group (keys and types are checked earlier: by the
+    schema, wsol_bench.config.trainer.TrainConfig, when Hydra composes the config)."""
+    recipe = Recipe(**{k: v for k, v in as_dict(cfg.train).items() if k not in DATA_KEYS})
     valid = BATCH_AUGMENTS + SAMPLE_AUGMENTS
     if recipe.augment not in valid:
         raise ValueError(f"unknown train.augment={recipe.augment!r}; valid: {', '.join(valid)}")
@@ -98,12 +92,9 @@ def build_training_model(mcfg: DictConfig, num_classes: int, reset_head: bool,
         raise ValueError(f"model.kwargs.num_classes={mcfg.kwargs.num_classes} differs from the dataset's "
                          f"{num_classes} classes; remove it (the head always matches the dataset)")
     checkpoint = mcfg.checkpoint
-    if checkpoint is None and name in SHIPPED_MODELS and mcfg.pretrained:
-        checkpoint = shipped_weights_path(name)
     if checkpoint is None and mcfg.pretrained:
         return load_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-    model = (build_shipped(name, num_classes=num_classes, **kwargs) if name in SHIPPED_MODELS
-             else load_model(name, pretrained=False, num_classes=num_classes, **kwargs))
+    model = load_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint is not None:
         load_initial_weights(model, checkpoint, num_classes, reset_head)
     return model
@@ -249,12 +240,15 @@ def export(cfg: DictConfig, trainer: Trainer, pre: dict[str, Any], facts: dict[s
     from safetensors.torch import save_file
 
     weights = out_dir / "model.safetensors"
-    tmp = weights.with_name(".model.safetensors.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}, str(tmp))
+    state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates the file owner-only
-    tmp.replace(weights)
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp))
+        tmp.chmod(0o666 & ~umask)  # safetensors creates the file owner-only
+
+    atomic_write(weights, write)
     s = trainer.state
     last = s.history[-1]
     overrides = benchmark_overrides(cfg, weights.resolve())

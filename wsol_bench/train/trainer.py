@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from wsol_bench.files import atomic_write
 from wsol_bench.models import disable_fused_attention
 from wsol_bench.train.data import LabelledBatch, augment_batch
 
@@ -126,12 +126,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
     `path`: a run killed mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
 
 
 @torch.no_grad()

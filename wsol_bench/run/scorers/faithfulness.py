@@ -4,6 +4,7 @@ and every step of the curves."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +12,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import wsol_bench.metrics.faithfulness as faithfulness_module
+from wsol_bench.environment import package_version
 from wsol_bench.files import atomic_write, write_json
-from wsol_bench.metrics.faithfulness import (ENGINE_VERSION, FaithfulnessSettings, constant_baseline_probs,
-                                             faithfulness_rows, score_batch)
+from wsol_bench.metrics.faithfulness import (
+    FaithfulnessSettings,
+    constant_baseline_probs,
+    faithfulness_rows,
+    score_batch,
+)
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.report.curves import plot_perturbation_curves
 from wsol_bench.run.batch import MethodBatch
@@ -21,6 +28,11 @@ from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
 from wsol_bench.run.store import MapStore, Shard, settings_key
 
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target"]
+
+
+def faithfulness_digest() -> str:
+    """sha256 of the perturbation engine's source: cached rows of an edited engine are not reused."""
+    return hashlib.sha256(Path(faithfulness_module.__file__).read_bytes()).hexdigest()[:16]
 
 
 def faithfulness_settings(node: DictConfig) -> FaithfulnessSettings:
@@ -50,7 +62,9 @@ class FaithfulnessScorer(Scorer):
         # The chunk size changes speed, not the numbers, so it stays out of the key (as the
         # explanation batch size stays out of the map key).
         self.key_settings = {k: v for k, v in vars(settings).items() if k != "batch_size"}
-        self.key = settings_key({"faithfulness": self.key_settings, "engine": ENGINE_VERSION})
+        # the package version and the engine's source: rows of an edited engine are recomputed
+        self.key = settings_key({"faithfulness": self.key_settings,
+                                 "code": {"wsol_bench": package_version(), "metric": faithfulness_digest()}})
         self._pending: dict[tuple[str, int], list[dict]] = {}
         self._cached: dict[tuple[str, int], dict[str, dict] | None] = {}
         self._shards: dict[tuple[str, int], Shard] = {}
@@ -59,7 +73,7 @@ class FaithfulnessScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> FaithfulnessScorer | None:
-        if not cfg.get("faithfulness"):
+        if not cfg.faithfulness:
             return None
         settings = faithfulness_settings(cfg.faithfulness)  # a bad setting fails before any model pass
         return cls(context.model, context.label_stores, settings, context.out_dir / "faithfulness.csv",

@@ -32,7 +32,7 @@ log = logging.getLogger("wsol_bench")
 def sweep_thresholds(node: DictConfig) -> list[float]:
     """The sweep's threshold grid: an explicit list, or numpy.arange(start, stop, step) (the
     wsolevaluation grid by default: 0.00, 0.01, ..., 0.99)."""
-    if node.get("thresholds") is not None:
+    if node.thresholds is not None:
         return [float(t) for t in node.thresholds]
     if float(node.step) <= 0:
         raise ValueError(f"sweep.step must be > 0, got {node.step}")
@@ -60,11 +60,11 @@ class SweepScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> SweepScorer | None:
-        if not cfg.get("sweep"):
+        if not cfg.sweep:
             return None
         return cls(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds, box_protocol=cfg.metric.box_protocol,
                    image_filter=cfg.metric.image_filter, has_masks=context.has_masks,
-                   dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.get("boxes", "opencv"))
+                   dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.boxes)
 
     def _metrics(self, method: str) -> dict[str, RunMetric]:
         if method not in self.metrics:

@@ -1,0 +1,66 @@
+"""Schema of the `wsol-bench` configuration (conf/config.yaml and the groups it selects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from .datasets import DatasetConfig
+from .groups import MethodConfig, MetricConfig, ModelConfig
+
+
+@dataclass
+class StoreConfig:
+    """The map store: where raw maps are cached and how many images a shard holds."""
+
+    root: str = MISSING
+    shard_size: int = MISSING
+
+
+@dataclass
+class InputConfig:
+    """Preprocessing values that override the model's own (None: the model's)."""
+
+    input_size: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
+
+
+@dataclass
+class PreprocessConfig(InputConfig):
+    """The benchmark's preprocessing: also the resize mode and timm's crop fraction."""
+
+    resize: str = MISSING
+    crop_pct: float | None = None
+
+
+@dataclass
+class BenchConfig:
+    """Top level of `wsol-bench`. The optional groups (faithfulness, sweep) are None when not
+    selected and typed by the schema their YAML files list when selected: a None node typed
+    with a dataclass breaks OmegaConf on an override below it (`sweep.step=0.1` without
+    `sweep=grid`), an untyped one reports it. `progress` takes auto, true or false, so it is
+    typed loosely and checked where it is read."""
+
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    method: dict[str, MethodConfig] = field(default_factory=dict)
+    metric: MetricConfig = MISSING
+    faithfulness: Any = None  # FaithfulnessConfig when selected
+    sweep: Any = None         # SweepConfig when selected
+    run_name: str = MISSING
+    mode: str = MISSING
+    check_images: bool = MISSING
+    device: str = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    target: str = MISSING
+    progress: Any = MISSING
+    export_masks: bool = MISSING
+    gallery_images: int = MISSING
+    store: StoreConfig = field(default_factory=StoreConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -1,0 +1,68 @@
+"""Schemas of the single-schema config groups: model, method entries, metric, faithfulness and
+sweep. Defaults mirror the code that reads them; the YAML files give the values used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """`load_model` arguments: a timm (or shipped) name, weights and timm keyword arguments.
+    `checkpoint` has no default: a YAML's `???` (a preset that needs a file) only stays
+    mandatory when the schema has none (merging `???` never replaces a value)."""
+
+    name: str = MISSING
+    pretrained: bool = False
+    checkpoint: str | None = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """One entry of `method`: a registered explainer and its constructor's keyword arguments
+    (plugins define their own, so they are checked against the constructor at run time by
+    `check_method_params`, not here)."""
+
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MetricConfig:
+    """AG-CAM pixel scores: thresholds, box rasterisation and which images count."""
+
+    thresholds: list[float] = MISSING
+    box_protocol: str = MISSING
+    image_filter: str = MISSING
+
+
+@dataclass
+class FaithfulnessConfig:
+    """Mirrors `wsol_bench.metrics.faithfulness.FaithfulnessSettings`, which checks the values.
+    `baseline` is a number, a list of numbers or "blur": OmegaConf has no such union type."""
+
+    mode: str = "abpc"
+    steps: int = 11
+    baseline: Any = 0.0
+    integral: str | None = None
+    batch_size: int | None = None
+    amp: bool = False
+    blur_kernel_size: int = 11
+    blur_sigma: float = 5.0
+
+
+@dataclass
+class SweepConfig:
+    """The threshold sweep: numpy.arange(start, stop, step) or an explicit list, the IoU levels
+    (percent) of MaxBoxAccV2 and the box extraction."""
+
+    start: float = MISSING
+    stop: float = MISSING
+    step: float = MISSING
+    thresholds: list[float] | None = None
+    iou_thresholds: list[int] = MISSING
+    boxes: str = "opencv"

@@ -1,0 +1,195 @@
+"""Loading the Vision Transformers the benchmark explains.
+
+`load_model` builds any timm VisionTransformer by name (the shipped model included: it is
+registered with timm), with weights from a timm pretrained tag (timm's own download and cache,
+or the packaged file), a local checkpoint (safetensors or .pth), or none; it returns the model
+in eval mode with fused attention switched off on every attention module and parameters
+frozen, ready for the explainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from wsol_bench.models.attention import disable_fused_attention
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be built or its weights could not be loaded; the message says why
+    and what to do."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a model expects."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875  # timm's eval transform resizes the shorter side to size / crop_pct
+
+
+def pretrained_file(name: str) -> Path | None:
+    """The local file timm's pretrained config of `name` (with its tag) loads weights from,
+    if it names one (the shipped model's packaged weights); None for downloads."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # not a registered model or tag
+        return None
+    file = getattr(cfg, "file", None) if cfg is not None else None
+    return Path(file) if file else None
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DataParallel/DDP save "module.", Lightning-style wrappers save "model."; both may stack.
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "model."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from a .safetensors file or a .pth/.pt file (loaded with weights_only=True);
+    a {"state_dict": ...} or {"model": ...} wrapper is unwrapped and prefixes stripped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {path} (pass an existing file as "
+                             "model.checkpoint=...)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle with arbitrary objects, truncated files, ...
+            raise ModelLoadError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                                 f"{exc}. Re-save it as a plain state dict or safetensors.") from exc
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
+    return _strip_prefixes(state)
+
+
+def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
+    head = state.get("head.weight")
+    return int(head.shape[0]) if head is not None else None
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
+            raise ModelLoadError(f"unknown model {name!r}: {exc}. Valid: wsol_synthetic_vit (shipped) or any "
+                                 "timm model, e.g. vit_base_patch16_224.orig_in21k_ft_in1k") from exc
+        raise
+
+
+def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
+    cfg = getattr(timm.create_model(name, pretrained=False), "pretrained_cfg", {}) or {}
+    sources = []
+    if cfg.get("hf_hub_id"):
+        sources.append(f"the Hugging Face hub repo {cfg['hf_hub_id']} (model.safetensors; put the "
+                       "repo in the hub cache, HF_HOME, and set HF_HUB_OFFLINE=1)")
+    if cfg.get("url"):
+        filename = cfg["url"].rsplit("/", 1)[-1]
+        sources.append(f"the file {filename} from {cfg['url']} (put it in TORCH_HOME/hub/checkpoints, "
+                       f"or pass model.checkpoint=/path/to/{filename} model.pretrained=false)")
+    where = "; or ".join(sources) or "timm's pretrained source for this tag"
+    return ModelLoadError(f"pretrained weights for {name!r} could not be fetched "
+                          f"({type(exc).__name__}: {exc}). Offline, copy {where}.")
+
+
+def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
+               num_classes: int | None = None, device: str | torch.device = "cpu",
+               **timm_kwargs: Any) -> nn.Module:
+    """Build timm model `name` ready for explanation: eval mode, fused attention off,
+    parameters frozen, on `device`.
+
+    Weights come from a timm pretrained tag (`pretrained=True`; the shipped model's is its
+    packaged file), or `checkpoint` (a local .safetensors/.pth). `num_classes` is checked
+    against the checkpoint's head: a mismatch is an error, never a silently new head.
+    """
+    packaged = pretrained_file(name) if pretrained and checkpoint is None else None
+    if packaged is not None and not packaged.is_file():
+        raise ModelLoadError(f"the weights of {name} are missing: {packaged}; reinstall wsol-bench or "
+                             "retrain with scripts/train_synthetic.py")
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    head_classes = _num_classes_in(state) if state is not None else None
+    if num_classes is not None and head_classes is not None and head_classes != num_classes:
+        raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+                             f"num_classes={num_classes} was requested (dataset classes)")
+    kwargs = dict(timm_kwargs)
+    if num_classes is not None or head_classes is not None:
+        kwargs.setdefault("num_classes", num_classes if num_classes is not None else head_classes)
+
+    if state is not None:
+        model = _create(name, pretrained=False, **kwargs)
+    else:
+        try:
+            model = _create(name, pretrained=pretrained, **kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # network errors surface as many types (OSError, HTTP, hub)
+            if pretrained:
+                raise _pretrained_help(name, exc) from exc
+            raise
+
+    if state is not None:
+        model_classes = getattr(model, "num_classes", None)
+        if head_classes is not None and model_classes is not None and head_classes != model_classes:
+            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+                                 f"model {name} was built with {model_classes} classes")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensor shape mismatches
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {name}: {exc}") from exc
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not match {name}: missing "
+                                 f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    elif num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        raise ModelLoadError(f"model {name} has {model.num_classes} classes but num_classes="
+                             f"{num_classes} was requested")
+
+    disable_fused_attention(model)
+    model.requires_grad_(False)  # explainers take gradients w.r.t. activations, never weights
+    return model.eval().to(device)
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """Input size, mean, std and interpolation the model expects (timm's pretrained config)."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return DataConfig(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]),
+                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"),
+                      crop_pct=float(cfg.get("crop_pct", 0.875)))
+
+
+def architecture_data_config(name: str, **timm_kwargs: Any) -> DataConfig:
+    """`data_config` of architecture `name` without reading any weights: the model is built
+    on the meta device, so a re-scoring run learns the preprocessing (part of the map cache
+    key) in milliseconds instead of loading a checkpoint it does not need."""
+    with torch.device("meta"):
+        model = _create(name, pretrained=False, **timm_kwargs)
+    return data_config(model)
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the patch grid, read from the model, never assumed."""
+    grid = model.patch_embed.grid_size
+    return int(grid[0]), int(grid[1])
