@@ -216,6 +216,15 @@ def collate_samples(items: list[Sample | SkippedSample]) -> Batch:
     return Batch(images=images, labels=labels, samples=samples, skipped=skipped)
 
 
+def inclusive_to_continuous(boxes) -> np.ndarray:
+    """0-based inclusive pixel boxes [x0, y0, x1, y1] (ImageNet, CUB, wsolevaluation metadata)
+    -> continuous edges [x0, y0, x1 + 1, y1 + 1], float32 [K, 4]: every loader that reads
+    inclusive corners converts here and nowhere else."""
+    out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    out[:, 2:] += 1.0
+    return out
+
+
 def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Pixels whose centre lies inside any continuous xyxy box; bool [H, W]."""
     height, width = size

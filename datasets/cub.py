@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .base import Sample, SkippedSample
+from .base import Sample, SkippedSample, inclusive_to_continuous
 from .image_io import ImageReadError, read_rgb
 from .records import AnnotationRecord, clip_boxes_to_image, folder_listing, limit_index, reconcile_image_size
 
@@ -49,14 +49,10 @@ OFFICIAL_SPLITS = {"train": "1", "test": "0"}  # train_test_split.txt's is_train
 LAYOUT = "CUB_200_2011/{" + ", ".join(OFFICIAL_FILES) + ", images/}"
 
 
-def inclusive_corners_to_xyxy(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-    """0-based inclusive corner pixels -> continuous xyxy pixel edges."""
-    return [float(x0), float(y0), float(x1) + 1.0, float(y1) + 1.0]
-
-
 def cub_box_to_xyxy(x: float, y: float, w: float, h: float) -> list[float]:
-    """A bounding_boxes.txt entry (x, y, w, h) -> continuous xyxy: [x, y, x + w + 1, y + h + 1]."""
-    return inclusive_corners_to_xyxy(x, y, x + w, y + h)
+    """A bounding_boxes.txt entry (x, y, w, h) -> continuous xyxy: [x, y, x + w + 1, y + h + 1]
+    (x + w is the last pixel, as wsolevaluation reads it)."""
+    return inclusive_to_continuous([x, y, x + w, y + h])[0].tolist()
 
 
 IndexTable = dict[str, list[tuple[int, list[str]]]]  # key -> [(line number, other fields)]
@@ -261,8 +257,7 @@ class CubDataset(Dataset):
                 if width != int(width) or height != int(height) or min(width, height) < 1:
                     raise ValueError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in pixels")
                 size, notes = (int(width), int(height)), ()
-            items.append(self._record(path, label, [inclusive_corners_to_xyxy(*c) for c in corners],
-                                      size, notes))
+            items.append(self._record(path, label, inclusive_to_continuous(corners).tolist(), size, notes))
         return items
 
     def _mask_path(self, record: AnnotationRecord) -> Path:

@@ -3,7 +3,7 @@
 ImageNet boxes (XML, Kaggle's LOC_val_solution.csv, wsolevaluation's localization.txt) are
 0-based INCLUSIVE integer pixel indices: a box x0..x1 covers columns x0 to x1. Inside the
 package boxes are continuous pixel edges, so the box becomes [x0, x1 + 1); that conversion
-happens in `inclusive_to_continuous` and nowhere else.
+happens in `base.inclusive_to_continuous` (shared with the other loaders) and nowhere else.
 
 Each parser reads one file format and returns plain data: boxes still in the file's own
 inclusive convention (float, since a few files write floats), class wnids or indices, sizes.
@@ -42,13 +42,6 @@ class ImageAnnotation:
     box_classes: list
     size: tuple[int, int] | None = None
     notes: tuple[str, ...] = field(default=())
-
-
-def inclusive_to_continuous(boxes: np.ndarray) -> np.ndarray:
-    """0-based inclusive pixel boxes [x0, y0, x1, y1] -> continuous edges [x0, y0, x1 + 1, y1 + 1]."""
-    out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    out[:, 2:] += 1.0
-    return out
 
 
 def sanitize_box_sets(boxes: np.ndarray, counts: np.ndarray, sizes: np.ndarray

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .base import SkippedSample
-from .imagenet_annotations import ImageAnnotation, inclusive_to_continuous, sanitize_box_sets, sanitize_boxes
+from .base import SkippedSample, inclusive_to_continuous
+from .imagenet_annotations import ImageAnnotation, sanitize_box_sets, sanitize_boxes
 
 
 @dataclass(frozen=True)

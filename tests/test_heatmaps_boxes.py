@@ -283,7 +283,8 @@ def test_agcam_scale_on_the_real_imagenet_val_boxes(shared_data):
     """Over all 80,477 real ImageNet val boxes, division first differs from multiplication first
     in exactly five coordinates of four images (the reference's order is division first), and
     the masks of those images follow it."""
-    from wsol_bench.datasets.imagenet_annotations import inclusive_to_continuous, read_wsol_metadata
+    from wsol_bench.datasets.base import inclusive_to_continuous
+    from wsol_bench.datasets.imagenet_annotations import read_wsol_metadata
 
     annotations, problems = read_wsol_metadata(shared_data / "wsolevaluation-metadata" / "ILSVRC" / "test")
     assert problems == []

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset
+from wsol_bench.datasets.base import inclusive_to_continuous
 from wsol_bench.datasets.imagenet import ImageNetVal, detect_layout, fit_boxes_to_image
 from wsol_bench.datasets.imagenet_annotations import (
-    inclusive_to_continuous,
     read_loc_solution_csv,
     read_wsol_metadata,
     sanitize_box_sets,

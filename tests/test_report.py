@@ -210,3 +210,39 @@ def test_bad_run_folders_give_clear_errors(tmp_path, capsys):
     (folder / "records.csv").unlink()
     assert main([str(folder), "--check"]) == 2
     assert f"{folder / 'records.csv'} not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory) -> Path:
+    """A real run with the threshold sweep: 6 synthetic images, AG-CAM and center."""
+    from wsol_bench.run.runner import run
+
+    root = tmp_path_factory.mktemp("sweep")
+    overrides = ["method=[agcam,center]", "dataset.params.num_images=6", "batch_size=6", "gallery_images=0",
+                 "progress=false", "run_name=test", f"store.root={root / 'cache'}", "sweep=grid",
+                 "sweep.thresholds=[0.2,0.4,0.6]"]
+    with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    run(cfg, root / "run")
+    return root / "run"
+
+
+def test_sweep_and_wsoleval_tables_are_rebuilt_from_the_states_alone(sweep_run, tmp_path, capsys):
+    """Delete sweep.csv and wsoleval.csv (and the map cache): the report writes them again,
+    equal to the run's, from states/sweep.json; --check catches a tampered or missing one."""
+    folder = Path(shutil.copytree(sweep_run, tmp_path / "copy"))
+    assert (folder / "states" / "sweep.json").is_file()
+    originals = {name: pd.read_csv(folder / f"{name}.csv") for name in ("sweep", "wsoleval")}
+    for name in originals:
+        (folder / f"{name}.csv").unlink()
+    assert any("wsoleval.csv is missing" in line for line in check_run(folder))
+    assert main([str(folder), "--no-gallery"]) == 0
+    for name, frame in originals.items():
+        pd.testing.assert_frame_equal(pd.read_csv(folder / f"{name}.csv"), frame)
+    assert list(originals["sweep"]["threshold"].unique()) == [0.2, 0.4, 0.6]
+    assert check_run(folder) == []
+    tampered = originals["wsoleval"].copy()
+    tampered.loc[0, "maxboxacc_v2"] += 1.0
+    tampered.to_csv(folder / "wsoleval.csv", index=False)
+    lines = check_run(folder)
+    assert len(lines) == 1 and "wsoleval.csv: row 0 (agcam), maxboxacc_v2" in lines[0]

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import wsol_bench.metrics.faithfulness as faithfulness_module
+import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
 from wsol_bench.environment import package_version
 from wsol_bench.files import atomic_write, write_json
 from wsol_bench.metrics.faithfulness import (
@@ -32,7 +33,10 @@ ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "
 
 def faithfulness_digest() -> str:
     """sha256 of the perturbation engine's source: cached rows of an edited engine are not reused."""
-    return hashlib.sha256(Path(faithfulness_module.__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for module in (faithfulness_module, faithfulness_settings_module):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def faithfulness_settings(node: DictConfig) -> FaithfulnessSettings:
