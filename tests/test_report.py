@@ -246,3 +246,15 @@ def test_sweep_and_wsoleval_tables_are_rebuilt_from_the_states_alone(sweep_run, 
     tampered.to_csv(folder / "wsoleval.csv", index=False)
     lines = check_run(folder)
     assert len(lines) == 1 and "wsoleval.csv: row 0 (agcam), maxboxacc_v2" in lines[0]
+
+
+def test_states_are_read_by_a_fresh_process(sweep_run):
+    """A state file names its metric classes; reading it needs no other import first."""
+    import subprocess
+    import sys
+
+    code = ("from wsol_bench.metrics.base import load_states; "
+            f"states = load_states({str(sweep_run / 'states' / 'sweep.json')!r}); "
+            "print(sorted(states), sorted(states['agcam']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "['agcam', 'center'] ['box_accuracy', 'pxap', 'sweep']"

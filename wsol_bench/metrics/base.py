@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torchmetrics import Metric
 
-from wsol_bench.files import write_json
+from wsol_bench.files import atomic_write_text
 
 METRIC_CLASSES: dict[str, type[RunMetric]] = {}
 STATE_FORMAT = 1  # bump when a metric's states change meaning, so old files are refused, not misread
@@ -59,6 +59,8 @@ class RunMetric(Metric):
     @staticmethod
     def from_json(entry: dict[str, Any]) -> RunMetric:
         """The metric `to_json` wrote, with its state."""
+        import wsol_bench.metrics  # noqa: F401  (registers every metric class)
+
         cls = METRIC_CLASSES.get(entry.get("class", ""))
         if cls is None:
             raise ValueError(f"unknown metric class {entry.get('class')!r} in a state file; known: "
@@ -84,7 +86,8 @@ def save_states(path: str | Path, metrics: dict[str, dict[str, RunMetric]]) -> P
     payload = {"format": STATE_FORMAT,
                "methods": {method: {name: metric.to_json() for name, metric in named.items()}
                            for method, named in metrics.items()}}
-    return write_json(path, payload)
+    # compact: the states are tens of thousands of integers, read by programs, not people
+    return atomic_write_text(path, json.dumps(payload, separators=(",", ":")))
 
 
 def load_states(path: str | Path) -> dict[str, dict[str, RunMetric]]:
