@@ -188,9 +188,11 @@ def test_shipped_weights_are_small():
 def test_multirun_sweeps_a_parameter(tmp_path):
     """`-m` runs one job per value, each with its own run folder and table."""
     proc = _run(["-m", "method=[center]", "method.center.params.sigma=0.2,0.4",
-                 "dataset.params.num_images=8", "progress=false", "hydra.sweep.dir=sweep"], tmp_path)
+                 "dataset.params.num_images=8", "progress=false"], tmp_path)  # the default sweep folder
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tables = [pd.read_csv(tmp_path / "sweep" / str(i) / "table.csv") for i in (0, 1)]
+    (sweep,) = (tmp_path / "results" / "multirun").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_quickstart", "1_quickstart"]
+    tables = [pd.read_csv(sweep / f"{i}_quickstart" / "table.csv") for i in (0, 1)]
     assert all(list(t["method"]) == ["center"] for t in tables)
     assert tables[0]["box_iou"].iloc[0] != tables[1]["box_iou"].iloc[0]
 
