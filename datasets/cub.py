@@ -25,6 +25,15 @@ has no image sizes: its boxes are checked against the decoded image when an item
 segmentations: optional folder of the CUB segmentation release, <class dir>/<stem>.png soft
 greyscale masks. Object pixels are those > 127 (on the channel mean if a file is not grey,
 which is noted); mask = label + 1 on the object, 0 elsewhere.
+
+Index files are the dataset's definition, so any problem in one is an error naming the file
+and line(s) and the fix, never resolved by line order: a malformed line, text that is not
+UTF-8, a file that cannot be read, and an image listed twice: the same number on two lines
+of any file (also the same path in a wsolevaluation file), or the same path under two image
+numbers in images.txt (whose label, split and box would be ambiguous). Images are found by
+the paths the index lists, so files it does not list (whatever their names) are not looked
+at; a listed image or mask that cannot be read (e.g. a symbolic-link loop) is a skipped
+item whose reason names the file.
 """
 
 from __future__ import annotations
@@ -36,7 +45,15 @@ from torch.utils.data import Dataset
 
 from .base import Sample, SkippedSample, inclusive_to_continuous
 from .image_io import ImageReadError, read_rgb
-from .records import AnnotationRecord, clip_boxes_to_image, folder_listing, limit_index, reconcile_image_size
+from .records import (
+    AnnotationRecord,
+    clip_boxes_to_image,
+    folder_listing,
+    limit_index,
+    read_text_lines,
+    reconcile_image_size,
+    unreadable_reason,
+)
 
 LAYOUTS = ("official", "wsolevaluation", "auto")
 # Official index files with their number of whitespace-separated fields per line.
@@ -60,12 +77,13 @@ IndexTable = dict[str, list[tuple[int, list[str]]]]  # key -> [(line number, oth
 
 def read_index_file(path: Path, fields: int, sep: str | None = None) -> IndexTable:
     """Rows of a CUB / wsolevaluation index file keyed by their first field: key -> [(line
-    number, other fields)], in file order. Raises for a missing file or a malformed line."""
-    if not path.is_file():
+    number, other fields)], in file order. Raises for a missing or unreadable file (naming
+    it) and for a malformed line or one that is not UTF-8 (naming the file and line)."""
+    if unreadable_reason(path) == "missing":
         raise FileNotFoundError(f"CUB index file {path} is missing; found in {path.parent}: "
                                 f"{folder_listing(path.parent)}")
     table: IndexTable = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text_lines(path), 1):
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(sep)] if sep else line.split()
@@ -79,8 +97,21 @@ def _single(table: IndexTable, path: Path) -> dict[str, tuple[int, list[str]]]:
     """The table of a file that must list each key once."""
     for key, rows in table.items():
         if len(rows) > 1:
-            raise ValueError(f"{path}:{rows[1][0]}: {key} is listed twice; fix the file")
+            raise ValueError(f"{path}: lines {rows[0][0]} and {rows[1][0]} both list {key}; list each once: "
+                             "fix the file")
     return {key: rows[0] for key, rows in table.items()}
+
+
+def _check_unique_paths(images: dict[str, tuple[int, list[str]]], path: Path) -> None:
+    """images.txt must give each image path one number: under two, its label, split and box
+    would be whichever line came first."""
+    first: dict[str, tuple[str, int]] = {}
+    for key, (number, (image_path,)) in images.items():
+        if image_path in first:
+            other, line = first[image_path]
+            raise ValueError(f"{path}: lines {line} and {number} both list {image_path} (images {other} and "
+                             f"{key}); list each image once: fix the file")
+        first[image_path] = (key, number)
 
 
 def _numbers(values: list[str], path: Path, number: int) -> list[float]:
@@ -149,7 +180,7 @@ class CubDataset(Dataset):
         self.cub_dir = resolve_cub_root(root)
         self.images_dir = self.cub_dir / "images"
         needed = ["images/"] + (list(OFFICIAL_FILES) if layout == "official" else [])
-        missing = [n for n in needed if not (self.cub_dir / n).exists()]
+        missing = [n for n in needed if unreadable_reason(self.cub_dir / n) == "missing"]
         if missing:
             raise FileNotFoundError(f"CUB {layout} layout needs {', '.join(missing)} in {self.cub_dir} "
                                     f"(layout {LAYOUT}); found {folder_listing(self.cub_dir)}")
@@ -213,6 +244,7 @@ class CubDataset(Dataset):
         images, labels, splits, boxes = (
             _single(read_index_file(self.cub_dir / name, OFFICIAL_FIELDS[name]), self.cub_dir / name)
             for name in OFFICIAL_FILES[:4])  # classes.txt was read by _class_names
+        _check_unique_paths(images, self.cub_dir / "images.txt")
         items: list[AnnotationRecord | SkippedSample] = []
         for key, (_, (path,)) in images.items():
             if key not in splits:
@@ -267,9 +299,13 @@ class CubDataset(Dataset):
         """With segmentations requested, an image without its mask file is skipped."""
         if self.segmentations_dir is None or isinstance(item, SkippedSample):
             return item
-        if self._mask_path(item).is_file():
+        problem = unreadable_reason(self._mask_path(item))
+        if problem is None:
             return item
-        return SkippedSample(item.image_id, f"no segmentation mask {Path(item.path).with_suffix('.png')}")
+        mask = Path(item.path).with_suffix(".png")
+        if problem == "missing":
+            return SkippedSample(item.image_id, f"no segmentation mask {mask}")
+        return SkippedSample(item.image_id, f"cannot read segmentation mask {mask}: {problem}")
 
     def _read_mask(self, record: AnnotationRecord, size: tuple[int, int]
                    ) -> tuple[torch.Tensor, tuple[str, ...]] | SkippedSample:

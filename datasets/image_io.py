@@ -4,7 +4,8 @@ Real datasets hold files that are not what their names say (ImageNet has CMYK an
 JPEGs; a .png file may hold JPEG data). `read_rgb` decodes whatever the bytes are, returns
 uint8 RGB and a note for each conversion, so a run can count them; a file that cannot be
 decoded raises `ImageReadError` naming the file and the reason, which datasets turn into a
-`SkippedSample`.
+`SkippedSample`. Paths in messages are shown as `records.display_name` does, so a reason
+stays writable to skipped.csv whatever bytes a folder name holds.
 
 Decoding uses Pillow, which identifies the format from the file's content and is what the
 reference implementations (the AG-CAM release, wsolevaluation) use, so pixels match theirs.
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .records import display_name
 
 # Extensions that honestly describe each format Pillow can report.
 _EXTENSIONS = {
@@ -57,10 +60,11 @@ class ImageReadError(Exception):
 
 
 def _open_bytes(path: Path) -> bytes:
+    shown = display_name(str(path))
     try:
         return path.read_bytes()
     except OSError as err:
-        raise ImageReadError(f"cannot read image file {path}: {err.strerror or err}") from err
+        raise ImageReadError(f"cannot read image file {shown}: {err.strerror or err}") from err
 
 
 def _extension_note(path: Path, image_format: str | None) -> tuple[str, ...]:
@@ -88,7 +92,7 @@ def read_rgb(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     honest extension. Raises `ImageReadError` for a missing, truncated, corrupt or
     unsupported (e.g. 16-bit) file."""
     path = Path(path)
-    data = _open_bytes(path)
+    data, shown = _open_bytes(path), display_name(str(path))
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode now: truncation and corruption surface here
@@ -97,7 +101,7 @@ def read_rgb(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
             if mode.startswith(("I", "F")):
                 # Pillow would clip 16-bit and float data to 0..255 silently.
                 raise ImageReadError(
-                    f"image file {path} has high bit depth (mode {mode}); convert it to 8-bit RGB")
+                    f"image file {shown} has high bit depth (mode {mode}); convert it to 8-bit RGB")
             if mode != "RGB":
                 notes += (_MODE_NOTES.get(mode, f"{mode.lower()} converted to rgb"),)
                 image = image.convert("RGB")
@@ -105,10 +109,10 @@ def read_rgb(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     except ImageReadError:
         raise
     except Image.UnidentifiedImageError as err:
-        raise ImageReadError(f"image file {path} is not a recognised image format "
+        raise ImageReadError(f"image file {shown} is not a recognised image format "
                              f"({len(data)} bytes)") from err
     except _DECODE_ERRORS as err:
-        raise ImageReadError(f"image file {path} is truncated or corrupt: {err}") from err
+        raise ImageReadError(f"image file {shown} is truncated or corrupt: {err}") from err
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), notes
 
 
@@ -119,19 +123,19 @@ def read_palette_indices(path: str | Path) -> torch.Tensor:
     turn indices into colours, so they are read without any conversion. Any other mode raises
     `ImageReadError`."""
     path = Path(path)
-    data = _open_bytes(path)
+    data, shown = _open_bytes(path), display_name(str(path))
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             if image.mode not in ("P", "L"):
                 raise ImageReadError(
-                    f"mask file {path} has mode {image.mode}, not a palette (P) or greyscale (L) "
+                    f"mask file {shown} has mode {image.mode}, not a palette (P) or greyscale (L) "
                     "image; segmentation masks must store class indices, not colours")
             indices = np.array(image, dtype=np.uint8)
     except ImageReadError:
         raise
     except Image.UnidentifiedImageError as err:
-        raise ImageReadError(f"mask file {path} is not a recognised image format") from err
+        raise ImageReadError(f"mask file {shown} is not a recognised image format") from err
     except _DECODE_ERRORS as err:
-        raise ImageReadError(f"mask file {path} is truncated or corrupt: {err}") from err
+        raise ImageReadError(f"mask file {shown} is truncated or corrupt: {err}") from err
     return torch.from_numpy(indices)

@@ -8,25 +8,46 @@ happens in `base.inclusive_to_continuous` (shared with the other loaders) and no
 Each parser reads one file format and returns plain data: boxes still in the file's own
 inclusive convention (float, since a few files write floats), class wnids or indices, sizes.
 Problems that concern one image are returned as (image_id, reason) pairs, never raised, so a
-dataset can skip that image and count it; a file that cannot be read at all raises
-`AnnotationError` naming it.
+dataset can skip that image and count it; a file that cannot be read at all (missing,
+unreadable, not UTF-8 text) raises `AnnotationError` naming it (and the line).
+
+Several lines for one image in a file that states one line per image (Kaggle's csv,
+class_labels.txt, image_sizes.txt, image_ids.txt) are never resolved by their order: lines
+with the same content are read once, with a note naming them; lines that differ are a
+problem of that image, naming them.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .records import IndexFileError, read_text_lines, unreadable_reason
+
 WNID_PATTERN = re.compile(r"n\d{8}")
 
 
-class AnnotationError(Exception):
+class AnnotationError(ValueError):
     """An annotation file that cannot be used; the message names the file and the fix."""
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 annotation file; `AnnotationError` naming it when it cannot be read."""
+    try:
+        return read_text_lines(path)
+    except IndexFileError as err:
+        raise AnnotationError(str(err)) from None
+
+
+def _line_list(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers))
 
 
 @dataclass
@@ -135,20 +156,28 @@ def read_xml_size(path: Path) -> tuple[int, int]:
 def read_loc_solution_csv(path: Path) -> tuple[dict[str, ImageAnnotation], list[tuple[str, str]]]:
     """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` with repeated
     `wnid xmin ymin xmax ymax`. Returns annotations by image id and per-image problems."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise AnnotationError(f"cannot read {path}: {err}") from err
+    lines = _read_lines(path)
     if not lines or lines[0].replace(" ", "").lower() != "imageid,predictionstring":
         raise AnnotationError(f"{path} does not start with the header 'ImageId,PredictionString'; "
                               "expected Kaggle's LOC_val_solution.csv")
+    rows: dict[str, list[tuple[int, str]]] = {}  # image id -> [(line number, prediction string)]
+    for number, line in enumerate(lines[1:], start=2):
+        if line.strip():
+            image_id, _, prediction = line.partition(",")
+            rows.setdefault(image_id.strip(), []).append((number, prediction))
     annotations: dict[str, ImageAnnotation] = {}
     problems: list[tuple[str, str]] = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        image_id, _, prediction = line.partition(",")
-        image_id, tokens = image_id.strip(), prediction.split()
+    for image_id, entries in rows.items():
+        number, prediction = entries[0]
+        notes: tuple[str, ...] = ()
+        if len(entries) > 1:
+            numbers = _line_list([n for n, _ in entries])
+            if len({tuple(p.split()) for _, p in entries}) > 1:
+                reason = f"{path} lists this image on lines {numbers} with different content"
+                problems.append((image_id, f"{reason}; keep one line per ImageId"))
+                continue
+            notes = (f"{path.name} lists this image on lines {numbers} with the same content; read once",)
+        tokens = prediction.split()
         try:
             if not tokens or len(tokens) % 5:
                 raise ValueError(f"{len(tokens)} fields, expected groups of 5 (wnid xmin ymin xmax ymax)")
@@ -158,19 +187,26 @@ def read_loc_solution_csv(path: Path) -> tuple[dict[str, ImageAnnotation], list[
             continue
         annotations[image_id] = ImageAnnotation(
             boxes=np.array(coords, dtype=np.float32).reshape(-1, 4), box_classes=tokens[0::5],
-            notes=(FLOAT_NOTE,) if has_float else ())
+            notes=notes + ((FLOAT_NOTE,) if has_float else ()))
     return annotations, problems
 
 
 WSOL_FILES = ("image_ids.txt", "class_labels.txt", "image_sizes.txt", "localization.txt")
 
 
-def _wsol_lines(metadata: Path, name: str) -> list[str]:
-    try:
-        return [line for line in (metadata / name).read_text().splitlines() if line.strip()]
-    except OSError as err:
-        raise AnnotationError(f"cannot read {metadata / name}: {err.strerror or err}; the wsolevaluation "
-                              f"metadata folder must hold {', '.join(WSOL_FILES)}") from err
+def _require_file(path: Path) -> None:
+    """A missing metadata file is an error naming the files the folder must hold (one that is
+    there but cannot be read is named when it is read)."""
+    if unreadable_reason(path) == "missing":
+        raise AnnotationError(f"{path} does not exist; the wsolevaluation metadata folder must hold "
+                              f"{', '.join(WSOL_FILES)}")
+
+
+def _wsol_lines(metadata: Path, name: str) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of one metadata file."""
+    path = metadata / name
+    _require_file(path)
+    return [(number, line) for number, line in enumerate(_read_lines(path), start=1) if line.strip()]
 
 
 def _wsol_table(metadata: Path, name: str, width: int
@@ -179,25 +215,23 @@ def _wsol_table(metadata: Path, name: str, width: int
     paths written with non-integer values, problems). pandas' C parser reads the usual
     all-integer file fast; any other file is parsed line by line to say which lines are odd."""
     path = metadata / name
-    if not path.is_file():
-        raise AnnotationError(f"{path} does not exist; the wsolevaluation metadata folder must hold "
-                              f"{', '.join(WSOL_FILES)}")
+    _require_file(path)
     try:
         table = pd.read_csv(path, header=None, dtype={0: str}, keep_default_na=False, skip_blank_lines=True)
         if table.shape[1] == width + 1 and all(pd.api.types.is_integer_dtype(t) for t in table.dtypes[1:]):
             return table[0].tolist(), table.iloc[:, 1:].to_numpy(np.float64), set(), []
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
-        pass
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError):
+        pass  # the line-by-line reading below says what is wrong, and where
     keys, rows, floats, problems = [], [], set(), []
-    for number, line in enumerate(_wsol_lines(metadata, name), start=1):
+    for number, line in _wsol_lines(metadata, name):
         key, *texts = line.split(",")
         try:
             if len(texts) != width:
                 raise ValueError
             values, has_float = _coordinates(texts)
         except ValueError:
-            problems.append((key, f"unparseable line {number} in {path}: {line!r} "
-                                  f"(expected <path> and {width} numbers)"))
+            reason = f"unparseable line {number} in {path}: {line!r}"
+            problems.append((key, f"{reason} (expected <path> and {width} numbers)"))
             continue
         keys.append(key)
         rows.append(values)
@@ -206,21 +240,73 @@ def _wsol_table(metadata: Path, name: str, width: int
     return keys, np.array(rows, dtype=np.float64).reshape(-1, width), floats, problems
 
 
+def _line_numbers(path: Path, keys: set[str]) -> dict[str, list[int]]:
+    """The numbers of the lines of `path` that start with one of `keys` (then a comma)."""
+    found: dict[str, list[int]] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        key = line.split(",", 1)[0]
+        if key in keys:
+            found.setdefault(key, []).append(number)
+    return found
+
+
+def _one_value_per_image(path: Path, keys: list[str], values: list[Hashable]
+                         ) -> tuple[dict[str, Hashable], dict[str, str], dict[str, tuple[str, ...]]]:
+    """The value each image has in a file that states one line per image: (key -> value,
+    key -> problem for keys on several lines that differ, key -> note for keys on several
+    lines that agree)."""
+    by_key = dict(zip(keys, values, strict=True))
+    if len(by_key) == len(keys):
+        return by_key, {}, {}
+    repeated = {key for key, count in Counter(keys).items() if count > 1}
+    distinct: dict[str, set] = {}
+    for key, value in zip(keys, values, strict=True):
+        if key in repeated:
+            distinct.setdefault(key, set()).add(value)
+    lines = _line_numbers(path, repeated)
+    conflicts, notes = {}, {}
+    for key in repeated:
+        numbers = _line_list(lines.get(key, []))
+        if len(distinct[key]) > 1:
+            conflicts[key] = (f"{path} lists this image on lines {numbers} with different content; keep one "
+                              "line per image")
+        else:
+            note = f"{path.name} lists this image on lines {numbers} with the same content"
+            notes[key] = (f"{note}; read once",)
+    return by_key, conflicts, notes
+
+
+def _listed_paths(metadata: Path) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """image_ids.txt: the image paths in file order, each once, and a note for each path
+    listed on several lines."""
+    lines: dict[str, list[int]] = {}
+    for number, line in _wsol_lines(metadata, "image_ids.txt"):
+        lines.setdefault(line.strip(), []).append(number)
+    notes = {key: (f"image_ids.txt lists this image on lines {_line_list(numbers)}; read once",)
+             for key, numbers in lines.items() if len(numbers) > 1}
+    return list(lines), notes
+
+
 def read_wsol_metadata(metadata: Path) -> tuple[dict[str, ImageAnnotation], list[tuple[str, str]]]:
     """wsolevaluation metadata: image_ids.txt (`<path>`), class_labels.txt (`<path>,<index>`),
     image_sizes.txt (`<path>,<w>,<h>`), localization.txt (`<path>,<x0>,<y0>,<x1>,<y1>`, one line
     per box). Returns annotations keyed by the image path as listed (order of image_ids.txt;
     `box_classes` holds the image's class index once per box) and per-image problems. The
     image set is image_ids.txt: lines of the other files for unlisted paths are not used."""
-    paths = [line.strip() for line in _wsol_lines(metadata, "image_ids.txt")]
+    paths, id_notes = _listed_paths(metadata)
     label_keys, label_values, label_floats, problems = _wsol_table(metadata, "class_labels.txt", 1)
     size_keys, size_values, size_floats, size_problems = _wsol_table(metadata, "image_sizes.txt", 2)
     box_keys, box_values, floats, box_problems = _wsol_table(metadata, "localization.txt", 4)
     problems += size_problems + box_problems
     problems += [(key, f"non-integer class label or image size in {metadata}")
                  for key in sorted(label_floats | size_floats)]
-    labels = dict(zip(label_keys, label_values[:, 0].astype(np.int64).tolist(), strict=True))
-    sizes = dict(zip(size_keys, map(tuple, size_values.astype(np.int64).tolist()), strict=True))
+    labels, label_conflicts, label_notes = _one_value_per_image(
+        metadata / "class_labels.txt", label_keys, label_values[:, 0].astype(np.int64).tolist())
+    sizes, size_conflicts, size_notes = _one_value_per_image(
+        metadata / "image_sizes.txt", size_keys, list(map(tuple, size_values.astype(np.int64).tolist())))
+    problems += [*label_conflicts.items(), *size_conflicts.items()]
+    listed = set(paths)
+    problems = [(key, reason) for key, reason in problems if key in listed]
     # Group the box lines by image: one stable sort instead of 80k dictionary appends.
     keys = np.array(box_keys, dtype=object)
     order = np.argsort(keys, kind="stable")
@@ -238,23 +324,25 @@ def read_wsol_metadata(metadata: Path) -> tuple[dict[str, ImageAnnotation], list
                                                 ("box", boxes)) if key not in store]
             problems.append((key, f"no {' and no '.join(missing)} in the wsolevaluation metadata"))
             continue
+        notes = id_notes.get(key, ()) + label_notes.get(key, ()) + size_notes.get(key, ())
+        notes += (FLOAT_NOTE,) if key in floats else ()
         annotations[key] = ImageAnnotation(boxes=boxes[key], box_classes=[labels[key]] * len(boxes[key]),
-                                           size=sizes[key], notes=(FLOAT_NOTE,) if key in floats else ())
+                                           size=sizes[key], notes=notes)
     return annotations, problems
 
 
 def read_synset_mapping(path: Path) -> dict[str, str]:
     """LOC_synset_mapping.txt: `<wnid> <names>` per line -> {wnid: names}."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise AnnotationError(f"cannot read synset mapping {path}: {err}") from err
     mapping: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
+    lines: dict[str, int] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         wnid, _, names = line.strip().partition(" ")
         if not WNID_PATTERN.fullmatch(wnid):
             raise AnnotationError(f"line {number} of {path} does not start with a wnid (n########): {line!r}")
-        mapping[wnid] = names.strip()
+        if wnid in lines:
+            raise AnnotationError(f"{path}: lines {lines[wnid]} and {number} both list {wnid}; list each "
+                                  "wnid once: fix the file")
+        mapping[wnid], lines[wnid] = names.strip(), number
     return mapping

@@ -53,11 +53,20 @@ def _bad_classes(classes: list, class_index: dict[str, int]) -> str:
                              and not (isinstance(c, int) and 0 <= c < num_classes)}))
 
 
+def _no_box_of_its_class(label: int, kept_labels: np.ndarray, box_notes: tuple[str, ...],
+                         wnids: list[str]) -> str:
+    """The skip reason of an image whose usable boxes all belong to other classes."""
+    others = ", ".join(sorted({wnids[c] for c in kept_labels.tolist()}))
+    detail = "".join(f"; {note}" for note in box_notes)
+    return f"no box of its class {wnids[label]} in the annotation (its boxes are of {others}{detail})"
+
+
 def build_records(pending: list[PendingImage], class_index: dict[str, int]
                   ) -> tuple[list[ImageNetRecord], list[SkippedSample]]:
     """Annotations -> records: class indices (wnids through `class_index`, the sorted-wnid
     position), continuous boxes clipped to the stated size; a skip for each image with an
-    unknown class or without a usable box."""
+    unknown class, without a usable box, or without a usable box of its own class (its score
+    would have no ground truth: a localization metric would count it as found)."""
     if not pending:
         return [], []
     num_classes, n = len(class_index), len(pending)
@@ -81,6 +90,7 @@ def build_records(pending: list[PendingImage], class_index: dict[str, int]
     kept_counts = np.bincount(image[keep], minlength=n)
     kept_boxes = np.split(boxes[keep], np.cumsum(kept_counts)[:-1])
     kept_labels = np.split(box_labels[keep], np.cumsum(kept_counts)[:-1])
+    wnids = sorted(class_index, key=class_index.__getitem__)
     records, skips = [], []
     for i, p in enumerate(pending):
         if invalid[i]:
@@ -93,13 +103,19 @@ def build_records(pending: list[PendingImage], class_index: dict[str, int]
             skips.append(SkippedSample(p.image_id, f"no usable box in the annotation{detail}"))
             continue
         label, notes = int(labels[i]), p.ann.notes
+        mixed = bool(highest[i] != lowest[i]) if p.label is None else bool(other_class[i])
         if p.label is None:
             label = int(lowest[i])
-            if highest[i] != lowest[i]:
+            if mixed:
                 label = Counter(box_labels[starts[i]:starts[i] + counts[i]].tolist()).most_common(1)[0][0]
                 notes += ("boxes carry several classes; label is the most frequent",)
-        elif other_class[i]:
+        elif mixed:
             notes += ("some boxes carry another class than the image label",)
+        # Only images with boxes of several classes can be left without one of their own.
+        if mixed and not (kept_labels[i] == label).any():
+            reason = _no_box_of_its_class(label, kept_labels[i], box_notes[i], wnids)
+            skips.append(SkippedSample(p.image_id, reason))
+            continue
         records.append(ImageNetRecord(image_id=p.image_id, path=p.path, label=label, boxes=kept_boxes[i],
                                       box_labels=kept_labels[i], size=p.ann.size, size_file=p.size_file,
                                       notes=notes + box_notes[i]))

@@ -1,15 +1,24 @@
-"""Per-item annotation records that real-data loaders build once at construction, and the box
-checks they share (clipping to the image, reconciling the annotated size with the decoded one).
+"""Per-item annotation records that real-data loaders build once at construction, the box
+checks they share (clipping to the image, reconciling the annotated size with the decoded one),
+and the file-system and text reading every index relies on.
 
 A record holds everything a summary needs (ids, label, boxes in on-disk coordinates, image
 size) so boxes can be counted without decoding a single image.
+
+Names and text: ids, reasons and notes end up in UTF-8 files (records.csv, skipped.csv), so a
+file name that is not UTF-8 is shown with its odd bytes as \\xNN (`display_name`) and never
+used as an id; an index file that is not UTF-8 text is an error naming the file and line.
 """
 
 from __future__ import annotations
 
+import codecs
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,9 +92,96 @@ def reconcile_image_size(record: AnnotationRecord, image_size: tuple[int, int]
     return boxes[keep], record.box_labels[keep], notes + clip_notes
 
 
+def display_name(text: str) -> str:
+    """A file name or path as it can be shown and written as UTF-8: bytes that are not UTF-8
+    (which Python keeps as surrogate escapes) appear as \\xNN; any other name is unchanged."""
+    if text.isascii():  # nearly every name: the fast path
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` (e.g. a file name from the file system) is valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class IndexFileError(ValueError):
+    """An index or annotation file that cannot be read; the message names the file and the fix."""
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped). A file that cannot be
+    read, or holds bytes that are not UTF-8, raises `IndexFileError` naming the file (and the
+    line and column of the first such byte)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise IndexFileError(f"cannot read {display_name(str(path))}: {err.strerror or err}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        where = f"{display_name(str(path))}:{line}"
+        raise IndexFileError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                             "restore the original file or convert it to UTF-8") from None
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """None when `path` is a file that can be opened; otherwise why not: "missing", "symbolic
+    link to a missing file", "not a file", or the system's error (e.g. a symbolic-link loop)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "symbolic link to a missing file" if os.path.islink(path) else "missing"
+    except OSError as err:
+        return err.strerror or str(err)
+    return None if stat.S_ISREG(mode) else "not a file"
+
+
+class FolderScan(NamedTuple):
+    """The visible entries of a folder: files, sub-folders, and entries that cannot be told
+    apart (a symbolic-link loop, a link to nothing) with why. Names as the file system gives
+    them (possibly not UTF-8: see `display_name`)."""
+
+    files: list[str]
+    folders: list[str]
+    unreadable: dict[str, str]
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """One directory scan of `folder` (hidden entries left out). A broken entry never raises:
+    it is reported in `unreadable`, so the caller can skip the item it would have been."""
+    files, folders, unreadable = [], [], {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as err:  # e.g. a link to itself: stat fails with ELOOP
+                unreadable[entry.name] = err.strerror or str(err)
+                continue
+            if is_dir:
+                folders.append(entry.name)
+            elif is_file:
+                files.append(entry.name)
+            elif entry.is_symlink():
+                unreadable[entry.name] = "symbolic link to a missing file"
+    return FolderScan(files, folders, unreadable)
+
+
 def folder_listing(folder: Path, limit: int = 12) -> str:
     """What a folder holds, for error messages about an unexpected layout."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    names = sorted(display_name(p.name) + ("/" if p.is_dir() else "") for p in folder.iterdir())
     if not names:
         return "nothing (empty folder)"
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""

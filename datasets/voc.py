@@ -22,6 +22,12 @@ box covers the continuous span [xmin - 1, xmax) x [ymin - 1, ymax). Non-integer 
 VOC2012 XMLs have them) are kept exactly as written, neither rounded nor floored, and noted.
 Boxes are clipped to the XML's <size>; boxes left without area are dropped; both are noted.
 A missing <difficult> counts as 0.
+
+The split file defines the items: an id listed twice, a line that is not UTF-8 text, or a split
+file that cannot be read is an error naming the file and line(s). Files are found by the ids
+it lists, so files it does not list (whatever their names) are not looked at; a listed XML,
+mask or image that cannot be read (e.g. a symbolic-link loop) is a skipped item whose reason
+names the file.
 """
 
 from __future__ import annotations
@@ -36,7 +42,15 @@ from torch.utils.data import Dataset
 
 from .base import IGNORE_INDEX, Sample, SkippedSample
 from .image_io import ImageReadError, read_palette_indices, read_rgb
-from .records import AnnotationRecord, clip_boxes_to_image, folder_listing, limit_index, reconcile_image_size
+from .records import (
+    AnnotationRecord,
+    clip_boxes_to_image,
+    folder_listing,
+    limit_index,
+    read_text_lines,
+    reconcile_image_size,
+    unreadable_reason,
+)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -107,6 +121,8 @@ def parse_voc_xml(path: Path) -> VocAnnotation:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
         raise VocAnnotationError(f"{path}: not valid XML ({exc})") from None
+    except OSError as exc:
+        raise VocAnnotationError(f"cannot read {path}: {exc.strerror or exc}") from None
     boxes, labels, difficult, non_integer = [], [], [], False
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
@@ -142,14 +158,21 @@ def resolve_voc_root(root: str | Path) -> Path:
 
 
 def read_split_ids(path: Path) -> list[str]:
-    """Image ids of an ImageSets split file, in file order (first token of each line)."""
-    if not path.is_file():
+    """Image ids of an ImageSets split file, in file order (first token of each line); an id
+    listed twice is an error naming both lines."""
+    if unreadable_reason(path) == "missing":
         raise FileNotFoundError(f"VOC split file {path} is missing; found in {path.parent}: "
                                 f"{folder_listing(path.parent)}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"VOC split file {path} lists some ids twice; fix the file")
-    return ids
+    lines: dict[str, int] = {}
+    for number, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in lines:
+            raise ValueError(f"VOC split file {path}: lines {lines[image_id]} and {number} both list "
+                             f"{image_id}; list each id once: fix the file")
+        lines[image_id] = number
+    return list(lines)
 
 
 class VocDataset(Dataset):
@@ -192,8 +215,11 @@ class VocDataset(Dataset):
                     ) -> VocAnnotation | SkippedSample:
         """The clipped annotation of `image_id` (to `size`, else to the XML's own size)."""
         path = self.voc_dir / "Annotations" / f"{image_id}.xml"
-        if not path.is_file():
+        problem = unreadable_reason(path)
+        if problem == "missing":
             return SkippedSample(image_id, f"no annotation: Annotations/{image_id}.xml is missing")
+        if problem is not None:
+            return SkippedSample(image_id, f"cannot read Annotations/{image_id}.xml: {problem}")
         try:
             ann = parse_voc_xml(path)
         except VocAnnotationError as exc:
@@ -217,8 +243,11 @@ class VocDataset(Dataset):
 
     def _index_mask(self, image_id: str) -> list[AnnotationRecord] | SkippedSample:
         path = self.voc_dir / "SegmentationClass" / f"{image_id}.png"
-        if not path.is_file():
+        problem = unreadable_reason(path)
+        if problem == "missing":
             return SkippedSample(image_id, f"no mask: SegmentationClass/{image_id}.png is missing")
+        if problem is not None:
+            return SkippedSample(image_id, f"cannot read SegmentationClass/{image_id}.png: {problem}")
         try:
             mask = read_palette_indices(path).numpy()
         except ImageReadError as exc:

@@ -6,6 +6,7 @@ and validation, the patch grid and prefix tokens); a method overrides `explain` 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from wsol_bench.methods.capture import require_class_token
 
 from wsol_bench.models import patch_grid
+
+log = logging.getLogger("wsol_bench")
 
 
 @dataclass
@@ -70,9 +73,35 @@ class Explainer:
             logits = self.logits_only(images) if logits is None else logits.to(self.device)
             used = self.resolve_targets(logits, targets)
             maps = self.model_free_map(images, used)
+        self._check_output(len(images), maps, logits, used)
         return Explanation(maps=maps.detach().float(), logits=logits.detach(), targets=used.detach(),
                            target_source="given" if targets is not None else "predicted",
                            class_specific=self.class_specific)
+
+    def _check_output(self, batch: int, maps, logits, targets) -> None:
+        """What a method returns must be usable as it is: maps on the model's grid, finite logits
+        (a NaN logit would make every prediction class 0). Non-finite maps are allowed but
+        reported: they are scored as degenerate and counted in every table."""
+        expected = (batch, *self.grid)
+        if not isinstance(maps, torch.Tensor) or not maps.is_floating_point() or tuple(maps.shape) != expected:
+            found = f"{maps.dtype} {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps).__name__
+            raise ValueError(f"{self.name}: returned maps {found}, expected floating-point maps of shape "
+                             f"{expected} (the model's {self.grid[0]}x{self.grid[1]} patch grid)")
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != batch:
+            raise ValueError(f"{self.name}: returned logits of shape {tuple(getattr(logits, 'shape', ()))}, "
+                             f"expected [{batch}, classes]")
+        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (batch,):
+            raise ValueError(f"{self.name}: returned targets of shape {tuple(getattr(targets, 'shape', ()))}, "
+                             f"expected [{batch}]")
+        bad_logits = int((~torch.isfinite(logits).all(1)).sum())
+        if bad_logits:
+            raise ValueError(f"the model gave non-finite logits (NaN or inf) for {bad_logits} of {batch} images "
+                             f"(seen by {self.name}); check its weights (model.checkpoint) and the input "
+                             "normalisation (preprocess.std must not be 0)")
+        bad_maps = int((~torch.isfinite(maps.detach()).flatten(1).all(1)).sum())
+        if bad_maps:
+            log.warning("%s: %d of %d maps hold NaN or inf; they are scored as degenerate", self.name, bad_maps,
+                        batch)
 
     def explain(self, images: torch.Tensor, targets: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

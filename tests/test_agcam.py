@@ -7,9 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import make_vit
+from wsol_bench.methods.capture import UnsupportedModelError
 
 from methods import get_explainer
-from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import disable_fused_attention
 
 

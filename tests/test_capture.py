@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import make_vit
 from torch import nn
+from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 
 from methods import get_explainer
-from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 
 
 def _images(n=2, seed=1):

@@ -15,15 +15,20 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
+from wsol_bench.methods import Explainer, registry
 
 from wsol_bench.config import check_method_params
-from wsol_bench.config.datasets import (CubParams, ImageNetParams, SyntheticParams, VocParams,
-                                        VocSegmentationParams)
+from wsol_bench.config.datasets import (
+    CubParams,
+    ImageNetParams,
+    SyntheticParams,
+    VocParams,
+    VocSegmentationParams,
+)
 from wsol_bench.config.errors import one_line
 from wsol_bench.config.groups import FaithfulnessConfig
 from wsol_bench.config.keys import check_known_keys, removed_keys, unknown_keys
 from wsol_bench.config.trainer import TrainConfig
-from wsol_bench.methods import Explainer, registry
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "composed_configs.json").read_text())
 CASES = [(name, case["overrides"], case["config"])

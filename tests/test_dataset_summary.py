@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +145,28 @@ def test_format_summary_lists_every_group(tmp_path: Path) -> None:
     assert "1  image file missing  (e.g. ILSVRC2012_val_00000004)" in text
     assert "1  no annotation for this image  (e.g. ILSVRC2012_val_00000009)" in text
     assert text.endswith("none")
+
+
+def test_file_problems_of_the_index_are_grouped(tmp_path: Path) -> None:
+    """Twin files, a symbolic-link loop and a name that is not UTF-8: one group each, and a
+    summary that can be written as UTF-8."""
+    build_kaggle(tmp_path, ITEMS)
+    images = tmp_path / "ILSVRC/Data/CLS-LOC/val"
+    shutil.copy(images / "ILSVRC2012_val_00000001.JPEG", images / "ILSVRC2012_val_00000001.jpg")
+    (images / "ILSVRC2012_val_00000002.JPEG").unlink()
+    os.symlink("ILSVRC2012_val_00000002.JPEG", images / "ILSVRC2012_val_00000002.JPEG")
+    try:
+        write_jpeg(images / os.fsdecode(b"ILSVRC2012_val_\xff.JPEG"), (8, 8))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this filesystem does not store non-UTF-8 file names")
+    s = summarize(ImageNetVal(tmp_path))
+    assert s["images"] == 1 and s["skipped_reasons"] == {
+        "N files for one image id in <file>: <id>.JPEG, <id>.jpg; keep one": 1,
+        f"cannot read <file>: {os.strerror(errno.ELOOP)}": 1,
+        "file name is not valid UTF-8: <file>; rename the file": 1}
+    not_utf8 = "file name is not valid UTF-8: <file>; rename the file"
+    assert s["skipped_examples"][not_utf8] == ["ILSVRC2012_val_\\xff"]
+    format_summary(s).encode("utf-8")
 
 
 def test_foreign_items_are_refused() -> None:

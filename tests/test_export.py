@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from wsol_bench.regions.components import threshold_components
+from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.regions.rasterize import coverage_levels
 from wsol_bench.report.export import (
     decode_mask,
     encode_mask,
@@ -16,9 +19,6 @@ from wsol_bench.report.export import (
     read_coco_masks,
     write_coco_masks,
 )
-from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.regions.components import threshold_components
-from wsol_bench.regions.rasterize import coverage_levels
 
 
 def _masks() -> torch.Tensor:

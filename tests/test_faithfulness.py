@@ -13,8 +13,6 @@ from conftest import make_vit
 from PIL import Image
 from torch import nn
 
-from wsol_bench.report.curves import plot_perturbation_curves
-from wsol_bench.models import fused_attention
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
@@ -25,6 +23,8 @@ from wsol_bench.metrics.faithfulness import (
     step_counts,
     step_fractions,
 )
+from wsol_bench.models import fused_attention
+from wsol_bench.report.curves import plot_perturbation_curves
 
 
 def sigmoid(x: float) -> float:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
-from test_imagenet import REAL, REAL_BOX_COUNTS, _real_items, build_kaggle, build_torchvision, build_wsol, sorted_wnids
+from test_imagenet import (
+    REAL,
+    REAL_BOX_COUNTS,
+    _real_items,
+    build_kaggle,
+    build_torchvision,
+    build_wsol,
+    sorted_wnids,
+)
 
 from wsol_bench.run.runner import run
 

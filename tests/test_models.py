@@ -87,3 +87,17 @@ def test_data_config_reads_the_pretrained_config():
     model = timm.create_model("vit_base_patch16_224.orig_in21k_ft_in1k", pretrained=False)
     dc = data_config(model)
     assert dc.input_size == (3, 224, 224) and dc.mean == (0.5, 0.5, 0.5) and dc.std == (0.5, 0.5, 0.5)
+
+
+def test_shipped_model_is_registered_with_timm_on_import():
+    """A fresh process: `import wsol_bench` is enough for timm to build the shipped model with its
+    packaged weights."""
+    import subprocess
+    import sys
+
+    code = ("import timm, wsol_bench, torch; from safetensors.torch import load_file; "
+            "m = timm.create_model('wsol_synthetic_vit', pretrained=True); "
+            "sd = load_file(str(wsol_bench.models.shipped_weights_path())); "
+            "print(all(torch.equal(m.state_dict()[k], v) for k, v in sd.items()), m.num_classes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["True", "6"]

@@ -123,6 +123,7 @@ def test_hydra_discovers_the_search_path_plugin():
     """The plugin is installed in the hydra_plugins namespace package, where Hydra looks."""
     from hydra.core.plugins import Plugins
     from hydra.plugins.search_path_plugin import SearchPathPlugin
+
     from hydra_plugins.wsol_bench_searchpath import ENTRY_POINT_GROUP
 
     # Hydra executes the plugin modules again when it scans them: compare by name
@@ -135,6 +136,7 @@ def test_search_path_has_the_config_packages_of_working_plugins_only(broken_plug
                                                                      forget_plugin_modules):
     """Broken plugins are skipped; applications other than wsol-bench's are left alone."""
     from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+
     from hydra_plugins.wsol_bench_searchpath import WsolBenchSearchPathPlugin, plugin_config_paths
 
     monkeypatch.syspath_prepend(str(broken_plugins))

@@ -14,8 +14,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_tables import assert_matches_csv, parse_latex, parse_markdown, records_frame
 
-from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL
 from wsol_bench.cli.report import compare_tables, config_differences, main, rebuild_gallery
+from wsol_bench.files import write_json
+from wsol_bench.report.manifest import MANIFEST, IncompleteRun, manifest_payload
+from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL
 from wsol_bench.report.run_folder import check_run, combined_table, read_run, run_tables, write_run_tables
 from wsol_bench.report.table_format import latex_escape
 
@@ -42,12 +44,19 @@ def run_copy(real_run, tmp_path) -> Path:
 
 
 def hand_run(folder: Path, dataset: str, model: str, split: str = "val", **settings) -> Path:
-    """A run folder with hand-made records (see test_tables.records_frame) and a config."""
+    """A complete run folder with hand-made records (see test_tables.records_frame) and a config."""
     folder.mkdir(parents=True)
     config = {"dataset": {"name": dataset, "split": split}, "model": {"name": model}, "target": "predicted",
               "metric": {"image_filter": "correct", "thresholds": [0.5]}, **settings}
     OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
     records_frame().assign(dataset=dataset, split=split).to_csv(folder / "records.csv", index=False)
+    return mark_complete(folder)
+
+
+def mark_complete(folder: Path) -> Path:
+    """Write the run.json a finished run writes, for a folder edited by a test."""
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+    write_json(folder / MANIFEST, manifest_payload(folder, files, {}))
     return folder
 
 
@@ -103,6 +112,7 @@ def test_comparison_marks_an_injected_difference(real_run, run_copy, tmp_path, c
     config = OmegaConf.load(run_copy / "config.yaml")
     config.seed = 1
     OmegaConf.save(config, run_copy / "config.yaml")
+    mark_complete(run_copy)
     out = tmp_path / "cmp"
     assert main([str(real_run), str(run_copy), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -162,17 +172,20 @@ def test_faithfulness_and_wsoleval_columns_come_from_their_files(run_copy):
     pd.DataFrame(rows).to_csv(run_copy / "faithfulness.csv", index=False)
     pd.DataFrame({"method": ["agcam", "random"], "dataset": "synthetic", "split": "val", "n_images": 8,
                   "maxboxacc_v2": [70.5, 20.25], "pxap": [60.0, 30.0]}).to_csv(run_copy / "wsoleval.csv", index=False)
-    box = run_tables(run_copy)["box"]
+    with pytest.raises(IncompleteRun, match="faithfulness.csv was added after the run finished"):
+        run_tables(run_copy)
+    box = run_tables(run_copy, allow_incomplete=True)["box"]
     assert box["ABPC"].tolist() == pytest.approx([10.0, 0.0])
     assert box["AUC LeRF"].tolist() == pytest.approx([55.0, 50.0])
     assert box["MaxBoxAccV2"].tolist() == [70.5, 20.25] and box["PxAP"].tolist() == [60.0, 30.0]
     assert box["n_images_abpc"].tolist() == [8, 8]
     assert "ABPC" in box.attrs["caption"] and box.attrs["notes"][1:] == []
     pd.DataFrame(rows[:3]).to_csv(run_copy / "faithfulness.csv", index=False)
-    assert "faithfulness.csv covers 3 of 8 images for agcam." in run_tables(run_copy)["box"].attrs["notes"]
+    notes = run_tables(run_copy, allow_incomplete=True)["box"].attrs["notes"]
+    assert "faithfulness.csv covers 3 of 8 images for agcam." in notes
     pd.DataFrame(rows).assign(dataset="imagenet").to_csv(run_copy / "faithfulness.csv", index=False)
     with pytest.raises(ValueError, match="faithfulness.csv holds rows of dataset"):
-        run_tables(run_copy)
+        run_tables(run_copy, allow_incomplete=True)
 
 
 def test_combined_table_has_one_block_per_dataset(real_run, tmp_path, capsys):
@@ -208,7 +221,9 @@ def test_bad_run_folders_give_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     folder = hand_run(tmp_path / "run", "synthetic", "wsol_synthetic_vit")
     (folder / "records.csv").unlink()
-    assert main([str(folder), "--check"]) == 2
+    assert main([str(folder), "--check"]) == 1
+    assert "records.csv is missing" in capsys.readouterr().out
+    assert main([str(folder), "--allow-incomplete"]) == 2
     assert f"{folder / 'records.csv'} not found" in capsys.readouterr().err
 
 

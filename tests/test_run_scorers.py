@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-
 from wsol_bench.datasets import build_dataset
-from wsol_bench.regions.heatmaps import to_heatmaps
+
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings, score_batch
 from wsol_bench.models import load_model
+from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.run.maps import build_transform
 from wsol_bench.run.runner import run
 from wsol_bench.run.store import MapStore
@@ -103,8 +103,8 @@ def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
 
 def test_exported_coco_masks_decode_to_the_scored_masks(full_run, tmp_path):
     """export_masks=true: the predicted masks read back from COCO RLE give the records' scores."""
-    from wsol_bench.report.export import read_coco_masks
     from wsol_bench.metrics.pixel import pixel_scores
+    from wsol_bench.report.export import read_coco_masks
 
     cfg, tmp = full_run
     again = _cfg(tmp, "export_masks=true", "metric.thresholds=[0.5]")

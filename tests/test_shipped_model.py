@@ -10,8 +10,8 @@ import torch
 from wsol_bench.datasets import EvalTransform, build_dataset, collate_samples
 from wsol_bench.methods import get_explainer
 
-from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.models import data_config, load_model, patch_grid, shipped_weights_path
+from wsol_bench.regions.heatmaps import to_heatmaps
 
 NUM_VAL = 300
 

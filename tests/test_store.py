@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from wsol_bench.run.maps import build_transform, store_settings
-from wsol_bench.run.store import MapStore, Shard, settings_key
+from wsol_bench.run.store import InvalidShard, MapStore, Shard, settings_key
 
 SCRIPT = Path(sys.executable).parent / "wsol-bench"
 
@@ -62,17 +62,91 @@ def test_shards_round_trip_and_report_what_is_missing(tmp_path):
     store = MapStore(tmp_path, {"x": 1}, shard_size=4)
     assert store.num_shards(10) == 3 and store.missing(10) == [0, 1, 2]
     assert list(store.shard_positions(2, 10)) == [8, 9]
-    shard = Shard(index=1, maps=torch.rand(4, 2, 2), logits=torch.rand(4, 3), targets=torch.tensor([0, 1, 2, 0]),
-                  positions=torch.arange(4, 8), image_ids=list("abcd"), skipped=[("e", "corrupt")],
+    # positions 4..7: three usable items and one the dataset skipped
+    shard = Shard(index=1, maps=torch.rand(3, 2, 2), logits=torch.rand(3, 3), targets=torch.tensor([0, 1, 2]),
+                  positions=torch.tensor([4, 5, 7]), image_ids=list("abd"), skipped=[("c", "corrupt")],
                   target_source="given", class_specific=False)
     store.save(shard)
     assert store.missing(10) == [0, 2]
-    back = store.load(1)
-    assert torch.equal(back.maps, shard.maps) and back.image_ids == list("abcd")
-    assert back.skipped == [("e", "corrupt")] and back.target_source == "given" and not back.class_specific
+    back = store.load(1, 10)
+    assert torch.equal(back.maps, shard.maps) and back.image_ids == list("abd")
+    assert back.skipped == [("c", "corrupt")] and back.target_source == "given" and not back.class_specific
+    assert back.rows_at([5, 7], ["b", "d"]).tolist() == [1, 2]
+    with pytest.raises(InvalidShard, match="holds maps of other images"):
+        back.rows_at([5], ["x"])
     assert not list(tmp_path.rglob("*.tmp"))
-    with pytest.raises(FileNotFoundError, match="shard_000000"):
+    with pytest.raises(InvalidShard, match="shard_000000.pt is missing"):
         store.load(0)
+
+
+def _saved_store(tmp_path, key=None, grid=(2, 2)) -> tuple[MapStore, Shard]:
+    store = MapStore(tmp_path, key or {"method": "a"}, shard_size=4, grid=grid)
+    shard = Shard(index=0, maps=torch.rand(4, 2, 2), logits=torch.rand(4, 3), targets=torch.tensor([0, 1, 2, 0]),
+                  positions=torch.arange(4), image_ids=list("abcd"), skipped=[])
+    store.save(shard)
+    return store, shard
+
+
+def _edit(path: Path, change) -> None:
+    """Rewrite a stored shard's payload with `change` applied, keeping its (now wrong) checksum."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+EDITS = {
+    "negated": lambda p: p.update(maps=-p["maps"]),
+    "nan": lambda p: p["maps"].__setitem__((0, 0, 0), float("nan")),
+    "shuffled": lambda p: p.update(maps=p["maps"][[1, 0, 2, 3]]),
+    "other ids": lambda p: p.update(image_ids=list("wxyz")),
+    "no logits": lambda p: p.pop("logits"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_shard_is_reported_and_recomputed(tmp_path, edit, caplog):
+    store, _ = _saved_store(tmp_path)
+    _edit(store.shard_path(0), EDITS[edit])
+    with pytest.raises(InvalidShard, match="shard_000000.pt is invalid"):
+        store.load(0, 4)
+    assert store.missing(4) == [0] and not store.shard_path(0).exists()
+    assert "shard_000000.pt is invalid" in caplog.text and "recomputed" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes", "flipped bytes", "not a torch file"])
+def test_a_damaged_shard_file_is_reported_and_recomputed(tmp_path, damage, caplog):
+    store, _ = _saved_store(tmp_path)
+    path = store.shard_path(0)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "zero bytes":
+        path.write_bytes(b"")
+    elif damage == "flipped bytes":  # inside the maps' storage: the file still loads, the checksum fails
+        raw = bytearray(data)
+        start = raw.index(torch.load(path, weights_only=True)["maps"].numpy().tobytes()[:16])
+        raw[start:start + 8] = bytes(b ^ 0xFF for b in raw[start:start + 8])
+        path.write_bytes(bytes(raw))
+    else:
+        path.write_text("maps")
+    assert store.missing(4) == [0] and not path.exists()
+    assert "shard_000000.pt is" in caplog.text
+
+
+def test_a_shard_of_another_store_or_grid_is_refused(tmp_path):
+    """A shard copied from another method's (or target policy's) folder carries that store's key;
+    a shard on another grid than the model's is refused too."""
+    other, _ = _saved_store(tmp_path / "a", key={"method": "b", "target_policy": "label"})
+    store = MapStore(tmp_path / "b", {"method": "a"}, shard_size=4, grid=(2, 2))
+    store.folder.mkdir(parents=True)
+    store.shard_path(0).write_bytes(other.shard_path(0).read_bytes())
+    with pytest.raises(InvalidShard, match="belongs to the store"):
+        store.load(0, 4)
+    wrong_grid = MapStore(tmp_path / "a", {"method": "b", "target_policy": "label"}, shard_size=4, grid=(3, 3))
+    with pytest.raises(InvalidShard, match=r"\(2, 2\) grid, expected \(3, 3\)"):
+        wrong_grid.load(0, 4)
+    with pytest.raises(InvalidShard, match="not the 3 items of shard 0 of a 3-item dataset"):
+        other.load(0, 3)  # the dataset shrank: shard 0 now covers 3 items, the stored one 4
 
 
 def _bench(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
@@ -135,3 +209,19 @@ def test_the_key_follows_the_package_version_and_the_explainers_source(tmp_path,
     import wsol_bench.run.maps as maps
     monkeypatch.setattr(maps, "package_version", lambda: "9.9.9")
     assert settings_key(store_settings(cfg, build_transform(cfg), "agcam", cfg.target)) != settings_key(settings)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    store = MapStore(tmp_path, {"method": "a"}, shard_size=4)
+    shard = Shard(index=0, maps=torch.rand(4, 2, 2), logits=torch.rand(4, 3), targets=torch.zeros(4, dtype=torch.long),
+                  positions=torch.arange(4), image_ids=list("abcd"), skipped=[])
+
+    def full_disk(payload, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(shard)
+    assert not store.shard_path(0).exists()
+    assert [p.name for p in store.folder.iterdir()] == ["settings.json"]  # no .tmp left behind

@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from wsol_bench.datasets.base import Sample
-
 from scipy import ndimage
 from skimage.measure import label as label_components
+from wsol_bench.datasets.base import Sample
 
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.box_accuracy import BoxAccuracy

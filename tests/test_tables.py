@@ -11,8 +11,13 @@ import pytest
 
 from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL, published_numbers
 from wsol_bench.report.table_format import cell_text, to_latex, to_markdown, to_text, write_table_files
-from wsol_bench.report.tables import (faithfulness_summary, localization_table, paper_table, published_rows,
-                               wsoleval_summary)
+from wsol_bench.report.tables import (
+    faithfulness_summary,
+    localization_table,
+    paper_table,
+    published_rows,
+    wsoleval_summary,
+)
 
 METRICS = ("pixel_acc", "iou", "dice", "precision", "recall")
 
@@ -97,7 +102,7 @@ def test_paper_table_joins_every_source_in_the_paper_column_order():
     view = paper_table(localization_table(records_frame()), "box", faithfulness=faithfulness_summary(faith),
                        wsoleval=wsoleval_summary(wsoleval_frame()))
     assert list(view.columns) == ["method", "Pixel Acc", "IoU", "Dice", "Precision", "Recall", "n_images",
-                                  "ABPC", "AUC MoRF", "AUC LeRF", "n_images_abpc", "MaxBoxAccV2",
+                                  "n_degenerate", "ABPC", "AUC MoRF", "AUC LeRF", "n_images_abpc", "MaxBoxAccV2",
                                   "n_images_wsol"]
     assert view["method"].tolist() == ["agcam", "rollout", "center"]
     assert view.loc[0, "Dice"] == pytest.approx(20.0) and view.loc[0, "ABPC"] == pytest.approx(30.0)

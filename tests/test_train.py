@@ -16,15 +16,21 @@ import timm
 import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
-
-from wsol_bench.cli import train as train_cli
-from wsol_bench.train import recipe as train_recipe
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples, registry
 from wsol_bench.datasets.base import normalize_image
-from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images
+
+from wsol_bench.cli import train as train_cli
 from wsol_bench.models import load_model
-from wsol_bench.train.data import (CachedBatches, LabelledImage, augment_batch, collate_labelled, dihedral,
-                                   normalize_batch)
+from wsol_bench.train import recipe as train_recipe
+from wsol_bench.train.data import (
+    CachedBatches,
+    LabelledImage,
+    augment_batch,
+    collate_labelled,
+    dihedral,
+    normalize_batch,
+)
+from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images
 from wsol_bench.train.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 import wsol_bench.methods.transformer_attribution as ta
 import yaml
 from conftest import make_vit
-from wsol_bench.methods.registry import available, get_explainer
-
 from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
+from wsol_bench.methods.registry import available, get_explainer
 
 NAME = "transformer_attribution"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "transformer_attribution.yaml"

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from wsol_bench.datasets.base import Sample
-
 from test_sweep import skimage_boxes
+from wsol_bench.datasets.base import Sample
 
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.box_accuracy import BoxAccuracy, best_ious, inclusive_iou

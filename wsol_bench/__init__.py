@@ -32,3 +32,7 @@ class _CheckoutLayout(importlib.abc.MetaPathFinder):
 
 if not (_PACKAGE / "methods").is_dir() and (_PACKAGE.parent / "methods" / "__init__.py").is_file():
     sys.meta_path.append(_CheckoutLayout())
+
+# Registers the shipped model with timm: after `import wsol_bench`,
+# timm.create_model("wsol_synthetic_vit", pretrained=True) builds it with its packaged weights.
+from wsol_bench.models import shipped as _shipped  # noqa: E402, F401

@@ -35,3 +35,26 @@ def package_version() -> str:
         return metadata.version("wsol-bench")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `name` names, if this machine has it; otherwise a ValueError naming the
+    `device` setting and the valid values."""
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device; valid: cpu, cuda, cuda:N (mps on Apple)") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device={name!r} is not supported; valid: cpu, cuda, cuda:N (mps on Apple)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name}: MPS is not available on this machine; use device=cpu")
+    return device

@@ -66,3 +66,10 @@ class CsvRows:
         """Close the file (idempotent)."""
         if not self._file.closed:
             self._file.close()
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically, in the format its file name says."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))

@@ -12,17 +12,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from wsol_bench.config.errors import run_app
+from wsol_bench.config.errors import file_system_line, run_app
 from wsol_bench.config.keys import check_known_keys
 from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.methods.registry import PluginImportError
 from wsol_bench.models import ModelLoadError
 from wsol_bench.regions.contours import MissingDependencyError
+from wsol_bench.run.store import InvalidShard
 
 log = logging.getLogger("wsol_bench")
 # Errors caused by the user's settings or files: print the message, not a traceback.
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, PluginImportError, ValueError,
-               FileNotFoundError, KeyError)
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, PluginImportError, InvalidShard,
+               ValueError, FileNotFoundError, KeyError)
 
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="config", version_base="1.3")
@@ -44,6 +45,12 @@ def _main(cfg: DictConfig) -> None:
             raise
         log.error("%s", exc)
         print(f"wsol-bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only or forbidden folder: name the path
+        if os.environ.get("WSOL_BENCH_DEBUG") or not exc.filename:
+            raise
+        log.error("%s", file_system_line(exc))
+        print(f"wsol-bench: error: {file_system_line(exc)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from wsol_bench.config.errors import FILE_SYSTEM_ERRORS, file_system_line
 from wsol_bench.report.compare import (
     DEFAULT_TOLERANCE,
     compare_tables,
@@ -32,9 +33,9 @@ from wsol_bench.report.table_format import to_markdown, to_text, write_table_fil
 from wsol_bench.run.gallery import rebuild_gallery
 
 
-def report_one(run_dir: Path, out: Path | None, gallery: bool) -> None:
+def report_one(run_dir: Path, out: Path | None, gallery: bool, allow_incomplete: bool = False) -> None:
     """Rebuild one run's tables (and gallery) and print them."""
-    run = read_run(run_dir)
+    run = read_run(run_dir, allow_incomplete)
     tables = run_tables(run)
     target = out or run_dir
     write_run_tables(run_dir, target, tables)
@@ -44,9 +45,10 @@ def report_one(run_dir: Path, out: Path | None, gallery: bool) -> None:
     print(f"\ntables written to {target}")
 
 
-def report_many(run_dirs: list[Path], out: Path | None, tolerance: float, combined: bool) -> None:
+def report_many(run_dirs: list[Path], out: Path | None, tolerance: float, combined: bool,
+                allow_incomplete: bool = False) -> None:
     """Compare several runs (or combine them into one table) and print the result."""
-    runs = [read_run(d) for d in run_dirs]
+    runs = [read_run(d, allow_incomplete) for d in run_dirs]
     labels = run_labels(len(runs))
     legend = [f"{label} = {run.path} ({run.dataset_label}, {run.setting('model.name', '?')})"
               for label, run in zip(labels, runs)]
@@ -94,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--combined", action="store_true",
                         help="several runs: one table with a block of rows per run instead of a comparison")
     parser.add_argument("--no-gallery", action="store_true", help="one run: do not redraw gallery.png")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="build tables from a run folder that is not a complete run (killed, failed or "
+                             "edited), from the rows it holds")
     return parser.parse_args(argv)
 
 
@@ -104,19 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             failed = False
             for run_dir in args.runs:
-                lines = check_run(run_dir)
+                lines = check_run(run_dir, args.allow_incomplete)
                 failed |= bool(lines)
                 print(f"{run_dir}: " + ("tables DIFFER from its records:\n  " + "\n  ".join(lines) if lines
                                         else "tables match its records"))
             code = 1 if failed else 0
         elif len(args.runs) == 1:
-            report_one(args.runs[0], args.out, gallery=not args.no_gallery)
+            report_one(args.runs[0], args.out, gallery=not args.no_gallery, allow_incomplete=args.allow_incomplete)
             code = 0
         else:
-            report_many(args.runs, args.out, args.tolerance, args.combined)
+            report_many(args.runs, args.out, args.tolerance, args.combined, args.allow_incomplete)
             code = 0
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"wsol-bench-report: error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"wsol-bench-report: error: {file_system_line(exc)}", file=sys.stderr)
         code = 2
     if argv is None:
         sys.exit(code)

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from .datasets import DatasetConfig
-from .groups import MethodConfig, MetricConfig, ModelConfig
+from .groups import MetricConfig, ModelConfig
 
 
 @dataclass
@@ -47,7 +47,10 @@ class BenchConfig:
 
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
-    method: dict[str, MethodConfig] = field(default_factory=dict)
+    # {key: MethodConfig}: untyped here because OmegaConf cannot add a typed entry from the command
+    # line (`+method.agcam_mean={name:agcam,params:{head_fusion:mean}}`); `check_method_entries`
+    # checks every entry against MethodConfig before any work instead
+    method: dict[str, Any] = field(default_factory=dict)
     metric: MetricConfig = MISSING
     faithfulness: Any = None  # FaithfulnessConfig when selected
     sweep: Any = None         # SweepConfig when selected

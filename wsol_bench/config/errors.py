@@ -10,6 +10,7 @@ traceback."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -115,6 +116,17 @@ def _untyped_key_line(err: OmegaConfBaseException, append: str, config_name: str
     return f"unknown key {key}; add it with {append}"
 
 
+# full disk, quota, read-only file system, permissions: the user's machine, not a bug
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def file_system_line(exc: OSError) -> str:
+    """`cannot write <path>: <reason>` for a file-system error."""
+    where = exc.filename or "a file"
+    hint = " (free some space or choose a writable folder)" if exc.errno in FILE_SYSTEM_ERRORS else ""
+    return f"cannot write {where}: {exc.strerror or exc}{hint}"
+
+
 def run_app(app: Callable[[], None], prog: str, config_name: str) -> None:
     """Run the @hydra.main function `app` (primary config `config_name`); a configuration Hydra
     cannot compose ends the command with `<prog>: error: <one line>` and exit code 2. With
@@ -128,6 +140,11 @@ def run_app(app: Callable[[], None], prog: str, config_name: str) -> None:
         if wants_traceback:
             raise
         print(f"{prog}: error: {one_line(exc, config_name, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # raised outside the task (Hydra creating the run folder) or not caught there
+        if wants_traceback or not exc.filename:
+            raise
+        print(f"{prog}: error: {file_system_line(exc)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if before is None:

@@ -31,3 +31,21 @@ def check_method_params(name: str, params: Mapping[str, Any]) -> None:
     if unknown:
         raise ValueError(f"method {name!r} takes no parameter {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(valid) or 'none'}")
+
+
+def check_method_entries(methods: Mapping[str, Any]) -> None:
+    """Every entry of `method` must be {name: <explainer>, params: {...}} (MethodConfig); an
+    entry of another shape is a ValueError naming its key."""
+    from dataclasses import fields
+
+    from wsol_bench.config.groups import MethodConfig
+
+    allowed = {f.name for f in fields(MethodConfig)}
+    for key, entry in methods.items():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"method.{key} must be {{name: <explainer>, params: {{...}}}}, got {entry!r}")
+        extra = sorted(set(entry) - allowed)
+        if extra:
+            raise ValueError(f"unknown key method.{key}.{extra[0]}; valid keys here: {', '.join(sorted(allowed))}")
+        if not isinstance(entry.get("params", {}) or {}, Mapping):
+            raise ValueError(f"method.{key}.params must be a mapping of the explainer's parameters")

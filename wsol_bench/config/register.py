@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from .bench import BenchConfig
 from .datasets import DATASET_SCHEMAS
-from .groups import FaithfulnessConfig, SweepConfig
+from .groups import FaithfulnessConfig, MethodConfig, SweepConfig
 from .trainer import TrainerConfig
 
 SCHEMAS = {
@@ -18,6 +18,7 @@ SCHEMAS = {
     "schema_trainer": TrainerConfig,
     **{f"schema_dataset_{name}": schema for name, schema in DATASET_SCHEMAS.items()
        if name != "synthetic_two_class"},  # it shares synthetic's
+    "schema_method": MethodConfig,
     "schema_faithfulness": FaithfulnessConfig,
     "schema_sweep": SweepConfig,
 }

@@ -264,6 +264,13 @@ def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
                          f"{num_classes} classes")
 
 
+def row_columns(settings: FaithfulnessSettings) -> list[str]:
+    """The score columns of `faithfulness_rows` for these settings, in order."""
+    width = max(2, len(str(settings.steps - 1)))
+    return ([f"auc_{c}" for c in settings.curves] + (["abpc"] if settings.mode == "abpc" else [])
+            + [f"{c}_{s:0{width}d}" for c in settings.curves for s in range(settings.steps)])
+
+
 def faithfulness_rows(scores: dict[str, torch.Tensor]) -> list[dict[str, float]]:
     """One record row per image from `score_batch` output: every `auc_<curve>`, `abpc` (abpc
     mode), and each step as `<curve>_<ii>` (two-digit step index, e.g. morf_00..morf_10)."""

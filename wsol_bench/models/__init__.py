@@ -14,13 +14,14 @@ from wsol_bench.models.loading import (
     architecture_data_config,
     data_config,
     load_model,
+    map_grid,
     patch_grid,
     pretrained_file,
     read_checkpoint,
 )
 
 __all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "data_config",
-           "disable_fused_attention", "fused_attention", "load_model", "patch_grid", "pretrained_file",
+           "disable_fused_attention", "fused_attention", "load_model", "map_grid", "patch_grid", "pretrained_file",
            "read_checkpoint", "shipped", "shipped_weights_path", "switch_off_fused"]
 
 

@@ -70,7 +70,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                              "model.checkpoint=...)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # not a safetensors file, truncated, damaged header
+            raise ModelLoadError(f"checkpoint {path} is not a readable safetensors file ({exc}); pass the "
+                                 "file the trainer wrote, or a .pth state dict") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,3 +197,28 @@ def patch_grid(model: nn.Module) -> tuple[int, int]:
     """(rows, cols) of the patch grid, read from the model, never assumed."""
     grid = model.patch_embed.grid_size
     return int(grid[0]), int(grid[1])
+
+
+def map_grid(name: str, input_size: tuple[int, int], **timm_kwargs: Any) -> tuple[int, int]:
+    """The patch grid of architecture `name` for [H, W] inputs (its maps' shape), built on the
+    meta device. Inputs the model cannot take are refused naming preprocess.input_size."""
+    with torch.device("meta"):
+        model = _create(name, pretrained=False, **timm_kwargs)
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "patch_size"):
+        raise ModelLoadError(f"model {name} has no patch embedding (patch_embed.patch_size); explainers "
+                             "need a VisionTransformer")
+    height, width = (int(v) for v in input_size)
+    patch_h, patch_w = (int(v) for v in embed.patch_size)
+    if getattr(model, "dynamic_img_size", False):
+        if height % patch_h or width % patch_w:
+            raise ModelLoadError(f"preprocess.input_size=[{height}, {width}] is not a multiple of {name}'s "
+                                 f"{patch_h}x{patch_w} patches")
+        return height // patch_h, width // patch_w
+    model_size = tuple(int(v) for v in embed.img_size)
+    if (height, width) != model_size:
+        raise ModelLoadError(f"preprocess.input_size=[{height}, {width}] does not fit {name}, which takes "
+                             f"{model_size[0]}x{model_size[1]} images; leave preprocess.input_size=null (the "
+                             f"model's own), or build the model for that size (model.kwargs.img_size="
+                             f"[{height},{width}], or model.kwargs.dynamic_img_size=true)")
+    return tuple(int(v) for v in embed.grid_size)

@@ -21,3 +21,16 @@ def threshold_array(thresholds: Sequence[float], dtype: np.dtype = np.float32) -
         raise ValueError(f"thresholds must be finite and strictly increasing (in {np.dtype(dtype).name}); "
                          f"sort them and drop duplicates: got {values.tolist()[:8]}...")
     return cast
+
+
+def check_thresholds(thresholds: Sequence[float], setting: str) -> list[float]:
+    """Thresholds of a setting as floats: a non-empty list of finite numbers in [0, 1] (heatmaps
+    are normalised to [0, 1]); anything else is a ValueError naming the setting."""
+    values = [float(t) for t in thresholds] if thresholds is not None else []
+    if not values:
+        raise ValueError(f"{setting} is empty; give at least one threshold, e.g. [0.5]")
+    bad = [t for t in values if not (np.isfinite(t) and 0.0 <= t <= 1.0)]
+    if bad:
+        raise ValueError(f"{setting}={values} holds {bad}: thresholds are numbers in [0, 1] (heatmaps are "
+                         "normalised to [0, 1])")
+    return values

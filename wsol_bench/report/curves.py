@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from wsol_bench.files import save_figure
+
 CURVE_COLUMN = re.compile(r"^(morf|lerf|deletion|insertion)_(\d+)$")
 LINE_STYLES = {"morf": "-", "lerf": "--", "deletion": "-", "insertion": ":"}
 CURVE_LABELS = {"morf": "MoRF", "lerf": "LeRF", "deletion": "deletion", "insertion": "insertion"}
@@ -43,6 +45,8 @@ def plot_perturbation_curves(frame: pd.DataFrame, path: str | Path, *, title: st
     perturbed; the legend gives each method's mean ABPC (or AUCs) in percent."""
     if "method" not in frame.columns:
         raise ValueError("faithfulness rows need a 'method' column to plot curves per method")
+    if "degenerate" in frame.columns:  # degenerate maps have no curve (NaN), on purpose
+        frame = frame[frame["degenerate"] != 1]
     columns = curve_columns(frame)
     if frame.empty or not columns:
         raise ValueError("no faithfulness rows with curve columns (morf_00, lerf_00, ...) to plot")
@@ -80,7 +84,6 @@ def plot_perturbation_curves(frame: pd.DataFrame, path: str | Path, *, title: st
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from wsol_bench.files import atomic_write_text
 from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.rasterize import union_masks
 
@@ -90,7 +91,7 @@ def write_coco_masks(path: str | Path, image_keys: Sequence[str], masks: torch.T
     """Write `coco_document(...)` as JSON to `path` (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(coco_document(image_keys, masks, category_ids, scores, categories)))
+    atomic_write_text(path, json.dumps(coco_document(image_keys, masks, category_ids, scores, categories)))
     return path
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
 
+from wsol_bench.files import save_figure
 from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.heatmaps import to_heatmaps
 
@@ -48,8 +49,7 @@ def _save(fig, axes, path: Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -137,7 +137,6 @@ def plot_sweep(sweep: pd.DataFrame, path: Path, metrics: tuple[str, ...] = ("box
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ as CSV, Markdown and LaTeX, `check_run` compares them with the tables on disk.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,16 @@ import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wsol_bench.files import atomic_write
 from wsol_bench.metrics.base import RunMetric, load_states
+from wsol_bench.report.manifest import IncompleteRun, check_complete
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
 from wsol_bench.report.sweep_tables import sweep_table, wsoleval_table
 from wsol_bench.report.table_format import to_text, write_table_files
 from wsol_bench.report.tables import (
+    ALL_DEGENERATE,
     PUBLISHED_SUFFIX,
+    degenerate_methods,
     faithfulness_summary,
     localization_table,
     ordered_columns,
@@ -31,6 +36,7 @@ from wsol_bench.report.tables import (
     wsoleval_summary,
 )
 
+log = logging.getLogger("wsol_bench")
 VARIANTS = {"box": "union of ground-truth boxes", "mask": "ground-truth segmentation mask"}
 FILTER_WORDS = {"correct": "correctly classified images", "all": "all images"}
 CHECK_TOLERANCE = 1e-9  # tables on disk are written at full precision
@@ -64,14 +70,24 @@ class RunFolder:
         return f"{self.setting('dataset.name', '?')}/{self.setting('dataset.split', '?')}"
 
 
-def _read_csv(path: Path, optional: bool) -> pd.DataFrame | None:
+def _read_csv(path: Path, optional: bool, partial: bool = False) -> pd.DataFrame | None:
+    """A CSV of the run folder; with `partial`, rows a killed writer left unfinished (too few
+    or too many fields) are dropped with a warning instead of breaking the read."""
     if not path.is_file():
         if optional:
             return None
         raise FileNotFoundError(f"{path} not found: tables are rebuilt from a run's records; run "
                                 "`wsol-bench` to make a run folder (folders made before records.csv "
                                 "existed cannot be rebuilt)")
-    return pd.read_csv(path)
+    if not partial:
+        return pd.read_csv(path)
+    frame = pd.read_csv(path, on_bad_lines="skip")
+    complete = frame.notna().all(axis=1) if "image_id" in frame.columns else slice(None)
+    dropped = len(frame) - int(pd.Series(complete).sum()) if "image_id" in frame.columns else 0
+    if dropped:
+        log.warning("%s: %d unfinished row(s) dropped", path, dropped)
+        frame = frame[complete]
+    return frame
 
 
 def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) -> None:
@@ -84,11 +100,14 @@ def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) 
                          f"dataset.name={dataset}; the file belongs to another run")
 
 
-def read_run(run_dir: str | Path) -> RunFolder:
-    """Read config, records and the optional faithfulness and wsolevaluation files."""
+def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
+    """Read config, records and the optional faithfulness and wsolevaluation files of a
+    complete run (run.json, inputs unchanged); `allow_incomplete` reads what is there."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
+    if not allow_incomplete:
+        check_complete(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a run folder needs the config it ran with "
@@ -98,8 +117,8 @@ def read_run(run_dir: str | Path) -> RunFolder:
         config = OmegaConf.to_container(loaded, resolve=True)
     except OmegaConfBaseException:  # a hand-edited config with interpolations it cannot resolve outside Hydra
         config = OmegaConf.to_container(loaded, resolve=False)
-    run = RunFolder(path, config, _read_csv(path / "records.csv", optional=False),
-                    _read_csv(path / "faithfulness.csv", optional=True),
+    run = RunFolder(path, config, _read_csv(path / "records.csv", optional=False, partial=allow_incomplete),
+                    _read_csv(path / "faithfulness.csv", optional=True, partial=allow_incomplete),
                     _read_csv(path / "wsoleval.csv", optional=True))
     if (path / SWEEP_STATES).is_file():
         _rebuild_sweep_tables(run, load_states(path / SWEEP_STATES))
@@ -159,6 +178,21 @@ def _published_notes(run: RunFolder, published: list, thresholds: list[float]) -
     return notes
 
 
+def degenerate_notes(run: RunFolder, all_degenerate: list[str]) -> list[str]:
+    """One line per method with degenerate maps (constant or NaN/inf), so they are never
+    hidden in an average: how many, and what the table does with them."""
+    first = run.records[run.records["threshold"] == run.records["threshold"].iloc[0]]
+    counts = first.groupby("method", sort=False)["degenerate"].agg(["sum", "size"])
+    notes = []
+    for method, (bad, total) in counts.iterrows():
+        if method in all_degenerate:
+            notes.append(ALL_DEGENERATE.format(method=method))
+        elif bad:
+            notes.append(f"{method}: {int(bad)} of {int(total)} maps are degenerate (constant or NaN/inf); "
+                         "they count as empty predictions here (n_degenerate) and have no ABPC.")
+    return notes
+
+
 def _coverage_notes(run: RunFolder) -> list[str]:
     """Faithfulness rows that do not cover every image of a method are reported, not hidden."""
     if run.faithfulness is None:
@@ -169,12 +203,12 @@ def _coverage_notes(run: RunFolder) -> list[str]:
             for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
 
 
-def run_tables(run_dir: str | Path | RunFolder) -> dict[str, pd.DataFrame]:
+def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) -> dict[str, pd.DataFrame]:
     """Every table of a run, from its files: "localization" (per method and threshold, all
     columns; what `table.csv` holds) and one paper-layout table per ground-truth variant
     ("box", "mask" when the records have masks) with ABPC, MaxBoxAccV2 and published numbers
     where available. Each paper table carries `attrs["caption"]` and `attrs["notes"]`."""
-    run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir)
+    run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
     localization = localization_table(run.records, run.setting("metric.image_filter"))
     faith = faithfulness_summary(run.faithfulness, str(run.path / "faithfulness.csv")) \
         if run.faithfulness is not None else None
@@ -183,16 +217,19 @@ def run_tables(run_dir: str | Path | RunFolder) -> dict[str, pd.DataFrame]:
                                   str(run.setting("model.name")))
     thresholds = sorted(set(localization.index.get_level_values("threshold").astype(float)))
     tables = {"localization": localization}
+    blank = degenerate_methods(run.records)
+    degenerate = degenerate_notes(run, blank)
+    localization.attrs["degenerate_notes"] = degenerate
     if run.sweep is not None:
         tables["sweep"], tables["wsoleval"] = run.sweep, run.wsoleval
     for variant in VARIANTS:
         if f"{variant}_iou" not in localization.columns:
             continue
         view = paper_table(localization, variant, faithfulness=faith, wsoleval=wsol,
-                           published=published if variant == "box" else ())
+                           published=published if variant == "box" else (), all_degenerate=blank)
         view.attrs["caption"] = _caption(run, variant, faith is not None, wsol is not None)
         notes = _published_notes(run, published, thresholds) if variant == "box" else []
-        view.attrs["notes"] = notes + _coverage_notes(run)
+        view.attrs["notes"] = notes + degenerate + _coverage_notes(run)
         view.attrs["thresholds"] = thresholds
         tables[variant] = view
     return tables
@@ -206,12 +243,10 @@ def write_run_tables(run_dir: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     tables = tables if tables is not None else run_tables(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables["localization"].to_csv(out / "table.csv")
-    paths = [out / "table.csv"]
+    paths = [atomic_write(out / "table.csv", tables["localization"].to_csv)]
     for name in SWEEP_TABLES:
         if name in tables:
-            tables[name].to_csv(out / f"{name}.csv", index=False)
-            paths.append(out / f"{name}.csv")
+            paths.append(atomic_write(out / f"{name}.csv", lambda tmp, t=tables[name]: t.to_csv(tmp, index=False)))
     for variant in VARIANTS:
         if variant in tables:
             view = tables[variant]
@@ -247,12 +282,15 @@ def frame_differences(expected: pd.DataFrame, actual: pd.DataFrame, name: str,
     return lines
 
 
-def check_run(run_dir: str | Path) -> list[str]:
+def check_run(run_dir: str | Path, allow_incomplete: bool = False) -> list[str]:
     """Rebuild a run's tables from its records and metric states and compare them with
     `table.csv`, any `table_<variant>.csv`, and `sweep.csv` / `wsoleval.csv` on disk; returns the
-    differences (empty: they agree)."""
+    differences (empty: they agree). A folder that is not a complete run is one difference."""
     path = Path(run_dir)
-    tables = run_tables(path)
+    try:
+        tables = run_tables(path, allow_incomplete)
+    except IncompleteRun as exc:
+        return [str(exc)]
     on_disk = path / "table.csv"
     if not on_disk.is_file():
         return [f"{on_disk} is missing"]
@@ -269,13 +307,14 @@ def check_run(run_dir: str | Path) -> list[str]:
     return lines
 
 
-def combined_table(run_dirs: list[str | Path | RunFolder], variant: str = "box") -> pd.DataFrame:
+def combined_table(run_dirs: list[str | Path | RunFolder], variant: str = "box",
+                   allow_incomplete: bool = False) -> pd.DataFrame:
     """One paper-layout table over several runs (e.g. one per dataset): a block of rows per
     run, labelled by its dataset in a leading `dataset` column, plus the `filter` column.
     Notes name each block's run folder, model and target; `attrs["notes"]` holds them."""
     blocks, notes, seen = [], [], {}
     for run_dir in run_dirs:
-        run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir)
+        run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
         tables = run_tables(run)
         if variant not in tables:
             raise ValueError(f"{run.path}: no {variant} table (the records have no {variant}_* columns)")

@@ -54,10 +54,8 @@ def wsoleval_table(states: dict[str, dict[str, RunMetric]], image_filter: str, *
         for delta in acc["maxboxacc_v2_per_iou"]:
             row[f"maxboxacc_v2_iou{delta}"] = acc["maxboxacc_v2_per_iou"][delta]
             row[f"maxboxacc_v2_iou{delta}_threshold"] = acc["maxboxacc_v2_thresholds"][delta]
-        pxap = named.get(PXAP_STATE)
         row.update({"top1_loc": acc["top1_loc"], "gt_known_loc": acc["gt_known_loc"],
-                    "loc_threshold": acc["loc_threshold"],
-                    "pxap": pxap.compute()["pxap"] if pxap is not None else float("nan")})
+                    "loc_threshold": acc["loc_threshold"], "pxap": pxap_value(named.get(PXAP_STATE))})
         sweep = named[SWEEP_STATE].compute()[image_filter]
         if len(sweep):
             for name, best in best_thresholds(sweep).items():
@@ -65,3 +63,14 @@ def wsoleval_table(states: dict[str, dict[str, RunMetric]], image_filter: str, *
                 row[f"best_{name}_threshold"] = best["threshold"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def pxap_value(metric: RunMetric | None) -> float:
+    """PxAP in percent; NaN without masks, or when no pixel reaches the lowest threshold (every
+    map degenerate): there is no precision-recall curve to integrate."""
+    if metric is None:
+        return float("nan")
+    try:
+        return metric.compute()["pxap"]
+    except ValueError:
+        return float("nan")

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from wsol_bench.files import atomic_write_text
+
 MISSING = "--"
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -123,7 +125,5 @@ def write_table_files(view: pd.DataFrame, folder: Path, stem: str, *, caption: s
     for fmt in formats:
         if fmt not in writers:
             raise ValueError(f"unknown table format {fmt!r}; valid: {sorted(writers)}")
-        path = folder / f"{stem}.{fmt}"
-        path.write_text(writers[fmt]())
-        paths.append(path)
+        paths.append(atomic_write_text(folder / f"{stem}.{fmt}", writers[fmt]()))
     return paths

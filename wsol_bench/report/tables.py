@@ -21,8 +21,10 @@ PAPER_NAMES = {"pixel_acc": "Pixel Acc", "iou": "IoU", "dice": "Dice", "precisio
 FAITH_NAMES = {"abpc": "ABPC", "auc_morf": "AUC MoRF", "auc_lerf": "AUC LeRF"}
 WSOL_NAMES = {"maxboxacc_v2": "MaxBoxAccV2", "pxap": "PxAP"}
 # Column order of every paper-layout table; a table holds the subset its inputs provide.
-COLUMN_ORDER = (["method", "threshold", *PAPER_NAMES.values(), "n_images", *FAITH_NAMES.values(),
+COLUMN_ORDER = (["method", "threshold", *PAPER_NAMES.values(), "n_images", "n_degenerate", *FAITH_NAMES.values(),
                  "n_images_abpc", *WSOL_NAMES.values(), "n_images_wsol"])
+ALL_DEGENERATE = ("{method}: every map is degenerate (constant or NaN/inf): no scores; its maps explain "
+                  "nothing")
 PUBLISHED_SUFFIX = " (published)"
 ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float rounding
 
@@ -71,8 +73,10 @@ def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness
         raise ValueError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
                          f"e.g. {example}; it must hold one row per image and method")
     scores = faithfulness[list(FAITH_NAMES)]
-    if scores.isna().any(axis=None):
-        bad = faithfulness.loc[scores.isna().any(axis=1), "image_id"].tolist()
+    degenerate = faithfulness["degenerate"] == 1 if "degenerate" in faithfulness else False
+    unscored = scores.isna().any(axis=1) & ~degenerate  # a degenerate map has no curve, on purpose
+    if unscored.any():
+        bad = faithfulness.loc[unscored, "image_id"].tolist()
         raise ValueError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
                          "re-run the faithfulness evaluation for those images")
     gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
@@ -82,7 +86,7 @@ def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness
                          "the file is inconsistent (docs/protocol.md 5)")
     grouped = faithfulness.groupby("method", sort=False)
     summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
-    summary["n_images_abpc"] = grouped.size()
+    summary["n_images_abpc"] = grouped["abpc"].count()  # the images with a score (degenerate maps have none)
     return summary
 
 
@@ -141,19 +145,41 @@ def ordered_columns(view: pd.DataFrame) -> pd.DataFrame:
 
 
 def paper_table(table: pd.DataFrame, variant: str = "box", *, faithfulness: pd.DataFrame | None = None,
-                wsoleval: pd.DataFrame | None = None,
-                published: Sequence[PublishedNumber] = ()) -> pd.DataFrame:
+                wsoleval: pd.DataFrame | None = None, published: Sequence[PublishedNumber] = (),
+                all_degenerate: Iterable[str] = ()) -> pd.DataFrame:
     """The paper's layout for one ground-truth variant: methods as rows, the five scores in
-    percent and the number of images scored (the threshold column only when it varies), then
-    ABPC and the AUCs (`faithfulness_summary`), then MaxBoxAccV2/PxAP (`wsoleval_summary`),
-    and a "<method> (published)" row after each method with published numbers."""
+    percent, the number of images scored and how many of their maps were degenerate (the
+    threshold column only when it varies), then ABPC and the AUCs (`faithfulness_summary`),
+    then MaxBoxAccV2/PxAP (`wsoleval_summary`), and a "<method> (published)" row after each
+    method with published numbers. Methods in `all_degenerate` get no scores ("--")."""
     cols = [f"{variant}_{m}" for m in PIXEL_METRICS if f"{variant}_{m}" in table.columns]
-    view = table[cols + ["n_images"]].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
+    counts = ["n_images"] + (["n_degenerate"] if "n_degenerate" in table.columns else [])
+    view = table[cols + counts].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
     view = view.reset_index()
     if view["threshold"].nunique() == 1:
         view = view.drop(columns="threshold")
     for extra in (faithfulness, wsoleval):
         if extra is not None:
             view = _attach(view, extra)
+    view = blank_degenerate_methods(view, all_degenerate)
     view = published_rows(view, published, variant)
     return ordered_columns(view).reset_index(drop=True)
+
+
+def blank_degenerate_methods(view: pd.DataFrame, methods: Iterable[str]) -> pd.DataFrame:
+    """Scores of methods whose every map is degenerate become missing ("--"): an empty
+    prediction's pixel accuracy or precision would otherwise look like a result."""
+    blank = view["method"].isin(list(methods))
+    if not blank.any():
+        return view
+    view = view.copy()
+    scores = [c for c in view.columns if c not in ("method", "threshold") and not c.startswith("n_")]
+    view[scores] = view[scores].astype(float)
+    view.loc[blank, scores] = float("nan")
+    return view
+
+
+def degenerate_methods(records: pd.DataFrame) -> list[str]:
+    """Methods whose maps are degenerate for every image of the records."""
+    flags = records.groupby("method", sort=False)["degenerate"].all()
+    return [m for m, all_bad in flags.items() if all_bad]

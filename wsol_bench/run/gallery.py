@@ -13,7 +13,7 @@ from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.report.figures import denormalize, heatmap_gallery
 from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.run.maps import as_dict, build_transform
-from wsol_bench.run.store import MapStore
+from wsol_bench.run.store import InvalidShard, MapStore
 
 DEFAULT_GALLERY_IMAGES = 6
 
@@ -56,7 +56,7 @@ def stored_gallery_maps(run: RunFolder, count: int) -> tuple[list[int], list[str
             raise GallerySkipped(f"the cache folder {folder} no longer holds the key {entry['key']}")
         try:
             shard = store.load(0)
-        except (FileNotFoundError, RuntimeError) as exc:
+        except InvalidShard as exc:
             raise GallerySkipped(str(exc)) from exc
         if positions is None:
             positions, ids = [int(p) for p in shard.positions[:count]], shard.image_ids[:count]

@@ -14,7 +14,7 @@ from wsol_bench.datasets.base import RESAMPLER
 from wsol_bench.environment import package_version
 from wsol_bench.methods import get_explainer
 from wsol_bench.methods.registry import explainer_class, source_digest
-from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, pretrained_file
+from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, map_grid, pretrained_file
 from wsol_bench.run.pipeline import explain_dataset
 from wsol_bench.run.store import MapStore, file_digest
 
@@ -31,6 +31,9 @@ def build_transform(cfg: DictConfig) -> EvalTransform:
     value the config sets taking precedence."""
     dc = architecture_data_config(cfg.model.name, **as_dict(cfg.model.kwargs))
     pre = cfg.preprocess
+    if pre.std is not None and any(float(s) == 0 for s in pre.std):
+        raise ValueError(f"preprocess.std={list(pre.std)} holds a 0: normalising divides by it; give the "
+                         "model's std (or null for its own)")
     size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
     return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
                          std=pre.std if pre.std is not None else dc.std,
@@ -71,7 +74,7 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
                        **({"crop_pct": transform.crop_pct} if transform.resize == "timm" else {})},
         # the package version and the explainer's source: an edited method recomputes its maps
         "code": {"wsol_bench": package_version(), "method": source_digest(explainer_class(m.name))},
-        "method": {"name": m.name, "params": as_dict(m.params)},
+        "method": {"name": m.name, "params": as_dict(m.get("params"))},
         "target_policy": target_policy,
     }
 
@@ -102,11 +105,12 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
     shards (and only those) with the model."""
     if not cfg.method:
         raise ValueError("no method selected; e.g. method=[agcam,rollout]")
+    grid = map_grid(cfg.model.name, transform.size, **as_dict(cfg.model.kwargs))
     stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy),
-                            int(cfg.store.shard_size)) for key in cfg.method}
+                            int(cfg.store.shard_size), grid=grid) for key in cfg.method}
     missing = {key for key, s in stores.items() if s.missing(len(dataset))}
     if missing:
-        explainers = {key: get_explainer(cfg.method[key].name, model.get(), **as_dict(cfg.method[key].params))
+        explainers = {key: get_explainer(cfg.method[key].name, model.get(), **as_dict(cfg.method[key].get("params")))
                       for key in stores if key in missing}
         log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
         explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,

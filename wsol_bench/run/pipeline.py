@@ -147,15 +147,16 @@ def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequen
     notes: Counter[str] = Counter()
     bar = tqdm(total=n, desc="scoring", unit="img", disable=not progress)
     for shard_index in range(reference.num_shards(n)):
-        shards = {m: s.load(shard_index) for m, s in stores.items()}
+        shards = {m: s.load(shard_index, n) for m, s in stores.items()}
         for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
                                 bar, skipped):
             batch = pb.batch
             notes.update(note for s in batch.samples for note in s.notes)
             size = tuple(batch.images.shape[-2:])
             gt = ground_truth(batch.samples, size, box_protocol)
+            ids = [s.image_id for s in batch.samples]
             for method, shard in shards.items():
-                rows = shard.rows_at(pb.positions)
+                rows = shard.rows_at(pb.positions, ids)
                 maps = shard.maps[rows]
                 heat, degenerate = to_heatmaps(maps, size)
                 mb = MethodBatch(method=method, samples=batch.samples, images=batch.images, maps=maps,

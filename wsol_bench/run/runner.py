@@ -13,13 +13,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wsol_bench.config.methods import check_method_params
+from wsol_bench.config.methods import check_method_entries, check_method_params
 from wsol_bench.datasets import build_dataset
-from wsol_bench.environment import environment
+from wsol_bench.environment import check_device, environment
 from wsol_bench.files import atomic_write_text, write_json
 from wsol_bench.progress import progress_enabled
+from wsol_bench.regions.thresholds import check_thresholds
 from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.report.run_folder import format_run_tables, run_tables, write_run_tables
+from wsol_bench.run.folder import staged_run
 from wsol_bench.run.gallery import write_gallery
 from wsol_bench.run.maps import LazyModel, as_dict, build_transform, ensure_maps
 from wsol_bench.run.pipeline import has_masks, score_dataset
@@ -40,20 +42,38 @@ def summarize_dataset(cfg: DictConfig, dataset, out_dir: Path) -> dict:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
-    """Run the benchmark described by `cfg`, writing into `out_dir`; returns the table (or
-    the dataset summary with mode=summary)."""
+    """Run the benchmark described by `cfg` into `out_dir`; returns the table (or the dataset
+    summary with mode=summary). The outputs appear in `out_dir` only when the run is complete
+    (run.json last); a failed run leaves the previous outputs there untouched."""
     torch.manual_seed(int(cfg.seed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(out_dir / "environment.json", environment(cfg.device))
+    summary: dict = {}
+    with staged_run(out_dir, summary) as stage:
+        result = run_into(cfg, stage, summary)
+    if cfg.mode == "summary":  # it printed its summary already
+        return result
+    print()
+    print(format_run_tables(result))
+    print(f"\nrun folder: {out_dir}")
+    return result["localization"]
+
+
+def run_into(cfg: DictConfig, out_dir: Path, summary: dict) -> dict:
+    """The run itself, writing into `out_dir` (the staging folder); returns its tables (or the
+    dataset summary), and puts the record counts per method into `summary` (run.json)."""
+    check_device(cfg.device)
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
     progress = progress_enabled(cfg.progress)  # a bad value fails here, not after the explanation pass
+    check_counts(cfg)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out_dir / "environment.json", environment(cfg.device))
     if cfg.mode == "run":
+        check_thresholds(cfg.metric.thresholds, "metric.thresholds")
         if not cfg.method:
             raise ValueError("no method selected; e.g. method=[agcam,rollout]")
+        check_method_entries(cfg.method)
         for m in cfg.method.values():  # a misspelt parameter fails now, not when its maps are missing
-            check_method_params(m.name, as_dict(m.params))
+            check_method_params(m.name, as_dict(m.get("params")))
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset
@@ -98,12 +118,21 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict:
     if int(cfg.gallery_images) > 0:
         write_gallery(cfg, dataset, transform, stores, out_dir / "gallery.png")
 
-    tables = run_tables(out_dir)
+    tables = run_tables(out_dir, allow_incomplete=True)  # its own staging folder: run.json comes last
+    for line in tables["localization"].attrs.get("degenerate_notes", []):
+        log.warning("%s", line)
     write_run_tables(out_dir, tables=tables)
-    print()
-    print(format_run_tables(tables))
-    print(f"\nrun folder: {out_dir}")
-    return tables["localization"]
+    summary["records_per_method"] = {str(m): int(n) for m, n in
+                                     tables["localization"].groupby(level="method", sort=False)["n_total"].sum().items()}
+    return tables
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """Counts the typed config cannot bound: a ValueError naming the setting and its range."""
+    for key, low in (("batch_size", 1), ("num_workers", 0), ("gallery_images", 0), ("store.shard_size", 1)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and int(value) < low:
+            raise ValueError(f"{key}={value} must be at least {low}")
 
 
 def write_data_report(out_dir: Path, skipped: list[tuple[str, str]], notes: dict[str, int], total: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from wsol_bench.environment import environment
+from wsol_bench.environment import check_device, environment
 from wsol_bench.files import atomic_write, write_json
 from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, read_checkpoint
@@ -171,9 +171,7 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     `<out_dir>/model.json` next to `<out_dir>/model.safetensors` (or, when `stop_after_epochs`
     ends the run early, {"complete": False, "epoch": n})."""
     out_dir = check_out_dir(Path(out_dir))
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device} but CUDA is not available here; use device=cpu")
+    device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     workers = int(cfg.num_workers) if cfg.num_workers is not None else len(os.sched_getaffinity(0))

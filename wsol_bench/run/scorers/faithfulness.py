@@ -5,6 +5,7 @@ and every step of the curves."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
     faithfulness_rows,
+    row_columns,
     score_batch,
 )
 from wsol_bench.regions.heatmaps import to_heatmaps
@@ -28,7 +30,8 @@ from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
 from wsol_bench.run.store import MapStore, Shard, settings_key
 
-ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target"]
+ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target", "degenerate"]
+log = logging.getLogger("wsol_bench")
 
 
 def faithfulness_digest() -> str:
@@ -95,9 +98,21 @@ class FaithfulnessScorer(Scorer):
         if key not in self._cached:
             file = self._cache_file(method, shard_index)
             self._cached = {k: v for k, v in self._cached.items() if k[0] != method}  # one shard per method
-            self._cached[key] = ({r["image_id"]: r for r in pd.read_csv(file).to_dict("records")}
-                                 if file.is_file() else None)
+            self._cached[key] = self._read_cache(file) if file.is_file() else None
         return self._cached[key]
+
+    def _read_cache(self, file: Path) -> dict[str, dict] | None:
+        """The cached rows of one shard by image id; an unreadable file is reported and dropped
+        (its rows are recomputed)."""
+        try:
+            frame = pd.read_csv(file)
+            if "image_id" not in frame.columns or frame["image_id"].duplicated().any():
+                raise ValueError("no unique image_id column")
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            log.warning("faithfulness cache %s is unreadable (%s); its rows are recomputed", file, exc)
+            file.unlink(missing_ok=True)
+            return None
+        return {str(r["image_id"]): r for r in frame.to_dict("records")}
 
     def _label_shard(self, mb: MethodBatch) -> Shard:
         key = (mb.method, mb.shard.index)
@@ -108,29 +123,46 @@ class FaithfulnessScorer(Scorer):
 
     def update(self, mb: MethodBatch) -> None:
         cached = self._cached_rows(mb.method, mb.shard.index)
-        if cached is not None:
+        if cached is not None and all(s.image_id in cached for s in mb.samples):
             self._append([cached[s.image_id] for s in mb.samples])
             return
+        if cached is not None:  # rows of other images: stale, recompute the shard
+            log.warning("faithfulness cache %s holds other images; its rows are recomputed",
+                        self._cache_file(mb.method, mb.shard.index))
+            self._cache_file(mb.method, mb.shard.index).unlink(missing_ok=True)
+            self._cached[(mb.method, mb.shard.index)] = None
         shard = self._label_shard(mb)
-        rows = shard.rows_at(mb.positions)
-        heat, _ = to_heatmaps(shard.maps[rows], tuple(mb.images.shape[-2:]))
-        model = self.model_fn()
-        if self._full_probs is None and not self.settings.blurred:
-            self._full_probs = constant_baseline_probs(model, mb.images.shape[1:], self.settings)
-        labels = mb.labels
-        logits = shard.logits[rows]
-        scores = score_batch(model, mb.images, heat, labels, self.settings, clean_logits=logits,
-                             full_removal_probs=self._full_probs)
+        rows = shard.rows_at(mb.positions, [s.image_id for s in mb.samples])
+        heat, degenerate = to_heatmaps(shard.maps[rows], tuple(mb.images.shape[-2:]))
+        labels, logits = mb.labels, shard.logits[rows]
+        values = self._curves(mb.images, heat, degenerate, labels, logits)
         out = [{"image_id": sample.image_id, "dataset": self.dataset_name, "split": self.split,
-                "method": mb.method, "label": label, "prediction": prediction, "target": label, **values}
-               for sample, prediction, label, values in zip(mb.samples, logits.argmax(1).tolist(), labels.tolist(),
-                                                            faithfulness_rows(scores))]
+                "method": mb.method, "label": label, "prediction": prediction, "target": label,
+                "degenerate": int(flag), **row}
+               for sample, prediction, label, flag, row in zip(mb.samples, logits.argmax(1).tolist(), labels.tolist(),
+                                                              degenerate.tolist(), values)]
         self._append(out)
         pending = self._pending.setdefault((mb.method, mb.shard.index), [])
         pending += out
         if len(pending) == len(shard.positions):  # the shard is complete: keep it
             self._write_cache(mb.method, mb.shard.index, pending)
             del self._pending[(mb.method, mb.shard.index)]
+
+    def _curves(self, images: torch.Tensor, heat: torch.Tensor, degenerate: torch.Tensor, labels: torch.Tensor,
+                logits: torch.Tensor) -> list[dict[str, float]]:
+        """The score row of every image; a degenerate map (constant or NaN/inf) ranks its pixels by
+        nothing, so it gets no curve (NaN) instead of one ordered by pixel index."""
+        rows = [dict.fromkeys(row_columns(self.settings), float("nan")) for _ in range(len(images))]
+        keep = (~degenerate).nonzero()[:, 0]
+        if len(keep):
+            model = self.model_fn()
+            if self._full_probs is None and not self.settings.blurred:
+                self._full_probs = constant_baseline_probs(model, images.shape[1:], self.settings)
+            scores = score_batch(model, images[keep], heat[keep], labels[keep], self.settings,
+                                 clean_logits=logits[keep], full_removal_probs=self._full_probs)
+            for index, row in zip(keep.tolist(), faithfulness_rows(scores)):
+                rows[index] = row
+        return rows
 
     def _append(self, rows: list[dict]) -> None:
         frame = pd.DataFrame(rows)
@@ -154,5 +186,9 @@ class FaithfulnessScorer(Scorer):
         figure = out_dir / "faithfulness_curves.png"
         if not self.path.exists():  # no image reached the scorer: the header alone
             pd.DataFrame(columns=ID_COLUMNS).to_csv(self.path, index=False)
-        plot_perturbation_curves(self.compute(), figure)
+        rows = self.compute()
+        if not (rows["degenerate"] == 0).any():
+            log.warning("faithfulness: no image has a non-degenerate map; faithfulness_curves.png is not drawn")
+            return [self.path]
+        plot_perturbation_curves(rows, figure)
         return [self.path, figure]

@@ -19,7 +19,7 @@ from wsol_bench.metrics.sweep import SweepMeans
 from wsol_bench.regions.contours import require_cv2
 from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.rasterize import wsoleval_gt_boxes
-from wsol_bench.regions.thresholds import threshold_array
+from wsol_bench.regions.thresholds import check_thresholds, threshold_array
 from wsol_bench.report.figures import plot_sweep
 from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE, SWEEP_STATE, sweep_table, wsoleval_table
 from wsol_bench.run.batch import MethodBatch
@@ -33,10 +33,11 @@ def sweep_thresholds(node: DictConfig) -> list[float]:
     """The sweep's threshold grid: an explicit list, or numpy.arange(start, stop, step) (the
     wsolevaluation grid by default: 0.00, 0.01, ..., 0.99)."""
     if node.thresholds is not None:
-        return [float(t) for t in node.thresholds]
+        return check_thresholds(node.thresholds, "sweep.thresholds")
     if float(node.step) <= 0:
         raise ValueError(f"sweep.step must be > 0, got {node.step}")
-    return [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
+    grid = [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
+    return check_thresholds(grid, f"sweep.start/stop/step (numpy.arange({node.start}, {node.stop}, {node.step}))")
 
 
 @register_scorer("sweep")

@@ -1,0 +1,323 @@
+"""Integrity: a cached or reported number is never stale, corrupt, partial or silently degenerate.
+Each test reproduces one defect a careless or hostile user could meet, and checks the clear
+error (one line, naming the setting or file) or the counted, reported skip that replaces it."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_vit
+from hydra import compose, initialize_config_module
+from wsol_bench.methods import Explainer
+from wsol_bench.methods.registry import _REGISTRY
+
+from wsol_bench.cli.report import main as report_main
+from wsol_bench.report.manifest import MANIFEST, incompleteness
+from wsol_bench.run.runner import run
+
+SCRIPT = Path(sys.executable).parent / "wsol-bench"
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "method=[agcam,center]", "dataset.params.num_images=6", "batch_size=3", "store.shard_size=3",
+            "gallery_images=0", "progress=false", f"store.root={tmp_path / 'cache'}", "run_name=test", *overrides])
+
+
+def bench(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- what a method returns ---------------------------------------------------------------------
+
+
+class WrongGrid(Explainer):
+    class_specific = False
+
+    def explain(self, images, targets):
+        logits = self.logits_only(images)
+        return torch.rand(len(images), 3, 3), logits, self.resolve_targets(logits, targets)
+
+
+class IntegerMaps(WrongGrid):
+    def explain(self, images, targets):
+        logits = self.logits_only(images)
+        return torch.ones(len(images), *self.grid, dtype=torch.long), logits, self.resolve_targets(logits, targets)
+
+
+class NanMaps(WrongGrid):
+    def explain(self, images, targets):
+        logits = self.logits_only(images)
+        maps = torch.rand(len(images), *self.grid)
+        maps[0] = float("nan")
+        return maps, logits, self.resolve_targets(logits, targets)
+
+
+def test_maps_of_the_wrong_grid_or_dtype_are_refused_naming_the_method():
+    model = make_vit(0)  # a 4 x 4 grid
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"returned maps torch.float32 \(2, 3, 3\), expected .* \(2, 4, 4\)"):
+        WrongGrid(model)(images)
+    with pytest.raises(ValueError, match="returned maps torch.int64"):
+        IntegerMaps(model)(images)
+
+
+def test_non_finite_maps_are_reported_and_kept_for_the_degenerate_count(caplog):
+    out = NanMaps(make_vit(0))(torch.rand(3, 3, 32, 32))
+    assert torch.isnan(out.maps[0]).all() and torch.isfinite(out.maps[1:]).all()
+    assert "1 of 3 maps hold NaN or inf; they are scored as degenerate" in caplog.text
+
+
+def test_non_finite_logits_are_an_error_naming_the_cause():
+    """NaN weights would make every prediction class 0 (and label-0 images "correct")."""
+    model = make_vit(0)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite logits \(NaN or inf\) for 2 of 2 images.*preprocess.std"):
+        _REGISTRY["center"](model)(torch.rand(2, 3, 32, 32))
+
+
+def test_a_zero_std_is_refused_before_any_work(tmp_path):
+    proc = bench(["preprocess.std=[0,0,0]", "progress=false", f"store.root={tmp_path / 'c'}",
+                  "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 2 and "preprocess.std=[0.0, 0.0, 0.0] holds a 0" in proc.stderr
+    assert not (tmp_path / "c").exists() and "Traceback" not in proc.stderr
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("metric.thresholds=[1.5]", "metric.thresholds=[1.5] holds [1.5]: thresholds are numbers in [0, 1]"),
+    ("metric.thresholds=[-0.5]", "metric.thresholds=[-0.5] holds [-0.5]"),
+    ("metric.thresholds=[0.5,nan]", "metric.thresholds=[0.5, nan] holds [nan]"),
+    ("metric.thresholds=[]", "metric.thresholds is empty"),
+    ("batch_size=0", "batch_size=0 must be at least 1"),
+    ("batch_size=abc", "batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("seed=x", "seed: Value 'x' of type 'str' could not be converted to Integer"),
+    ("metric.thresholds=x", "metric.thresholds"),
+    ("dataset.params.num_images=many", "dataset.params.num_images"),
+    ("device=tpu", "device='tpu' is not a device; valid: cpu, cuda, cuda:N"),
+    ("preprocess.input_size=[100,100]", "preprocess.input_size=[100, 100] does not fit wsol_synthetic_vit, "
+                                        "which takes 224x224 images"),
+    ("sweep=grid sweep.thresholds=[0.2,1.2]", "sweep.thresholds=[0.2, 1.2] holds [1.2]"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_setting(tmp_path, override, message):
+    proc = bench([*override.split(), "progress=false", f"store.root={tmp_path / 'c'}", "hydra.run.dir=run"],
+                 tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsol-bench: error: ") and message in lines[0], lines
+    assert not (tmp_path / "c").exists()  # refused before any model pass
+
+
+def test_cuda_without_cuda_is_named(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = bench(["device=cuda", "progress=false", "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 2 and "device=cuda: CUDA is not available on this machine; use device=cpu" in proc.stderr
+
+
+def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+    fake = tmp_path / "weights.safetensors"
+    fake.write_text("not a tensor file")
+    proc = bench([f"model.checkpoint={fake}", "progress=false", f"store.root={tmp_path / 'c'}",
+                  "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 2 and f"checkpoint {fake} is not a readable safetensors file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
+    """A folder that cannot be written (here /sys, refused even to root) for the run or the cache."""
+    for override, path in (("hydra.run.dir=/sys/wsol_bench_run", "/sys/wsol_bench_run"),
+                           ("store.root=/sys/wsol_bench_cache", "/sys/wsol_bench_cache")):
+        proc = bench([override, "method=[center]", "dataset.params.num_images=2", "progress=false",
+                      "hydra.run.dir=run" if "store" in override else "store.root=c"], tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and f"cannot write {path}" in lines[0], proc.stderr
+
+
+# -- degenerate maps -------------------------------------------------------------------------------
+
+
+class ConstantMaps(WrongGrid):
+    def explain(self, images, targets):
+        logits = self.logits_only(images)
+        return torch.ones(len(images), *self.grid), logits, self.resolve_targets(logits, targets)
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register test explainers under names a config can select (without YAML: `+method.x={name:x}`)."""
+    def add(name, cls):
+        monkeypatch.setitem(_REGISTRY, name, cls)
+        cls.name = name
+    return add
+
+
+def test_degenerate_maps_are_counted_and_an_all_degenerate_method_gets_no_numbers(tmp_path, registered, caplog):
+    registered("const", ConstantMaps)
+    registered("half_nan", NanMaps)
+    cfg = compose_cfg(tmp_path, "method=[center]", "+method.const={name:const}",
+                      "+method.half_nan={name:half_nan,params:{}}",
+                      "faithfulness=abpc", "sweep=grid", "sweep.thresholds=[0.3,0.6]")
+    tables = run(cfg, tmp_path / "run")
+    box = pd.read_csv(tmp_path / "run" / "table_box.csv").set_index("method")
+    assert box.loc["const", "n_degenerate"] == box.loc["const", "n_images"] > 0
+    assert box.loc["const", ["Pixel Acc", "Precision", "ABPC", "MaxBoxAccV2", "PxAP"]].isna().all()
+    assert box.loc["half_nan", "n_degenerate"] >= 1 and box.loc["center", "n_degenerate"] == 0
+    assert not box.loc["half_nan", ["IoU", "ABPC"]].isna().any()
+    faith = pd.read_csv(tmp_path / "run" / "faithfulness.csv")
+    nan_rows = faith[faith["method"] == "half_nan"]
+    assert nan_rows.loc[nan_rows["degenerate"] == 1, "abpc"].isna().all()  # no ABPC for a NaN map
+    assert box.loc["half_nan", "n_images_abpc"] == (nan_rows["degenerate"] == 0).sum()
+    markdown = (tmp_path / "run" / "table_box.md").read_text()
+    assert "const: every map is degenerate" in markdown and "half_nan: " in markdown
+    assert "const: every map is degenerate" in caplog.text
+    assert tables.loc["const", "n_degenerate"].iloc[0] == 6
+
+
+# -- the map store ---------------------------------------------------------------------------------
+
+
+def test_stale_maps_of_changed_images_are_never_scored(tmp_path):
+    """A shard whose image ids differ from the dataset's images at its positions is refused."""
+    cfg = compose_cfg(tmp_path, "method=[center]")
+    run(cfg, tmp_path / "first")
+    for shard in (tmp_path / "cache").rglob("shard_*.pt"):
+        payload = torch.load(shard, weights_only=True)
+        payload["image_ids"] = list(reversed(payload["image_ids"]))  # maps of "other" images
+        from wsol_bench.run.store import payload_checksum
+        payload["checksum"] = payload_checksum(payload)  # a consistent but stale shard
+        torch.save(payload, shard)
+    with pytest.raises(Exception, match="holds maps of other images"):
+        run(cfg, tmp_path / "second")
+
+
+def test_flipped_bytes_in_a_shard_are_recomputed_to_the_same_numbers(tmp_path, caplog):
+    cfg = compose_cfg(tmp_path, "faithfulness=abpc")
+    run(cfg, tmp_path / "first")
+    shard = sorted((tmp_path / "cache").rglob("shard_000001.pt"))[0]
+    raw = bytearray(shard.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0x5A for b in raw[middle:middle + 16])
+    shard.write_bytes(bytes(raw))
+    run(cfg, tmp_path / "second")
+    assert "shard_000001.pt is" in caplog.text and "recomputed" in caplog.text
+    for name in ("records.csv", "faithfulness.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "first" / name), pd.read_csv(tmp_path / "second" / name))
+
+
+# -- the run folder --------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_rerun_leaves_the_previous_outputs_untouched(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(compose_cfg(tmp_path, "sweep=grid", "sweep.thresholds=[0.4]"), out)
+    before = snapshot(out)
+    assert incompleteness(out) is None and MANIFEST in before
+
+    from wsol_bench.run.scorers.records import LocalizationRecords
+    calls = []
+
+    def crash_on_second_batch(self, mb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, mb)
+
+    original = LocalizationRecords.update
+    monkeypatch.setattr(LocalizationRecords, "update", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose_cfg(tmp_path, "metric.thresholds=[0.3]"), out)
+    assert snapshot(out) == before  # records, tables, states, run.json: all the previous run's
+    assert not list(out.glob(".incomplete-*"))
+
+
+def test_a_new_run_replaces_every_file_of_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    run(compose_cfg(tmp_path, "sweep=grid", "sweep.thresholds=[0.4]", "export_masks=true"), out)
+    assert (out / "sweep.csv").is_file() and (out / "masks").is_dir()
+    run(compose_cfg(tmp_path), out)
+    assert not (out / "sweep.csv").exists() and not (out / "states" / "sweep.json").exists()
+    assert not list((out / "masks").glob("*.json")) if (out / "masks").exists() else True
+    assert incompleteness(out) is None
+
+
+def test_report_refuses_a_killed_runs_partial_records_unless_told(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(compose_cfg(tmp_path), out)
+    tables_before = (out / "table_box.md").read_text()
+    (out / MANIFEST).unlink()  # as a kill before the end leaves it (records half written)
+    text = (out / "records.csv").read_text()
+    (out / "records.csv").write_text(text[: len(text) - 40])
+    assert report_main([str(out), "--no-gallery"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a complete run" in err and "--allow-incomplete" in err
+    assert (out / "table_box.md").read_text() == tables_before  # nothing overwritten
+    assert report_main([str(out), "--check"]) == 1
+    assert report_main([str(out), "--no-gallery", "--allow-incomplete"]) == 0
+    rebuilt = pd.read_csv(out / "table.csv")
+    assert (rebuilt["n_total"] < 6).any()  # the half-written last row was dropped, not scored
+
+
+def test_report_refuses_edited_inputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(compose_cfg(tmp_path), out)
+    records = pd.read_csv(out / "records.csv")
+    records.loc[0, "box_iou"] = 1.0
+    records.to_csv(out / "records.csv", index=False)
+    assert report_main([str(out), "--no-gallery"]) == 2
+    assert "records.csv changed after the run wrote it" in capsys.readouterr().err
+
+
+# -- kill -9 at random moments ---------------------------------------------------------------------
+
+
+def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(tmp_path):
+    """Three seeded kill times during explanation, faithfulness and scoring; each rerun into the
+    same folder resumes from the cache, and the final outputs and the faithfulness cache equal
+    those of an uninterrupted run."""
+    common = ["method=[agcam,center]", "dataset.params.num_images=12", "batch_size=2", "store.shard_size=2",
+              "gallery_images=0", "progress=false", "faithfulness=abpc", "sweep=grid",
+              "sweep.thresholds=[0.2,0.5,0.8]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = bench([*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    rng = random.Random(7)
+    args = [str(SCRIPT), *common, f"store.root={tmp_path / 'cache'}", "hydra.run.dir=killed"]
+    for _ in range(3):
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = bench([*common, f"store.root={tmp_path / 'cache'}", "hydra.run.dir=killed"], tmp_path)
+    assert final.returncode == 0, final.stderr[-2000:]
+    for name in ("records.csv", "faithfulness.csv", "sweep.csv", "wsoleval.csv", "table_box.csv", "table.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name),
+                                      pd.read_csv(tmp_path / "straight" / name), obj=name)
+    assert not list((tmp_path / "killed").glob(".incomplete-*"))
+
+    def faithfulness_cache(root: Path) -> dict[str, pd.DataFrame]:
+        return {f"{p.parent.parent.name[:0]}{p.parent.name}/{p.name}": pd.read_csv(p)
+                for p in sorted(root.rglob("faithfulness_*/shard_*.csv"))}
+
+    cached, fresh = faithfulness_cache(tmp_path / "cache"), faithfulness_cache(tmp_path / "fresh")
+    assert sorted(cached) == sorted(fresh) and cached
+    for name in cached:
+        pd.testing.assert_frame_equal(cached[name], fresh[name], obj=name)
