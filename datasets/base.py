@@ -3,9 +3,13 @@ together, and the batch collation."""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,3 +241,39 @@ def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     inside_x = (xs[None, :] > b[:, 0:1]) & (xs[None, :] < b[:, 2:3])  # [K, W]
     return (inside_y[:, :, None] & inside_x[:, None, :]).any(0)
 
+
+
+def file_stamp(path: str | Path) -> str:
+    """`size:mtime_ns` of a file, or why it has none: what identifies its content cheaply (a
+    file replaced or edited in place gets a new stamp)."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.strerror}"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def index_fingerprint(items: Iterable[tuple[str, Sequence[str | Path], Any]], skipped: Sequence = ()) -> str:
+    """sha256 identifying a dataset's data: per item, in order, its id, its annotation (labels,
+    boxes, sizes) and the stamp of each file it is read from, then the items the index
+    skipped. Swapping two images, replacing one id by another or editing an annotation changes
+    it, so cached maps of other data are never used."""
+    digest = hashlib.sha256()
+    for image_id, files, annotation in items:
+        digest.update(repr((image_id, _plain(annotation))).encode("utf-8", "surrogateescape"))
+        for path in files:
+            digest.update(f"|{os.fsdecode(path)}={file_stamp(path)}".encode("utf-8", "surrogateescape"))
+        digest.update(b"\n")
+    for item in skipped:
+        digest.update(repr((getattr(item, "image_id", item), getattr(item, "reason", ""))).encode(
+            "utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and arrays as nested lists, so an annotation's repr is its content."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

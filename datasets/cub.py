@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .base import Sample, SkippedSample, inclusive_to_continuous
+from .base import Sample, SkippedSample, inclusive_to_continuous, index_fingerprint
 from .image_io import ImageReadError, read_rgb
 from .records import (
     AnnotationRecord,
@@ -203,6 +203,12 @@ class CubDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """What identifies the data (ids, annotations, image and mask file stamps)."""
+        masks = self.segmentations_dir is not None
+        return index_fingerprint(((r.image_id, [self.images_dir / r.path, *([self._mask_path(r)] if masks else [])],
+                                   (r.label, r.boxes, r.box_labels, r.size)) for r in self.records), self.skipped)
 
     def __len__(self) -> int:
         return len(self.records)

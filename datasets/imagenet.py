@@ -48,7 +48,7 @@ import torch
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 
-from .base import Sample, SkippedSample
+from .base import Sample, SkippedSample, index_fingerprint
 from .image_io import ImageReadError, read_rgb
 from .imagenet_annotations import (
     WSOL_FILES,
@@ -378,6 +378,11 @@ class ImageNetVal(Dataset):
         return self._build_records(pending)
 
     # -- items ---------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """What identifies the data (ids, annotations, image and annotation file stamps)."""
+        return index_fingerprint(((r.image_id, [r.path, *([r.size_file] if r.size_file else [])],
+                                   (r.label, r.boxes, r.box_labels, r.size)) for r in self.records), self.skipped)
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import IGNORE_INDEX, Sample, SkippedSample
+from .base import IGNORE_INDEX, Sample, SkippedSample, index_fingerprint
 from .image_io import ImageReadError, read_palette_indices, read_rgb
 from .records import (
     AnnotationRecord,
@@ -207,6 +207,15 @@ class VocDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(VOC_CLASSES)
+
+    def fingerprint(self) -> str:
+        """What identifies the data (ids, annotations, image and mask file stamps)."""
+        def files(record) -> list[Path]:
+            stem = Path(record.path).stem
+            mask = [self.voc_dir / "SegmentationClass" / f"{stem}.png"] if self.mode == "segmentation" else []
+            return [self.voc_dir / "JPEGImages" / record.path, *mask]
+        return index_fingerprint(((r.image_id, files(r), (r.label, r.boxes, r.box_labels, r.size))
+                                  for r in self.records), self.skipped)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -321,3 +321,89 @@ def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(
     assert sorted(cached) == sorted(fresh) and cached
     for name in cached:
         pd.testing.assert_frame_equal(cached[name], fresh[name], obj=name)
+
+
+# -- stale maps: the key identifies the data -------------------------------------------------------
+
+
+def voc_tree(root: Path, ids: list[str]) -> None:
+    """A VOC tree of single-class images with distinct content, `ids[:2]` in the val split."""
+    from PIL import Image
+    from test_voc import voc_dir, write_split, write_xml
+
+    for seed, image_id in enumerate(ids):
+        write_xml(root, image_id, [("cat" if seed % 2 else "dog", 2 + seed, 3, 24, 25)])
+        path = voc_dir(root) / "JPEGImages" / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np_rng(seed).integers(0, 255, (30, 40, 3), dtype="uint8")).save(path, quality=95)
+    write_split(root, "Main", "val", ids[:2])
+
+
+def np_rng(seed: int):
+    import numpy as np
+    return np.random.default_rng(seed)
+
+
+def voc_cfg(tmp_path: Path, root: Path, cache: str):
+    with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "dataset=voc", f"dataset.params.root={root}", "model.name=vit_tiny_patch16_224", "model.pretrained=false",
+            "++model.kwargs={img_size:32,patch_size:8,embed_dim:24,depth:2,num_heads:3,num_classes:20}",
+            "preprocess.input_size=[32,32]", "method=[agcam]", "metric.image_filter=all", "gallery_images=0",
+            "progress=false", "run_name=test", f"store.root={tmp_path / cache}"])
+
+
+def test_swapped_or_replaced_images_are_explained_again(tmp_path):
+    """Swap two images' files, then replace one id of the split by another: each rerun on the warm
+    cache gives exactly a fresh run's records, never the old images' maps."""
+    from test_voc import voc_dir, write_split
+
+    root, ids = tmp_path / "voc", ["2008_000001", "2008_000002", "2008_000004"]
+    voc_tree(root, ids)
+    first = run(voc_cfg(tmp_path, root, "cache"), tmp_path / "first")
+    images = voc_dir(root) / "JPEGImages"
+    a, b = images / f"{ids[0]}.jpg", images / f"{ids[1]}.jpg"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    for step, name in ((0, "swapped"), (1, "replaced")):
+        if step == 1:
+            write_split(root, "Main", "val", [ids[0], ids[2]])
+        warm = run(voc_cfg(tmp_path, root, "cache"), tmp_path / name)
+        fresh = run(voc_cfg(tmp_path, root, f"fresh_{name}"), tmp_path / f"{name}_fresh")
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / name / "records.csv"),
+                                      pd.read_csv(tmp_path / f"{name}_fresh" / "records.csv"))
+        assert not warm.equals(first) and warm.equals(fresh)
+
+
+def test_method_entries_added_on_the_command_line_are_checked(tmp_path):
+    """A second configuration of a method can be added ad hoc; a malformed entry is named."""
+    ok = bench(["method=[center]", "+method.agcam_mean={name:agcam,params:{head_fusion:mean}}",
+                "dataset.params.num_images=2", "progress=false", f"store.root={tmp_path / 'c'}",
+                "hydra.run.dir=run", "gallery_images=0"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert set(pd.read_csv(tmp_path / "run" / "records.csv")["method"]) == {"center", "agcam_mean"}
+    for entry, message in (("+method.bad={nme:agcam}", "method.bad must be {name: <explainer>"),
+                           ("+method.bad={name:agcam,parms:{}}", "unknown key method.bad.parms"),
+                           ("+method.bad={name:agcam,params:{head_fusoin:mean}}",
+                            "method 'agcam' takes no parameter 'head_fusoin'")):
+        proc = bench(["method=[center]", entry, "progress=false", f"store.root={tmp_path / 'd'}",
+                      "hydra.run.dir=bad"], tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, (entry, proc.stderr[-1000:])
+
+
+def test_a_cut_off_faithfulness_row_is_dropped_but_a_degenerate_one_is_kept(tmp_path, registered):
+    """--allow-incomplete drops the half-written last row, never the rows of degenerate maps,
+    whose scores are missing on purpose."""
+    registered("half_nan", NanMaps)
+    out = tmp_path / "run"
+    run(compose_cfg(tmp_path, "method=[center]", "+method.half_nan={name:half_nan}", "faithfulness=abpc"), out)
+    faith = pd.read_csv(out / "faithfulness.csv")
+    assert (faith["degenerate"] == 1).sum() >= 1
+    text = (out / "faithfulness.csv").read_text()
+    (out / "faithfulness.csv").write_text(text[: len(text) - 30])  # the last row cut off
+    (out / MANIFEST).unlink()
+    from wsol_bench.report.run_folder import read_run
+    partial = read_run(out, allow_incomplete=True).faithfulness
+    assert len(partial) == len(faith) - 1
+    assert (partial["degenerate"] == 1).sum() == (faith["degenerate"] == 1).sum() - int(faith.iloc[-1]["degenerate"])

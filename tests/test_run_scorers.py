@@ -68,9 +68,10 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
     transform = build_transform(cfg)
     ds = build_dataset("synthetic", transform=transform, split="val", num_images=N)
     model = load_model("wsol_synthetic_vit", pretrained=True)
-    from wsol_bench.run.maps import store_settings
+    from wsol_bench.run.maps import data_fingerprint, store_settings
 
-    store = MapStore(cfg.store.root, store_settings(cfg, transform, "agcam", "label"), 8)
+    settings = store_settings(cfg, transform, "agcam", "label", data=data_fingerprint(ds))
+    store = MapStore(cfg.store.root, settings, 8)
     shard = store.load(0)
     images = torch.stack([ds[i].image for i in range(8)])
     labels = torch.tensor([ds[i].label for i in range(8)])

@@ -82,12 +82,22 @@ def _read_csv(path: Path, optional: bool, partial: bool = False) -> pd.DataFrame
     if not partial:
         return pd.read_csv(path)
     frame = pd.read_csv(path, on_bad_lines="skip")
-    complete = frame.notna().all(axis=1) if "image_id" in frame.columns else slice(None)
-    dropped = len(frame) - int(pd.Series(complete).sum()) if "image_id" in frame.columns else 0
-    if dropped:
-        log.warning("%s: %d unfinished row(s) dropped", path, dropped)
-        frame = frame[complete]
+    finished = _finished_rows(frame)
+    if not finished.all():
+        log.warning("%s: %d unfinished row(s) dropped", path, int((~finished).sum()))
+        frame = frame[finished]
     return frame
+
+
+def _finished_rows(frame: pd.DataFrame) -> pd.Series:
+    """Rows a killed writer finished: every value present, except the scores of a degenerate
+    map, which are missing on purpose (a cut-off last row loses its trailing values)."""
+    present = frame.notna()
+    if "degenerate" not in frame.columns:
+        return present.all(axis=1)
+    ids = [c for c in frame.columns if c in ("image_id", "dataset", "split", "method", "label", "prediction",
+                                              "target", "degenerate")]
+    return present[ids].all(axis=1) & ((frame["degenerate"] == 1) | present.all(axis=1))
 
 
 def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) -> None:
@@ -189,7 +199,7 @@ def degenerate_notes(run: RunFolder, all_degenerate: list[str]) -> list[str]:
             notes.append(ALL_DEGENERATE.format(method=method))
         elif bad:
             notes.append(f"{method}: {int(bad)} of {int(total)} maps are degenerate (constant or NaN/inf); "
-                         "they count as empty predictions here (n_degenerate) and have no ABPC.")
+                         "they count as empty predictions here (n_degenerate).")
     return notes
 
 
@@ -199,8 +209,13 @@ def _coverage_notes(run: RunFolder) -> list[str]:
         return []
     totals = run.records.groupby("method", sort=False)["image_id"].nunique()
     counts = run.faithfulness.groupby("method", sort=False)["image_id"].nunique()
-    return [f"faithfulness.csv covers {int(counts.get(m, 0))} of {int(n)} images for {m}."
-            for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
+    notes = [f"faithfulness.csv covers {int(counts.get(m, 0))} of {int(n)} images for {m}."
+             for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
+    if "degenerate" in run.faithfulness.columns:
+        bad = run.faithfulness[run.faithfulness["degenerate"] == 1].groupby("method", sort=False).size()
+        notes += [f"{m}: ABPC averages {int(counts[m]) - int(n)} of {int(counts[m])} images; {int(n)} "
+                  "ground-truth-class maps are degenerate and have no curve." for m, n in bad.items()]
+    return notes
 
 
 def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) -> dict[str, pd.DataFrame]:

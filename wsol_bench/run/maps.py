@@ -62,12 +62,29 @@ def model_identity(mcfg: DictConfig, seed: int) -> dict:
     return ident
 
 
-def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, target_policy: str) -> dict:
-    """Exactly the settings that determine a method's maps (the map-store key)."""
+def data_fingerprint(dataset) -> str | None:
+    """The dataset's own fingerprint of its data (ids, annotations, file stamps), computed once
+    per dataset object; None (with a warning) for a dataset class that offers none."""
+    cached = getattr(dataset, "_wsol_fingerprint", None)
+    if cached is None:
+        if not hasattr(dataset, "fingerprint"):
+            log.warning("%s has no fingerprint(): cached maps are identified by its settings only, so "
+                        "replaced images would not be noticed", type(dataset).__name__)
+            return None
+        cached = dataset.fingerprint()
+        dataset._wsol_fingerprint = cached
+    return cached
+
+
+def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, target_policy: str,
+                   data: str | None = None) -> dict:
+    """Exactly the settings that determine a method's maps (the map-store key); `data` is the
+    dataset's fingerprint, so maps of replaced or edited images are never found."""
     m = cfg.method[method_key]
     return {
         "model": model_identity(cfg.model, int(cfg.seed)),
-        "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params)},
+        "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split, "params": as_dict(cfg.dataset.params),
+                    "data": data},
         "preprocess": {"size": list(transform.size), "mean": list(transform.mean), "std": list(transform.std),
                        "interpolation": transform.interpolation, "resize": transform.resize,
                        "resampler": RESAMPLER,
@@ -106,7 +123,8 @@ def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyM
     if not cfg.method:
         raise ValueError("no method selected; e.g. method=[agcam,rollout]")
     grid = map_grid(cfg.model.name, transform.size, **as_dict(cfg.model.kwargs))
-    stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy),
+    data = data_fingerprint(dataset)
+    stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy, data),
                             int(cfg.store.shard_size), grid=grid) for key in cfg.method}
     missing = {key for key, s in stores.items() if s.missing(len(dataset))}
     if missing:
