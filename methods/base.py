@@ -62,7 +62,7 @@ class Explainer:
                  logits: torch.Tensor | None = None) -> Explanation:
         """Explain `images` for `targets` (None: the predicted classes). `logits` of the same
         images, when the caller has them, spare model-free methods a forward pass."""
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, torch.float32, non_blocking=True)  # pinned batches copy asynchronously
         if targets is not None:
             targets = torch.as_tensor(targets, dtype=torch.long, device=self.device).reshape(-1)
             if len(targets) != len(images):

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # GPU check of the suite, run from the repository root on a CUDA machine whose Python already
-# has torch, timm, pandas, scikit-image and matplotlib. Wheels of the remaining pure-Python
-# dependencies (hydra-core, omegaconf, antlr4-python3-runtime, pycocotools) are taken from
-# .whl/ when present. Writes its log and key results to $OUT (default: device_out/).
+# has torch, timm, pandas, scikit-image and matplotlib. Wheels of the remaining dependencies
+# (hydra-core, omegaconf, antlr4-python3-runtime, pycocotools, torchmetrics, lightning-utilities,
+# opencv-python-headless, tabulate) are taken from .whl/ when present
+# (pip download -d .whl --only-binary=:all: --python-version 3.X ... on a machine with the
+# registry). Writes its log and key results to $OUT (default: device_out/).
+#   0. the paper table benchmark (issue: scale): ViT-B/16, the four paper methods, ABPC and the
+#      100-threshold sweep on 512 images, strict fp32 and the fast mode, projected to ImageNet val
 #   1. the ABPC benchmark (reference procedure vs batched engine) at the default chunk size,
-#      at chunks of 64, and with TF32 and autocast
+#      strict fp32 and with TF32 and autocast
 #   2. the quickstart with faithfulness=abpc and sweep=grid on CUDA
 #   3. the explainer benchmark at batch 64
 set -u
@@ -21,12 +25,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
 step() { echo "=== $1 ($(date +%T))"; }
-for chunk in "" "--batch-size 64"; do
-  step "ABPC benchmark, 128 images, strict fp32 ${chunk:-default chunk}"
-  timeout 150 python3 scripts/benchmark_abpc.py --device cuda --images 128 $chunk
-done
+step "paper table benchmark, ViT-B/16, 512 images"
+timeout 300 python3 scripts/benchmark_paper_table.py --device cuda --images 512 --batch-size 64 --out /tmp/paper_table
+cp /tmp/paper_table/run0/run.json "$OUT/paper_table_strict_run.json" 2>/dev/null
+cp /tmp/paper_table/run1/run.json "$OUT/paper_table_fast_run.json" 2>/dev/null
+step "ABPC benchmark, 128 images, strict fp32, default chunk"
+timeout 120 python3 scripts/benchmark_abpc.py --device cuda --images 128
 step "ABPC benchmark, 128 images, TF32 and autocast"
-timeout 150 python3 scripts/benchmark_abpc.py --device cuda --images 128 --allow-tf32 --amp
+timeout 120 python3 scripts/benchmark_abpc.py --device cuda --images 128 --allow-tf32 --amp
 step "quickstart on cuda with abpc and sweep"
 SECONDS=0
 timeout 100 python3 -m wsol_bench device=cuda faithfulness=abpc sweep=grid progress=false num_workers=8 \

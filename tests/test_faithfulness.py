@@ -322,6 +322,22 @@ def test_amp_is_off_by_default_and_on_when_asked():
     torch.testing.assert_close(out["morf"][0].double(), expected(MORF_LOGITS), atol=2e-2, rtol=0)
 
 
+def test_compiled_perturbed_passes_equal_eager_mode():
+    """compile=True: the same curves as eager mode up to float rounding, the remainder chunk
+    padded (54 inputs in chunks of 8), and one compiled module per model."""
+    from wsol_bench.metrics.faithfulness import compiled
+
+    model = make_vit(0, img_size=32, patch_size=16, num_classes=4).eval()
+    g = torch.Generator().manual_seed(3)
+    images, heat = torch.randn(3, 3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)
+    targets = torch.tensor([0, 2, 3])
+    eager = score_batch(model, images, heat, targets, FaithfulnessSettings(batch_size=8))
+    fast = score_batch(model, images, heat, targets, FaithfulnessSettings(batch_size=8, compile=True))
+    for key in ("morf", "lerf", "abpc"):
+        torch.testing.assert_close(fast[key], eager[key], atol=1e-5, rtol=0)
+    assert compiled(model) is compiled(model)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

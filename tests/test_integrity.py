@@ -235,14 +235,14 @@ def test_a_failed_rerun_leaves_the_previous_outputs_untouched(tmp_path, monkeypa
     from wsol_bench.run.scorers.records import LocalizationRecords
     calls = []
 
-    def crash_on_second_batch(self, mb):
+    def crash_on_second_batch(self, method, part):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return original(self, mb)
+        return original(self, method, part)
 
-    original = LocalizationRecords.update
-    monkeypatch.setattr(LocalizationRecords, "update", crash_on_second_batch)
+    original = LocalizationRecords.add  # takes each batch's rows from the scoring pool
+    monkeypatch.setattr(LocalizationRecords, "add", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose_cfg(tmp_path, "metric.thresholds=[0.3]"), out)
     assert snapshot(out) == before  # records, tables, states, run.json: all the previous run's

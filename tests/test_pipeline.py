@@ -11,7 +11,7 @@ from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
 
 from wsol_bench.report.tables import localization_table
-from wsol_bench.run.pipeline import explain_dataset, has_masks, score_dataset
+from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.scorers.records import LocalizationRecords
 from wsol_bench.run.store import MapStore
 
@@ -51,11 +51,11 @@ def _run(setup, tmp_path, explainers, *, thresholds=(0.5,), target_policy="predi
     path = tmp_path / "records.csv"
     stores = {m: MapStore(tmp_path / "cache", {"method": m, "target_policy": target_policy}, shard_size)
               for m in explainers}
-    explain_dataset(explainers, stores, ds, target_policy=target_policy, batch_size=batch_size, progress=False)
     records = LocalizationRecords(path, list(thresholds), dataset_name="synthetic", split="val",
                                   box_protocol="agcam", has_masks=has_masks(ds))
     try:
-        score_dataset(stores, ds, [records], batch_size=batch_size, progress=False)
+        process_dataset({target_policy: stores}, ds, [records], explainer=explainers.__getitem__,
+                        target_policy=target_policy, batch_size=batch_size, progress=False)
     finally:
         records.close()
     return pd.read_csv(path), stores

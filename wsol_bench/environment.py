@@ -3,6 +3,7 @@ versions of the packages its numbers depend on."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from importlib import metadata
@@ -23,7 +24,9 @@ def environment(device: str) -> dict:
             versions[name] = None
     dev = torch.device(device)
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "device": str(dev),
-            "torch_threads": torch.get_num_threads(), "packages": versions}
+            "torch_threads": torch.get_num_threads(), "cpu_cores": available_cores(),
+            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+            "packages": versions}
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
@@ -58,3 +61,27 @@ def check_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={name}: MPS is not available on this machine; use device=cpu")
     return device
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, which a cluster job narrows, not the
+    machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (faster, about 1e-3
+    relative error), or strict float32 for both; PyTorch's own default allows TF32 in
+    convolutions only, so a run sets both either way."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def precision_key(device: str, tf32: bool) -> dict:
+    """What the numeric precision adds to a cache key: {"tf32": True} when TF32 is in effect
+    (a CUDA device with tf32 on), else nothing, so strict-fp32 keys stay as they were and
+    fast-mode maps and rows are never mixed with strict ones."""
+    return {"tf32": True} if tf32 and torch.device(device).type == "cuda" else {}

@@ -4,8 +4,10 @@ file in the same folder and is renamed over the target when complete."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +48,14 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def csv_text(rows: Iterable[dict], columns: list[str]) -> str:
+    """`rows` formatted as CSV lines under the header `columns` (no header line): what
+    `CsvRows.write` would append, for building the text in a worker process."""
+    buffer = io.StringIO(newline="")
+    csv.DictWriter(buffer, fieldnames=columns).writerows(rows)
+    return buffer.getvalue()
+
+
 class CsvRows:
     """An append-only CSV file with a fixed header, flushed after every batch of rows, so a
     killed run leaves every finished row on disk."""
@@ -59,13 +69,35 @@ class CsvRows:
 
     def write(self, rows: Iterable[dict]) -> None:
         """Append rows (dicts keyed by the header's columns)."""
-        self._writer.writerows(rows)
+        self.write_text(csv_text(rows, self.columns))
+
+    def write_text(self, text: str) -> None:
+        """Append rows already formatted by `csv_text` with this file's columns."""
+        self._file.write(text)
         self._file.flush()
 
     def close(self) -> None:
         """Close the file (idempotent)."""
         if not self._file.closed:
             self._file.close()
+
+
+def append_csv_bodies(target: str | Path, parts: Iterable[str | Path]) -> Path:
+    """Append the rows of CSV files `parts` (each with the same header as `target`) to `target`,
+    in order, without parsing them: the bytes of the rows stay exactly as written. A part that
+    does not exist holds no rows; `target` gets the first part's header when it has none."""
+    target = Path(target)
+    with target.open("ab") as out:
+        for part in parts:
+            part = Path(part)
+            if not part.is_file():
+                continue
+            with part.open("rb") as handle:
+                header = handle.readline()
+                if out.tell() == 0:
+                    out.write(header)
+                shutil.copyfileobj(handle, out, 1 << 20)
+    return target
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

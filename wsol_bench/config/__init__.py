@@ -7,5 +7,6 @@ they are checked at run time by `check_method_params`."""
 
 from .methods import check_method_params
 from .register import SCHEMAS, register_schemas
+from .resolvers import register_resolvers
 
-__all__ = ["SCHEMAS", "check_method_params", "register_schemas"]
+__all__ = ["SCHEMAS", "check_method_params", "register_resolvers", "register_schemas"]

@@ -60,7 +60,9 @@ class BenchConfig:
     device: str = MISSING
     seed: int = MISSING
     batch_size: int = MISSING
-    num_workers: int = MISSING
+    num_workers: int | None = None
+    scoring_workers: int | None = None
+    tf32: bool = MISSING
     target: str = MISSING
     progress: Any = MISSING
     export_masks: bool = MISSING

@@ -30,6 +30,12 @@ DEBUG = "WSOL_BENCH_DEBUG"
 APPEND_HINT = "To append to your config use"  # Hydra's advice after a key a dict node lacks
 
 
+class UserError(Exception):
+    """A job refused for the user's settings or files: raised, not sys.exit, so Hydra's run_job
+    records it in the job's result and a launcher finishes the sweep's other jobs; run_app
+    prints it as one line with exit code 2."""
+
+
 def _squash(text: str) -> str:
     """The non-empty lines of `text` joined into one."""
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -136,6 +142,9 @@ def run_app(app: Callable[[], None], prog: str, config_name: str) -> None:
     os.environ[FULL_ERROR] = "1"  # Hydra raises composition errors instead of printing them
     try:
         app()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except COMPOSE_ERRORS as exc:
         if wants_traceback:
             raise

@@ -51,6 +51,7 @@ class FaithfulnessConfig:
     integral: str | None = None
     batch_size: int | None = None
     amp: bool = False
+    compile: bool = False
     blur_kernel_size: int = 11
     blur_sigma: float = 5.0
 

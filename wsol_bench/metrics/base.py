@@ -31,6 +31,9 @@ class RunMetric(Metric):
         METRIC_CLASSES[cls.__name__] = cls
 
     def __init__(self, **kwargs: Any) -> None:
+        # no reduction hidden in compute(): a run reduces across ranks explicitly (`sync_ranks`),
+        # at the one point where every rank takes part; tables are computed on rank 0 alone
+        kwargs.setdefault("sync_on_compute", False)
         super().__init__(**kwargs)
         self._restored = False
 
@@ -40,7 +43,8 @@ class RunMetric(Metric):
 
     @property
     def update_called(self) -> bool:
-        # a state read back from a run folder has seen its images, though not through update()
+        # a state read back from a run folder or merged from a worker's increments has seen its
+        # images, though not through update()
         return super().update_called or self._restored
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
@@ -49,6 +53,20 @@ class RunMetric(Metric):
             raise ValueError(f"cannot merge {type(self).__name__} states with different settings: "
                              f"{incoming_state.settings()} vs {self.settings()}")
         super().merge_state(incoming_state)
+        self._computed = None
+        self._restored = True
+
+    def sync_ranks(self) -> None:
+        """Replace this rank's states by their sum over every rank of the process group
+        (torchmetrics' own gather and reduction); nothing in a one-process run. Every rank
+        must call it, for the same metrics in the same order."""
+        if not _distributed():
+            return
+        self.sync(distributed_available=_distributed)
+        reduced = {name: value.clone() for name, value in self.metric_state.items()}
+        self.unsync()  # leaves the synced mode, restoring the local states ...
+        for name, value in reduced.items():  # ... which the sums then replace
+            setattr(self, name, value)
         self._computed = None
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +91,10 @@ class RunMetric(Metric):
                             for name, value in entry["state"].items()})
         metric._restored = True
         return metric
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _plain(value: Any) -> Any:

@@ -25,7 +25,8 @@ class FaithfulnessSettings:
     the protocol default (mean for abpc, trapezoid for deletion/insertion). batch_size:
     perturbed images per forward pass; None picks `default_batch_size` of the model's device
     (the chunk size changes speed only, not the numbers). amp: run the perturbed passes under
-    torch.autocast.
+    torch.autocast. compile: run them through `torch.compile` (every chunk padded to the full
+    chunk size, so one graph serves the run; float rounding may differ from eager mode).
     """
 
     mode: str = "abpc"
@@ -34,6 +35,7 @@ class FaithfulnessSettings:
     integral: str | None = None
     batch_size: int | None = None
     amp: bool = False
+    compile: bool = False
     blur_kernel_size: int = 11
     blur_sigma: float = 5.0
 

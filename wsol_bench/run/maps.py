@@ -1,5 +1,5 @@
-"""The maps of a run: the preprocessing and the map-store key that identify them, the model
-(loaded only when a map is missing), and the explanation pass over the missing shards."""
+"""The maps of a run: the preprocessing and the map-store key that identify them, the stores,
+and the model and explainers (loaded only when a map is missing)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.datasets import EvalTransform
 from wsol_bench.datasets.base import RESAMPLER
-from wsol_bench.environment import package_version
+from wsol_bench.environment import package_version, precision_key
 from wsol_bench.methods import get_explainer
 from wsol_bench.methods.registry import explainer_class, source_digest
 from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, map_grid, pretrained_file
-from wsol_bench.run.pipeline import explain_dataset
 from wsol_bench.run.store import MapStore, file_digest
 
 log = logging.getLogger("wsol_bench")
@@ -93,6 +92,7 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
         "code": {"wsol_bench": package_version(), "method": source_digest(explainer_class(m.name))},
         "method": {"name": m.name, "params": as_dict(m.get("params"))},
         "target_policy": target_policy,
+        **precision_key(str(cfg.device), bool(cfg.tf32)),
     }
 
 
@@ -116,24 +116,42 @@ class LazyModel:
         return self._model
 
 
-def ensure_maps(cfg: DictConfig, dataset, transform: EvalTransform, model: LazyModel,
-                target_policy: str, progress: bool) -> dict[str, MapStore]:
-    """The map stores of every configured method for `target_policy`, computing the missing
-    shards (and only those) with the model."""
+def map_stores(cfg: DictConfig, dataset, transform: EvalTransform, policies: list[str]) -> dict[str, dict[str, MapStore]]:
+    """{target policy: {method: store}} of every configured method, for each of `policies`."""
     if not cfg.method:
         raise ValueError("no method selected; e.g. method=[agcam,rollout]")
     grid = map_grid(cfg.model.name, transform.size, **as_dict(cfg.model.kwargs))
     data = data_fingerprint(dataset)
-    stores = {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, target_policy, data),
-                            int(cfg.store.shard_size), grid=grid) for key in cfg.method}
-    missing = {key for key, s in stores.items() if s.missing(len(dataset))}
-    if missing:
-        explainers = {key: get_explainer(cfg.method[key].name, model.get(), **as_dict(cfg.method[key].get("params")))
-                      for key in stores if key in missing}
-        log.info("explaining with %s (target %s); cache %s", ", ".join(explainers), target_policy, cfg.store.root)
-        explain_dataset(explainers, {k: stores[k] for k in explainers}, dataset, target_policy=target_policy,
-                        batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                        progress=progress)
-    else:
-        log.info("all maps found in the cache %s (target %s); no model pass", cfg.store.root, target_policy)
-    return stores
+    return {policy: {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, policy, data),
+                                   int(cfg.store.shard_size), grid=grid) for key in cfg.method}
+            for policy in policies}
+
+
+def log_missing(stores: dict[str, dict[str, MapStore]], shards: range, root: str) -> int:
+    """Log which methods have shards to explain among `shards` (files absent; a shard that
+    fails validation is found and reported during the pass); returns how many."""
+    count = 0
+    for policy, named in stores.items():
+        lacking = {m: sum(not s.has(i) for i in shards) for m, s in named.items()}
+        lacking = {m: k for m, k in lacking.items() if k}
+        count += sum(lacking.values())
+        if lacking:
+            log.info("explaining %s (target %s); cache %s", ", ".join(f"{m} ({k} shards)" for m, k in lacking.items()),
+                     policy, root)
+    if not count:
+        log.info("all maps found in the cache %s; no explanation pass", root)
+    return count
+
+
+class Explainers:
+    """The run's explainers, each built on first use (a run whose maps are all cached builds
+    none and never loads the model)."""
+
+    def __init__(self, cfg: DictConfig, model: LazyModel) -> None:
+        self.cfg, self.model, self._made = cfg, model, {}
+
+    def __call__(self, key: str):
+        if key not in self._made:
+            entry = self.cfg.method[key]
+            self._made[key] = get_explainer(entry.name, self.model.get(), **as_dict(entry.get("params")))
+        return self._made[key]

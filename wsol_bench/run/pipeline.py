@@ -1,18 +1,20 @@
-"""The benchmark loop in two stages.
+"""The benchmark loop: one pass over the data, shard by shard, that decodes every image once.
 
-1. `explain_dataset`: one explainer pass per batch and method, only for the shards the map
-   store does not hold yet; each finished shard is written at once, so a killed run resumes
-   where it stopped and a finished one costs nothing to re-score.
-2. `score_dataset`: stored maps -> heatmaps and ground truth -> every scorer of the run
-   (`run.scorers`: per-image records, sweeps, wsolevaluation metrics, faithfulness), batch by
-   batch. No model pass unless a scorer needs one.
+For each batch, every method's maps come from the map store, or, for a shard the store does
+not hold yet, from the explainer (for the run's target policy and, when a scorer needs them,
+the ground-truth class); the batch then goes to every scorer (`run.scorers`): the model-free
+share to the scoring pool (`run.scoring_pool`, worker processes when asked), the rest
+(faithfulness) in this process. Each shard explained is stored when it is complete, so a
+killed run resumes at the first missing shard and a finished one is re-scored with no model pass.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -20,13 +22,13 @@ from tqdm.auto import tqdm
 
 from wsol_bench.datasets.base import Batch, Sample, collate_samples
 from wsol_bench.methods.base import Explainer
-from wsol_bench.metrics.localization import ground_truth
-from wsol_bench.regions.heatmaps import to_heatmaps
-from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.batch import BatchJob, BatchTruth, MethodBatch
 from wsol_bench.run.scorers.base import Scorer
-from wsol_bench.run.store import MapStore, Shard
+from wsol_bench.run.scoring_pool import ScoringPool
+from wsol_bench.run.store import InvalidShard, MapStore, Shard
 
 TARGET_POLICIES = ("predicted", "label")
+log = logging.getLogger("wsol_bench")
 
 
 def explain_targets(batch: Batch, policy: str) -> torch.Tensor | None:
@@ -42,6 +44,12 @@ class PositionedBatch:
 
     batch: Batch
     positions: list[int]
+
+    def pin_memory(self) -> PositionedBatch:
+        """Called by the DataLoader with pin_memory=True: page-locked images copy to the GPU
+        asynchronously."""
+        self.batch.images = self.batch.images.pin_memory()
+        return self
 
 
 def _collate_positioned(items: list[tuple[int, object]]) -> PositionedBatch:
@@ -62,68 +70,222 @@ class _WithPositions(Dataset):
 
 
 def iterate_batches(dataset: Dataset, positions: Sequence[int], batch_size: int,
-                    num_workers: int) -> DataLoader:
+                    num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Batches of the items at `positions`, in order, each with its dataset positions."""
     return DataLoader(Subset(_WithPositions(dataset), list(positions)), batch_size=batch_size,
-                      shuffle=False, num_workers=num_workers, collate_fn=_collate_positioned)
+                      shuffle=False, num_workers=num_workers, collate_fn=_collate_positioned,
+                      pin_memory=pin_memory)
 
 
-def shard_batches(dataset: Dataset, positions: Sequence[int], batch_size: int, num_workers: int, bar,
-                  skipped: list[tuple[str, str]]) -> Iterator[PositionedBatch]:
-    """The non-empty batches of one shard's positions; items the dataset skipped are appended
-    to `skipped` as (image_id, reason), and every item advances the progress bar."""
-    for pb in iterate_batches(dataset, positions, batch_size, num_workers):
-        skipped += [(s.image_id, s.reason) for s in pb.batch.skipped]
-        bar.update(len(pb.batch) + len(pb.batch.skipped))
-        if len(pb.batch):
-            yield pb
+def shard_batch_plan(shards: Sequence[tuple[int, Sequence[int]]], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(shard index, positions) of every batch: each shard's positions in chunks of
+    `batch_size`, so no batch spans two shards (a shard's maps never depend on its neighbour)."""
+    return [(index, list(positions[k:k + batch_size])) for index, positions in shards
+            for k in range(0, len(positions), batch_size)]
 
 
-def explain_dataset(explainers: dict[str, Explainer], stores: dict[str, MapStore], dataset: Dataset, *,
-                    target_policy: str = "predicted", batch_size: int = 16, num_workers: int = 0,
-                    progress: bool = True) -> dict[str, int]:
-    """Compute and store the maps of every shard some method's store lacks. Methods that
-    already hold a shard are not run on it. Returns the number of shards computed per method."""
+def block_batches(dataset: Dataset, shards: Sequence[tuple[int, Sequence[int]]], batch_size: int,
+                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, PositionedBatch]]:
+    """(shard index, batch) over every position of `shards` in order, from one DataLoader (its
+    workers start once and read ahead across shard boundaries)."""
+    plan = shard_batch_plan(shards, batch_size)
+    if not plan:
+        return
+    loader = DataLoader(_WithPositions(dataset), batch_sampler=[positions for _, positions in plan],
+                        num_workers=num_workers, collate_fn=_collate_positioned, pin_memory=pin_memory)
+    for (index, _), pb in zip(plan, loader):
+        yield index, pb
+
+
+@dataclass
+class PassReport:
+    """What one pass saw: the (image_id, reason) of the items the dataset skipped, how many
+    images carry each loader note (Sample.notes), the shards explained per (policy, method),
+    and seconds per stage: loading, explaining (and explaining/<method>), scoring_here (and
+    scoring_here/<scorer>: the scorers fed in this process), scoring_kernels (and
+    scoring_kernels/<scorer>: the model-free kernels, in this process or summed over the scoring
+    workers) and scoring_wait (this process in the pool: running the kernels when there are no
+    scoring workers, else waiting for them)."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)
+    explained: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
+
+
+class _ShardParts:
+    """The maps, logits and targets of one method explained batch by batch within a shard."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def shard(self, index: int, grid, positions: list[int], ids: list[str], skipped, target_source: str,
+              class_specific: bool) -> Shard:
+        return Shard(index=index,
+                     maps=torch.cat(self.maps) if self.maps else torch.zeros(0, *grid),
+                     logits=torch.cat(self.logits) if self.logits else torch.zeros(0, 0),
+                     targets=torch.cat(self.targets) if self.targets else torch.zeros(0, dtype=torch.long),
+                     positions=torch.tensor(positions, dtype=torch.long), image_ids=ids, skipped=skipped,
+                     target_source=target_source, class_specific=class_specific)
+
+
+def stored_shard(store: MapStore, index: int, num_items: int) -> Shard | None:
+    """Shard `index` of `store`, or None when it must be computed: no file, or one that fails
+    validation (reported and removed)."""
+    if not store.has(index):
+        return None
+    try:
+        return store.load(index, num_items)
+    except InvalidShard as exc:
+        log.warning("%s; it is recomputed", exc)
+        store.shard_path(index).unlink(missing_ok=True)
+        return None
+
+
+@dataclass
+class _ShardState:
+    """The shard being processed: its stored shards (None where computed now), what is being
+    computed, and the ids, positions and skipped items seen so far."""
+
+    index: int
+    held: dict[tuple[str, str], Shard | None]
+    parts: dict[tuple[str, str], _ShardParts] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.parts = {key: _ShardParts() for key, shard in self.held.items() if shard is None}
+
+
+MapRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, bool]  # maps, logits, targets, source, specific
+
+
+def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], explainer: Callable[[str], Explainer],
+                batch: Batch, positions: list[int], ids: list[str], seconds: Counter) -> dict[tuple[str, str], MapRows]:
+    """Every (policy, method)'s maps of one batch: the stored rows, or explained now (its time
+    added to seconds["explaining/<method>"])."""
+    got: dict[tuple[str, str], MapRows] = {}
+    for policy, named in stores.items():
+        logits = None  # the first model pass's logits serve the model-free baselines
+        for m in named:
+            shard = state.held[(policy, m)]
+            if shard is not None:
+                rows = shard.rows_at(positions, ids)
+                got[(policy, m)] = (shard.maps[rows], shard.logits[rows], shard.targets[rows],
+                                    shard.target_source, shard.class_specific)
+                continue
+            start = time.perf_counter()
+            explained = explainer(m)(batch.images, explain_targets(batch, policy), logits=logits)
+            logits = explained.logits
+            part = state.parts[(policy, m)]
+            part.maps.append(explained.maps.detach().float().cpu())  # the copy waits for the device
+            part.logits.append(explained.logits.detach().float().cpu())
+            part.targets.append(explained.targets.detach().cpu())
+            seconds[f"explaining/{m}"] += time.perf_counter() - start
+            got[(policy, m)] = (part.maps[-1], part.logits[-1], part.targets[-1], explained.target_source,
+                                bool(explained.class_specific))
+    return got
+
+
+def _finish_shard(state: _ShardState, stores: dict[str, dict[str, MapStore]], here: Sequence[Scorer],
+                  explainer: Callable[[str], Explainer], report: PassReport) -> None:
+    """Tell the main-process scorers the shard is complete and store what was explained."""
+    for scorer in here:
+        scorer.end_shard(state.index)
+    for (policy, m), part in state.parts.items():
+        made = explainer(m)
+        stores[policy][m].save(part.shard(state.index, getattr(made, "grid", (0, 0)), state.positions, state.ids,
+                                          state.skipped, "given" if policy == "label" else "predicted",
+                                          bool(made.class_specific)))
+        report.explained[(policy, m)] += 1
+    report.skipped += state.skipped
+
+
+def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, scorers: Sequence[Scorer], *,
+                    explainer: Callable[[str], Explainer], target_policy: str = "predicted",
+                    shards: Sequence[int] | None = None, box_protocol: str = "agcam", batch_size: int = 16,
+                    num_workers: int = 0, scoring_workers: int = 0, pin_memory: bool = False,
+                    progress: bool = True) -> PassReport:
+    """Explain what the stores lack and score every image of `shards` (default: all).
+
+    stores: {target policy: {method: store}}, the run's `target_policy` first, then "label"
+    when a scorer needs the ground-truth class's maps. explainer(method): the method's explainer,
+    built on first call (only when some shard is missing). Scorers with a kernel run it in
+    `scoring_workers` processes (0: here); the others take each batch here.
+    """
     if target_policy not in TARGET_POLICIES:
         raise ValueError(f"unknown target policy {target_policy!r}; valid: {TARGET_POLICIES}")
+    unknown = set(stores) - set(TARGET_POLICIES)
+    if unknown or target_policy not in stores:
+        raise ValueError(f"stores must be keyed by target policy {TARGET_POLICIES}, got {sorted(stores)}")
     n = len(dataset)
-    reference = next(iter(stores.values()))
-    todo = sorted({i for s in stores.values() for i in s.missing(n)})
-    computed = {m: 0 for m in explainers}
-    total = sum(len(reference.shard_positions(i, n)) for i in todo)
-    bar = tqdm(total=total, desc="explaining", unit="img", disable=not progress or not todo)
-    for shard_index in todo:
-        methods = [m for m in explainers if not stores[m].has(shard_index)]
-        parts: dict[str, dict[str, list]] = {m: {"maps": [], "logits": [], "targets": []} for m in methods}
-        ids, positions, skipped = [], [], []
-        for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
-                                bar, skipped):
+    methods = list(stores[target_policy])
+    reference = stores[target_policy][methods[0]]
+    shard_list = list(range(reference.num_shards(n)) if shards is None else shards)
+    labels_needed = "label" in stores and any(getattr(s, "needs_label_maps", False) for s in scorers)
+    here = [s for s in scorers if s.kernel is None]
+    report = PassReport()
+    bar = tqdm(total=sum(len(reference.shard_positions(i, n)) for i in shard_list), desc="images", unit="img",
+               disable=not progress)
+    clock = time.perf_counter
+    with ScoringPool(scorers, scoring_workers) as pool:
+        state: _ShardState | None = None
+        batches = block_batches(dataset, [(i, reference.shard_positions(i, n)) for i in shard_list], batch_size,
+                                num_workers, pin_memory)
+        while True:
+            start = clock()
+            index, pb = next(batches, (None, None))
+            report.seconds["loading"] += clock() - start
+            if state is not None and index != state.index:  # the shard is complete
+                _finish_shard(state, stores, here, explainer, report)
+                state = None
+            if pb is None:
+                break
+            if state is None:
+                state = _ShardState(index, {(policy, m): stored_shard(store, index, n)
+                                            for policy, named in stores.items() for m, store in named.items()})
             batch = pb.batch
-            ids += [s.image_id for s in batch.samples]
-            positions += pb.positions
-            logits = None  # the first model pass's logits serve the model-free baselines
-            for method in methods:
-                explanation = explainers[method](batch.images, explain_targets(batch, target_policy),
-                                                 logits=logits)
-                logits = explanation.logits
-                parts[method]["maps"].append(explanation.maps.detach().float().cpu())
-                parts[method]["logits"].append(explanation.logits.detach().float().cpu())
-                parts[method]["targets"].append(explanation.targets.detach().cpu())
-        for method in methods:
-            p = parts[method]
-            explainer = explainers[method]
-            empty_grid = getattr(explainer, "grid", (0, 0))
-            stores[method].save(Shard(
-                index=shard_index,
-                maps=torch.cat(p["maps"]) if p["maps"] else torch.zeros(0, *empty_grid),
-                logits=torch.cat(p["logits"]) if p["logits"] else torch.zeros(0, 0),
-                targets=torch.cat(p["targets"]) if p["targets"] else torch.zeros(0, dtype=torch.long),
-                positions=torch.tensor(positions, dtype=torch.long), image_ids=ids, skipped=skipped,
-                target_source="given" if target_policy == "label" else "predicted",
-                class_specific=bool(explainer.class_specific)))
-            computed[method] += 1
+            state.skipped += [(s.image_id, s.reason) for s in batch.skipped]
+            bar.update(len(batch) + len(batch.skipped))
+            if not len(batch):
+                continue
+            batch_ids = [s.image_id for s in batch.samples]
+            state.ids += batch_ids
+            state.positions += pb.positions
+            report.notes.update(note for s in batch.samples for note in s.notes)
+            start = clock()
+            got = _batch_maps(state, stores, explainer, batch, pb.positions, batch_ids, report.seconds)
+            report.seconds["explaining"] += clock() - start
+            truth = BatchTruth(batch.samples, tuple(batch.images.shape[-2:]), box_protocol)
+            method_batches = []
+            for m in methods:
+                maps, logits, targets, source, specific = got[(target_policy, m)]
+                label = got[("label", m)] if labels_needed else None
+                method_batches.append(MethodBatch(
+                    method=m, truth=truth, maps=maps, logits=logits, targets=targets, positions=pb.positions,
+                    shard_index=index, target_source=source, class_specific=specific, images=batch.images,
+                    label_maps=label[0] if label else None, label_logits=label[1] if label else None))
+            start = clock()
+            pool.submit(BatchJob.without_pixels(method_batches))
+            report.seconds["scoring_wait"] += clock() - start
+            start = clock()
+            for scorer in here:
+                scorer_start = clock()
+                for mb in method_batches:
+                    scorer.update(mb)
+                report.seconds[f"scoring_here/{scorer.name}"] += clock() - scorer_start
+            report.seconds["scoring_here"] += clock() - start
+        start = clock()
+        pool.drain()
+        report.seconds["scoring_wait"] += clock() - start
+        for name, spent in pool.kernel_seconds.items():
+            report.seconds[f"scoring_kernels/{name}"] += spent
+        report.seconds["scoring_kernels"] += sum(pool.kernel_seconds.values())
     bar.close()
-    return computed
+    return report
 
 
 def has_masks(dataset: Dataset) -> bool:
@@ -133,37 +295,3 @@ def has_masks(dataset: Dataset) -> bool:
         if isinstance(item, Sample):
             return item.mask is not None
     return False
-
-
-def score_dataset(stores: dict[str, MapStore], dataset: Dataset, scorers: Sequence[Scorer], *,
-                  box_protocol: str = "agcam", batch_size: int = 16, num_workers: int = 0,
-                  progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """Feed every stored map, batch by batch with its ground truth, to every scorer. Returns
-    the (image_id, reason) of the items the dataset skipped, and how many images carry each
-    note of what the loader changed (Sample.notes)."""
-    n = len(dataset)
-    reference = next(iter(stores.values()))
-    skipped: list[tuple[str, str]] = []
-    notes: Counter[str] = Counter()
-    bar = tqdm(total=n, desc="scoring", unit="img", disable=not progress)
-    for shard_index in range(reference.num_shards(n)):
-        shards = {m: s.load(shard_index, n) for m, s in stores.items()}
-        for pb in shard_batches(dataset, reference.shard_positions(shard_index, n), batch_size, num_workers,
-                                bar, skipped):
-            batch = pb.batch
-            notes.update(note for s in batch.samples for note in s.notes)
-            size = tuple(batch.images.shape[-2:])
-            gt = ground_truth(batch.samples, size, box_protocol)
-            ids = [s.image_id for s in batch.samples]
-            for method, shard in shards.items():
-                rows = shard.rows_at(pb.positions, ids)
-                maps = shard.maps[rows]
-                heat, degenerate = to_heatmaps(maps, size)
-                mb = MethodBatch(method=method, samples=batch.samples, images=batch.images, maps=maps,
-                                 heatmaps=heat, degenerate=degenerate, logits=shard.logits[rows],
-                                 targets=shard.targets[rows], gt=gt, shard=shard,
-                                 positions=pb.positions)
-                for scorer in scorers:
-                    scorer.update(mb)
-    bar.close()
-    return skipped, dict(notes)

@@ -1,7 +1,12 @@
 """The scorer contract and its registry.
 
-A scorer is fed every method's batches (`update`), computes its results once all images are
-in (`compute`), and writes them into the run folder (`write`). Scorers register with
+A scorer is fed every method's batches, computes its results once all images are in
+(`compute`), and writes them into the run folder (`write`). Its model-free work is a `kernel`:
+a picklable function of one method batch whose result the scorer takes with `add`, so the
+work can run in a scoring worker process (`run.scoring_pool`); a scorer that needs the model
+has no kernel and takes each batch in the main process (`update`). In a data-parallel run
+every rank feeds its own scorers, then `gather` brings the ranks' results to rank 0, which
+writes. Scorers register with
 `@register_scorer(name)`; `from_config` returns None when the run's configuration does not ask
 for the scorer, so the runner assembles the list of active scorers from the registry alone.
 """
@@ -17,7 +22,9 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from wsol_bench.files import append_csv_bodies
 from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.distributed import Ranks
 from wsol_bench.run.store import MapStore
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -25,8 +32,8 @@ SCORERS: dict[str, type[Scorer]] = {}
 
 @dataclass
 class RunContext:
-    """What a scorer may need besides its own config: the dataset, where the run writes, and
-    lazy access to the model and to the ground-truth-class maps (computed only when asked)."""
+    """What a scorer may need besides its own config: the dataset, where this rank writes, the
+    run's methods, lazy access to the model, and the stores of the ground-truth-class maps."""
 
     out_dir: Path
     dataset: Dataset
@@ -35,26 +42,42 @@ class RunContext:
     has_masks: bool
     class_names: list[str] | None
     model: Callable[[], nn.Module]
-    label_stores: Callable[[], dict[str, MapStore]]
+    label_stores: dict[str, MapStore]
+    methods: list[str]
+    ranks: Ranks = Ranks()
 
 
 class Scorer:
     """Base class of the scorers a run feeds."""
 
     name: ClassVar[str] = "scorer"
+    # model-free work on one MethodBatch, picklable and without side effects on the scorer;
+    # None for a scorer that needs the main process (it implements `update` instead)
+    kernel: Callable[[MethodBatch], Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> Scorer | None:
         """The scorer for this run, or None when the configuration does not ask for it."""
         raise NotImplementedError
 
-    def prepare(self) -> None:
-        """Work the scorer needs before the first batch, after the run's own maps exist (e.g.
-        explaining the ground-truth class); nothing by default."""
-
     def update(self, mb: MethodBatch) -> None:
-        """Take one method's batch."""
+        """Take one method's batch in the main process (a scorer with a kernel: the kernel's
+        result)."""
+        if self.kernel is None:
+            raise NotImplementedError
+        self.add(mb.method, self.kernel(mb))
+
+    def end_shard(self, shard_index: int) -> None:
+        """Every image of shard `shard_index` has been fed (main-process scorers); nothing by default."""
+
+    def add(self, method: str, part: Any) -> None:
+        """Take what the kernel computed for one batch of `method`."""
         raise NotImplementedError
+
+    def gather(self, ranks: Ranks, parts: list[Path]) -> None:
+        """After every rank's pass (called on every rank, in the same scorer order): bring the
+        other ranks' results to rank 0. `parts` are the ranks' output folders in rank order;
+        the first is this scorer's own on rank 0. Nothing to do in a one-process run."""
 
     def close(self) -> None:
         """Release open files, also when the run fails; nothing by default."""
@@ -66,6 +89,13 @@ class Scorer:
     def write(self, out_dir: Path) -> list[Path]:
         """Write the results into the run folder; returns the files written."""
         raise NotImplementedError
+
+
+def append_rank_rows(ranks: Ranks, parts: list[Path], name: str) -> None:
+    """Rank 0 appends the rows of the other ranks' `name` CSV files to its own, in rank order (the
+    order of the shards, so the file equals a one-process run's)."""
+    if ranks.main and len(parts) > 1:
+        append_csv_bodies(parts[0] / name, [part / name for part in parts[1:]])
 
 
 def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import wsol_bench.metrics.faithfulness as faithfulness_module
 import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
-from wsol_bench.environment import package_version
+from wsol_bench.environment import package_version, precision_key
 from wsol_bench.files import atomic_write, write_json
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
@@ -27,8 +26,9 @@ from wsol_bench.metrics.faithfulness import (
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.report.curves import plot_perturbation_curves
 from wsol_bench.run.batch import MethodBatch
-from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
-from wsol_bench.run.store import MapStore, Shard, settings_key
+from wsol_bench.run.distributed import Ranks
+from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows, register_scorer
+from wsol_bench.run.store import MapStore, settings_key
 
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target", "degenerate"]
 log = logging.getLogger("wsol_bench")
@@ -54,27 +54,28 @@ def faithfulness_settings(node: DictConfig) -> FaithfulnessSettings:
 class FaithfulnessScorer(Scorer):
     """Pixel-perturbation curves of every method's ground-truth-class maps.
 
-    The maps come from `label_stores()` (target policy "label"; called in `prepare`), which may
-    be the run's own stores. Per-image rows are cached next to those maps, one CSV per shard and settings, so
-    a killed run does not redo finished shards and a re-scoring run costs no model pass.
-    Rows are appended to faithfulness.csv batch by batch, so memory does not grow with the
-    dataset.
+    The maps arrive with each batch (`MethodBatch.label_maps`: target policy "label", which may
+    be the run's own maps). Per-image rows are cached next to those maps in their stores, one
+    CSV per shard and settings, so a killed run does not redo finished shards and a re-scoring
+    run costs no model pass. Rows are appended to faithfulness.csv batch by batch, so memory
+    does not grow with the dataset.
     """
 
-    def __init__(self, model_fn, label_stores: Callable[[], dict[str, MapStore]], settings: FaithfulnessSettings,
-                 path: Path, *, dataset_name: str, split: str) -> None:
-        self.model_fn, self.label_stores, self.settings = model_fn, label_stores, settings
-        self.stores: dict[str, MapStore] = {}
+    needs_label_maps = True
+
+    def __init__(self, model_fn, label_stores: dict[str, MapStore], settings: FaithfulnessSettings,
+                 path: Path, *, dataset_name: str, split: str, precision: dict | None = None) -> None:
+        self.model_fn, self.stores, self.settings = model_fn, label_stores, settings
         self.path, self.dataset_name, self.split = path, dataset_name, split
         # The chunk size changes speed, not the numbers, so it stays out of the key (as the
-        # explanation batch size stays out of the map key).
-        self.key_settings = {k: v for k, v in vars(settings).items() if k != "batch_size"}
+        # explanation batch size stays out of the map key); TF32 (`precision`) changes them.
+        self.key_settings = {**{k: v for k, v in vars(settings).items() if k != "batch_size"}, **(precision or {})}
         # the package version and the engine's source: rows of an edited engine are recomputed
         self.key = settings_key({"faithfulness": self.key_settings,
                                  "code": {"wsol_bench": package_version(), "metric": faithfulness_digest()}})
         self._pending: dict[tuple[str, int], list[dict]] = {}
         self._cached: dict[tuple[str, int], dict[str, dict] | None] = {}
-        self._shards: dict[tuple[str, int], Shard] = {}
+        self._seen: dict[tuple[str, int], int] = {}  # images of (method, shard) fed so far
         self._full_probs: torch.Tensor | None = None
         self.path.unlink(missing_ok=True)
 
@@ -84,11 +85,8 @@ class FaithfulnessScorer(Scorer):
             return None
         settings = faithfulness_settings(cfg.faithfulness)  # a bad setting fails before any model pass
         return cls(context.model, context.label_stores, settings, context.out_dir / "faithfulness.csv",
-                   dataset_name=context.dataset_name, split=context.split)
-
-    def prepare(self) -> None:
-        """The ground-truth-class maps of every method (explained now where the cache lacks them)."""
-        self.stores = self.label_stores()
+                   dataset_name=context.dataset_name, split=context.split,
+                   precision=precision_key(str(cfg.device), bool(cfg.tf32)))
 
     def _cache_file(self, method: str, shard_index: int) -> Path:
         return self.stores[method].folder / f"faithfulness_{self.key}" / f"shard_{shard_index:06d}.csv"
@@ -114,27 +112,22 @@ class FaithfulnessScorer(Scorer):
             return None
         return {str(r["image_id"]): r for r in frame.to_dict("records")}
 
-    def _label_shard(self, mb: MethodBatch) -> Shard:
-        key = (mb.method, mb.shard.index)
-        if key not in self._shards:
-            self._shards = {k: v for k, v in self._shards.items() if k[0] != mb.method}  # one shard per method
-            self._shards[key] = self.stores[mb.method].load(mb.shard.index)
-        return self._shards[key]
-
     def update(self, mb: MethodBatch) -> None:
-        cached = self._cached_rows(mb.method, mb.shard.index)
+        key = (mb.method, mb.shard_index)
+        self._seen[key] = self._seen.get(key, 0) + len(mb.samples)
+        cached = self._cached_rows(mb.method, mb.shard_index)
         if cached is not None and all(s.image_id in cached for s in mb.samples):
             self._append([cached[s.image_id] for s in mb.samples])
             return
         if cached is not None:  # rows of other images: stale, recompute the shard
             log.warning("faithfulness cache %s holds other images; its rows are recomputed",
-                        self._cache_file(mb.method, mb.shard.index))
-            self._cache_file(mb.method, mb.shard.index).unlink(missing_ok=True)
-            self._cached[(mb.method, mb.shard.index)] = None
-        shard = self._label_shard(mb)
-        rows = shard.rows_at(mb.positions, [s.image_id for s in mb.samples])
-        heat, degenerate = to_heatmaps(shard.maps[rows], tuple(mb.images.shape[-2:]))
-        labels, logits = mb.labels, shard.logits[rows]
+                        self._cache_file(mb.method, mb.shard_index))
+            self._cache_file(mb.method, mb.shard_index).unlink(missing_ok=True)
+            self._cached[(mb.method, mb.shard_index)] = None
+        if mb.label_maps is None or mb.images is None:
+            raise ValueError("faithfulness needs the batch's images and ground-truth-class maps")
+        heat, degenerate = to_heatmaps(mb.label_maps, tuple(mb.images.shape[-2:]))
+        labels, logits = mb.labels, mb.label_logits
         values = self._curves(mb.images, heat, degenerate, labels, logits)
         out = [{"image_id": sample.image_id, "dataset": self.dataset_name, "split": self.split,
                 "method": mb.method, "label": label, "prediction": prediction, "target": label,
@@ -142,11 +135,16 @@ class FaithfulnessScorer(Scorer):
                for sample, prediction, label, flag, row in zip(mb.samples, logits.argmax(1).tolist(), labels.tolist(),
                                                               degenerate.tolist(), values)]
         self._append(out)
-        pending = self._pending.setdefault((mb.method, mb.shard.index), [])
-        pending += out
-        if len(pending) == len(shard.positions):  # the shard is complete: keep it
-            self._write_cache(mb.method, mb.shard.index, pending)
-            del self._pending[(mb.method, mb.shard.index)]
+        self._pending.setdefault((mb.method, mb.shard_index), []).extend(out)
+
+    def end_shard(self, shard_index: int) -> None:
+        """Cache the rows of a shard all of whose images were computed in this run."""
+        for (method, index), rows in list(self._pending.items()):
+            if index == shard_index:
+                if len(rows) == self._seen.get((method, index), -1):
+                    self._write_cache(method, index, rows)
+                del self._pending[(method, index)]
+        self._seen = {k: v for k, v in self._seen.items() if k[1] != shard_index}
 
     def _curves(self, images: torch.Tensor, heat: torch.Tensor, degenerate: torch.Tensor, labels: torch.Tensor,
                 logits: torch.Tensor) -> list[dict[str, float]]:
@@ -176,6 +174,9 @@ class FaithfulnessScorer(Scorer):
         if not settings_file.is_file():
             write_json(settings_file, self.key_settings)
         atomic_write(file, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+
+    def gather(self, ranks: Ranks, parts: list[Path]) -> None:
+        append_rank_rows(ranks, parts, self.path.name)
 
     def compute(self) -> pd.DataFrame:
         """Every row written so far (one per image and method)."""

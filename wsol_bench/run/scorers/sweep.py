@@ -6,9 +6,11 @@ both tables are built from them (here and by `wsol-bench-report`, from the run f
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from wsol_bench.metrics.base import RunMetric, save_states
@@ -23,6 +25,7 @@ from wsol_bench.regions.thresholds import check_thresholds, threshold_array
 from wsol_bench.report.figures import plot_sweep
 from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE, SWEEP_STATE, sweep_table, wsoleval_table
 from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.distributed import Ranks
 from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
 
 STATE_FILE = Path("states") / "sweep.json"
@@ -40,6 +43,49 @@ def sweep_thresholds(node: DictConfig) -> list[float]:
     return check_thresholds(grid, f"sweep.start/stop/step (numpy.arange({node.start}, {node.stop}, {node.step}))")
 
 
+@dataclass
+class SweepIncrements:
+    """The kernel of `SweepScorer`: one batch of one method -> the increments of its metric
+    states (exact integer sums, so adding them up in any order gives the same totals)."""
+
+    thresholds: tuple[float, ...]
+    iou_thresholds: tuple[int, ...]
+    boxes: str
+    has_masks: bool
+    box_protocol: str
+    _metrics: dict[str, RunMetric] | None = field(default=None, repr=False, compare=False)
+
+    def fresh_metrics(self) -> dict[str, RunMetric]:
+        """Empty metrics of these settings, by state name."""
+        thresholds = list(self.thresholds)
+        named = {SWEEP_STATE: SweepMeans(thresholds, metric_columns(self.has_masks)),
+                 BOX_STATE: BoxAccuracy(thresholds, self.iou_thresholds, self.boxes)}
+        if self.has_masks:
+            named[PXAP_STATE] = PxAP(thresholds)
+        return named
+
+    def __call__(self, mb: MethodBatch) -> dict[str, dict[str, torch.Tensor]]:
+        if self._metrics is None:  # built once per process, reset per batch
+            self._metrics = self.fresh_metrics()
+        metrics = self._metrics
+        for metric in metrics.values():
+            metric.reset()
+        thresholds = list(self.thresholds)
+        correct = (mb.predictions == mb.labels).numpy()
+        components = find_regions(mb.heatmaps, thresholds, "components")
+        metrics[SWEEP_STATE].update(region_scores(components, mb.gt, self.box_protocol), correct)
+        regions = components if self.boxes == "components" else metrics[BOX_STATE].regions(mb.heatmaps)
+        gt_boxes = [wsoleval_gt_boxes(s, tuple(mb.heatmaps.shape[-2:])) for s in mb.samples]
+        metrics[BOX_STATE].update(regions, gt_boxes, correct)
+        if PXAP_STATE in metrics and mb.gt.seg_masks is not None:
+            metrics[PXAP_STATE].update(mb.heatmaps, mb.gt.seg_masks, mb.gt.seg_valid)
+        return {name: {state: value.clone() for state, value in metric.metric_state.items()}
+                for name, metric in metrics.items()}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_metrics": None}  # workers build their own
+
+
 @register_scorer("sweep")
 class SweepScorer(Scorer):
     """Threshold sweep of one run, per method: `SweepMeans` of the AG-CAM scores of the
@@ -47,7 +93,7 @@ class SweepScorer(Scorer):
     contours; "components": the same float components, found once for both), and `PxAP`."""
 
     def __init__(self, thresholds, iou_thresholds, *, box_protocol: str, image_filter: str, has_masks: bool,
-                 dataset_name: str, split: str, boxes: str = "opencv") -> None:
+                 dataset_name: str, split: str, boxes: str = "opencv", methods: list[str] = ()) -> None:
         threshold_array(thresholds, np.float64)  # names the problem with a bad grid
         self.thresholds = [float(t) for t in thresholds]
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
@@ -55,9 +101,12 @@ class SweepScorer(Scorer):
         BoxAccuracy(self.thresholds, self.iou_thresholds, boxes)  # names a bad setting before any work
         if boxes == "opencv":
             require_cv2()  # a missing OpenCV is named now, not after the explanation pass
-        self.box_protocol, self.image_filter, self.has_masks = box_protocol, image_filter, has_masks
+        self.image_filter, self.has_masks = image_filter, has_masks
         self.dataset_name, self.split = dataset_name, split
+        self.kernel = SweepIncrements(tuple(self.thresholds), self.iou_thresholds, boxes, has_masks, box_protocol)
         self.metrics: dict[str, dict[str, RunMetric]] = {}
+        for method in methods:  # every rank holds every method's metrics, so they reduce in step
+            self._metrics(method)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> SweepScorer | None:
@@ -65,27 +114,26 @@ class SweepScorer(Scorer):
             return None
         return cls(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds, box_protocol=cfg.metric.box_protocol,
                    image_filter=cfg.metric.image_filter, has_masks=context.has_masks,
-                   dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.boxes)
+                   dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.boxes,
+                   methods=list(context.methods))
 
     def _metrics(self, method: str) -> dict[str, RunMetric]:
         if method not in self.metrics:
-            named = {SWEEP_STATE: SweepMeans(self.thresholds, metric_columns(self.has_masks)),
-                     BOX_STATE: BoxAccuracy(self.thresholds, self.iou_thresholds, self.boxes)}
-            if self.has_masks:
-                named[PXAP_STATE] = PxAP(self.thresholds)
-            self.metrics[method] = named
+            self.metrics[method] = self.kernel.fresh_metrics()
         return self.metrics[method]
 
-    def update(self, mb: MethodBatch) -> None:
-        metrics = self._metrics(mb.method)
-        correct = (mb.predictions == mb.labels).numpy()
-        components = find_regions(mb.heatmaps, self.thresholds, "components")
-        metrics[SWEEP_STATE].update(region_scores(components, mb.gt, self.box_protocol), correct)
-        regions = components if self.boxes == "components" else metrics[BOX_STATE].regions(mb.heatmaps)
-        gt_boxes = [wsoleval_gt_boxes(s, tuple(mb.heatmaps.shape[-2:])) for s in mb.samples]
-        metrics[BOX_STATE].update(regions, gt_boxes, correct)
-        if PXAP_STATE in metrics and mb.gt.seg_masks is not None:
-            metrics[PXAP_STATE].update(mb.heatmaps, mb.gt.seg_masks, mb.gt.seg_valid)
+    def add(self, method: str, part: dict[str, dict[str, torch.Tensor]]) -> None:
+        metrics = self._metrics(method)
+        for name, state in part.items():
+            metrics[name].merge_state(state)
+
+    def gather(self, ranks: Ranks, parts: list[Path]) -> None:
+        """Sum every rank's states (torchmetrics' gather and reduction), method by method in the
+        run's order, so every rank takes part in the same collectives."""
+        if ranks.distributed:
+            for method in self.metrics:
+                for metric in self.metrics[method].values():
+                    metric.sync_ranks()
 
     def compute(self) -> dict:
         """{"sweep": sweep.csv's table, "wsoleval": wsoleval.csv's table}."""

@@ -1,0 +1,142 @@
+"""Data-parallel runs: the split of shards over ranks, metric states summed across a gloo
+process group, the scoring pool's worker processes, and `torchrun` with two CPU processes,
+whose run folder must equal a one-process run's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from wsol_bench.metrics.pxap import PxAP
+from wsol_bench.report.run_folder import check_run
+from wsol_bench.run.distributed import Ranks
+
+SCRIPT = Path(sys.executable).parent / "wsol-bench"
+# a small but complete run: every scorer (records, sweep, masks, faithfulness), 6 shards of 4 images
+RUN = ["dataset.params.num_images=22", "store.shard_size=4", "batch_size=3", "progress=false",
+       "gallery_images=2", "method=[agcam,rollout,gradcam,random,center]", "faithfulness=abpc",
+       "faithfulness.steps=5", "sweep=grid", "export_masks=true"]
+# the files whose bytes depend only on the numbers (not on timings, paths or the environment)
+NUMBERS = ["records.csv", "faithfulness.csv", "table.csv", "table_box.csv", "table_mask.csv", "sweep.csv",
+           "wsoleval.csv", "states/sweep.json", "skipped.csv"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_rank_blocks_partition_the_shards_in_order(world):
+    """The blocks of ranks 0..world-1, concatenated, are every shard once, in order."""
+    for count in range(0, 20):
+        blocks = [Ranks(r, world).block(count) for r in range(world)]
+        assert [i for b in blocks for i in b] == list(range(count))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def _sync_worker(rank: int, world: int, init: str, parts: list, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        metric = PxAP(thresholds=[0.0, 0.5])
+        heat, gt = parts[rank]
+        metric.update(heat, gt)
+        metric.sync_ranks()
+        if rank == 0:
+            torch.save({"state": {k: v.clone() for k, v in metric.metric_state.items()},
+                        "value": metric.compute()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_ranks_sums_the_states_of_every_rank(tmp_path):
+    """Two gloo ranks, each updated with half the images: after sync_ranks rank 0 holds the
+    states and the value of one metric updated with all of them."""
+    g = torch.Generator().manual_seed(0)
+    heat = torch.rand(6, 8, 8, generator=g)
+    gt = torch.rand(6, 8, 8, generator=g) > 0.6
+    parts = [(heat[:4], gt[:4]), (heat[4:], gt[4:])]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_sync_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", parts, str(out)), nprocs=2)
+    whole = PxAP(thresholds=[0.0, 0.5])
+    whole.update(heat, gt)
+    got = torch.load(out)
+    for name, value in whole.metric_state.items():
+        assert torch.equal(got["state"][name], value), name
+    torch.testing.assert_close(got["value"], whole.compute(), rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(got["state"]["positive"], PxAP(thresholds=[0.0, 0.5]).metric_state["positive"])
+
+
+def test_sync_ranks_is_a_no_op_in_one_process():
+    metric = PxAP(thresholds=[0.0, 0.5])
+    metric.update(torch.full((1, 2, 2), 0.7), torch.ones(1, 2, 2, dtype=torch.bool))
+    before = {k: v.clone() for k, v in metric.metric_state.items()}
+    metric.sync_ranks()
+    assert all(torch.equal(before[k], v) for k, v in metric.metric_state.items())
+
+
+def _bench(args: list[str], cwd: Path, *, nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`wsol-bench args`, or under torchrun with `nproc` CPU processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WSOL_BENCH_DEBUG")}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores, as torchrun itself sets
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "wsol_bench"] if nproc else [str(SCRIPT)])
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _same_numbers(a: Path, b: Path) -> None:
+    for name in NUMBERS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    masks = sorted(p.relative_to(a) for p in (a / "masks").rglob("*") if p.is_file())
+    assert masks and masks == sorted(p.relative_to(b) for p in (b / "masks").rglob("*") if p.is_file())
+    for rel in masks:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: one process, scoring in the main process."""
+    tmp = tmp_path_factory.mktemp("one")
+    proc = _bench([*RUN, "scoring_workers=0", f"store.root={tmp / 'cache'}", f"hydra.run.dir={tmp / 'run'}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_torchrun_with_two_cpu_processes_gives_the_one_process_run(one_process, tmp_path):
+    """torchrun --nproc-per-node=2 (gloo): each rank explains and scores its half of the shards
+    into the shared store, rank 0 writes one run folder, in the folder both ranks named from
+    rank 0's start time; records, faithfulness rows, sweep states, tables and masks are
+    byte-identical to the one-process run."""
+    proc = _bench([*RUN, f"store.root={tmp_path / 'cache'}"], tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list((tmp_path / "results" / "runs" / "quickstart").iterdir())
+    assert len(runs) == 1, runs  # one folder, not one per rank
+    run = runs[0]
+    assert check_run(run) == []
+    _same_numbers(run, one_process)
+    assert (run / "wsol-bench.rank1.log").is_file() and not (run / "ranks").exists()
+    assert ", 2 ranks" in (run / "wsol-bench.log").read_text()
+    shards = sorted(p.name for p in (tmp_path / "cache").rglob("shard_*.pt"))
+    assert len(shards) == 6 * 5 * 2  # 6 shards x 5 methods x 2 target policies (ABPC needs the label's maps)
+    run_json = pd.read_json(run / "run.json", typ="series")
+    assert run_json["ranks"] == 2
+
+
+def test_scoring_workers_give_the_in_process_numbers(one_process, tmp_path):
+    """The model-free scorers in two worker processes, reading the maps the reference stored:
+    the same bytes as scoring in the main process."""
+    cache = one_process.parent / "cache"
+    proc = _bench([*RUN, "scoring_workers=2", f"store.root={cache}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_numbers(tmp_path / "run", one_process)
+    assert pd.read_json(tmp_path / "run" / "run.json", typ="series")["workers"]["scoring"] == 2
+
+
+def test_torchrun_refuses_a_sweep(tmp_path):
+    """-m under torchrun is refused in one line: a launch is one run."""
+    proc = _bench(["-m", "method=[center]", "dataset.params.num_images=2"], tmp_path, nproc=2, timeout=300)
+    assert proc.returncode != 0
+    assert "a torchrun launch is one run" in proc.stderr
