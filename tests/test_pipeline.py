@@ -180,3 +180,41 @@ def test_markdown_and_latex_tables_round_trip(setup, tmp_path):
     rows = [[c.strip().rstrip("\\").strip() for c in line.split("&")] for line in body]
     assert [r[0] for r in rows] == list(expected["method"])
     assert [float(r[2]) for r in rows] == [round(v, 2) for v in expected["IoU"]]
+
+
+def test_label_maps_reuse_the_predicted_class_maps(setup, tmp_path):
+    """With both target policies, the ground-truth-class maps of a method that is not
+    class-specific, and of an image predicted as its label, are the predicted-class maps; only
+    the other images pass through the model again. The stored label maps equal a label-only
+    run's (exactly where reused, to float rounding where explained in a smaller batch)."""
+    model, ds = setup
+    methods = {"agcam": get_explainer("agcam", model), "rollout": get_explainer("rollout", model)}
+
+    def stores(root, policies):
+        return {p: {m: MapStore(root, {"method": m, "target_policy": p}, 256) for m in methods} for p in policies}
+
+    samples = []
+    hook = model.register_forward_hook(lambda module, args, out: samples.append(len(args[0])))
+    try:
+        both = stores(tmp_path / "both", ("predicted", "label"))
+        process_dataset(both, ds, [], explainer=methods.__getitem__, progress=False)
+        reused = sum(samples)
+        samples.clear()
+        alone = stores(tmp_path / "alone", ("label",))
+        process_dataset(alone, ds, [], explainer=methods.__getitem__, target_policy="label", progress=False)
+    finally:
+        hook.remove()
+    predicted = both["predicted"]["agcam"].load(0, 6)
+    labels = torch.tensor([ds[i].label for i in range(6)])
+    wrong = int((predicted.targets != labels).sum())
+    assert 0 < wrong < 6  # the random model gets some right and some wrong
+    assert reused == 6 + 6 + wrong  # agcam and rollout on every image, agcam again on the wrong ones
+    for m in methods:
+        got, want = both["label"][m].load(0, 6), alone["label"][m].load(0, 6)
+        assert got.targets.tolist() == want.targets.tolist() == labels.tolist()
+        assert got.target_source == want.target_source == "given"
+        torch.testing.assert_close(got.maps, want.maps, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    right = (predicted.targets == labels).nonzero()[:, 0]
+    assert torch.equal(both["label"]["agcam"].load(0, 6).maps[right], predicted.maps[right])
+    assert torch.equal(both["label"]["rollout"].load(0, 6).maps, both["predicted"]["rollout"].load(0, 6).maps)

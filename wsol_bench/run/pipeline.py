@@ -178,16 +178,38 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
                                     shard.target_source, shard.class_specific)
                 continue
             start = time.perf_counter()
-            explained = explainer(m)(batch.images, explain_targets(batch, policy), logits=logits)
-            logits = explained.logits
             part = state.parts[(policy, m)]
-            part.maps.append(explained.maps.detach().float().cpu())  # the copy waits for the device
-            part.logits.append(explained.logits.detach().float().cpu())
-            part.targets.append(explained.targets.detach().cpu())
+            predicted = got.get(("predicted", m)) if policy == "label" else None
+            if predicted is not None:
+                maps, logits_rows, targets = _label_maps_from_predicted(explainer(m), batch, predicted)
+                source, specific = "given", predicted[4]
+            else:
+                explained = explainer(m)(batch.images, explain_targets(batch, policy), logits=logits)
+                logits = explained.logits
+                maps, logits_rows, targets = explained.maps, explained.logits, explained.targets
+                source, specific = explained.target_source, bool(explained.class_specific)
+            part.maps.append(maps.detach().float().cpu())  # the copy waits for the device
+            part.logits.append(logits_rows.detach().float().cpu())
+            part.targets.append(targets.detach().cpu())
             seconds[f"explaining/{m}"] += time.perf_counter() - start
-            got[(policy, m)] = (part.maps[-1], part.logits[-1], part.targets[-1], explained.target_source,
-                                bool(explained.class_specific))
+            got[(policy, m)] = (part.maps[-1], part.logits[-1], part.targets[-1], source, specific)
     return got
+
+
+def _label_maps_from_predicted(explainer: Explainer, batch: Batch, predicted: MapRows
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's ground-truth-class maps, logits and targets from its predicted-class maps: a map
+    of a method that is not class-specific, or of an image whose predicted class is its label,
+    is the same map; only the other images are explained (for the label), as one smaller batch."""
+    maps, logits, targets, _, specific = predicted
+    labels = batch.labels.to(targets.device)
+    maps, logits = maps.clone(), logits.clone()
+    need = (targets != labels).nonzero()[:, 0] if specific else torch.zeros(0, dtype=torch.long)
+    if len(need):
+        explained = explainer(batch.images[need], labels[need])
+        maps[need] = explained.maps.detach().float().cpu()
+        logits[need] = explained.logits.detach().float().cpu()
+    return maps, logits, labels.clone()
 
 
 def _finish_shard(state: _ShardState, stores: dict[str, dict[str, MapStore]], here: Sequence[Scorer],
