@@ -6,10 +6,10 @@ import importlib
 import pkgutil
 
 from .base import Explainer, Explanation, target_score
-from .registry import available, get_explainer, register_explainer
+from .registry import available, get_explainer, method_table, register_explainer
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Explainer", "Explanation", "available", "get_explainer", "register_explainer",
+__all__ = ["Explainer", "Explanation", "available", "get_explainer", "method_table", "register_explainer",
            "target_score"]

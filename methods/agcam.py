@@ -20,6 +20,8 @@ FUSIONS = ("sum", "mean")
 class AGCAM(Explainer):
     """Attention-guided CAM; `head_fusion` and `layer_fusion` are "sum" (paper) or "mean"."""
 
+    passes_per_image = "1 forward + 1 backward"
+
     def __init__(self, model, head_fusion: str = "sum", layer_fusion: str = "sum") -> None:
         super().__init__(model)
         for key, value in (("head_fusion", head_fusion), ("layer_fusion", layer_fusion)):

@@ -6,6 +6,7 @@ and validation, the patch grid and prefix tokens); a method overrides `explain` 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ log = logging.getLogger("wsol_bench")
 class Explanation:
     """Raw explanation of a batch.
 
-    maps: float32 [B, gh, gw], raw and unnormalised, on the model's patch grid.
+    maps: float32 [B, gh, gw], raw and unnormalised, on the model's patch grid, or [B, H, W] at
+    the input size for a method with `resolution = "pixel"` (gradient attributions, LRP).
     logits: [B, C] of the unperturbed images. targets: [B], the class each map explains.
     target_source: "given" or "predicted". class_specific: False for methods (rollout,
     random, center) whose map does not depend on the target.
@@ -44,6 +46,13 @@ class Explainer:
     # False for methods whose map needs no model pass (baselines): they implement
     # `model_free_map` and reuse logits the caller already has instead of a second forward.
     uses_model = True
+    # "grid": maps on the patch grid [gh, gw]; "pixel": maps at the input size [H, W]
+    resolution = "grid"
+    # model passes per image (forward, or forward + backward), for the method table; costly
+    # methods (steps, samples, occluded inputs) say how the count follows their parameters
+    passes_per_image: str = "1"
+    # the library an adapter method calls (captum, pytorch_grad_cam); the suite's own: wsol_bench
+    library = "wsol_bench"
 
     def __init__(self, model: nn.Module, **params) -> None:
         if params:
@@ -57,6 +66,10 @@ class Explainer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def map_shape(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """The shape of this method's maps for [H, W] inputs: the patch grid, or [H, W]."""
+        return tuple(int(v) for v in input_size) if self.resolution == "pixel" else tuple(self.grid)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None, *,
                  logits: torch.Tensor | None = None) -> Explanation:
@@ -73,20 +86,22 @@ class Explainer:
             logits = self.logits_only(images) if logits is None else logits.to(self.device)
             used = self.resolve_targets(logits, targets)
             maps = self.model_free_map(images, used)
-        self._check_output(len(images), maps, logits, used)
+        self._check_output(len(images), maps, logits, used, self.map_shape(images.shape[-2:]))
         return Explanation(maps=maps.detach().float(), logits=logits.detach(), targets=used.detach(),
                            target_source="given" if targets is not None else "predicted",
                            class_specific=self.class_specific)
 
-    def _check_output(self, batch: int, maps, logits, targets) -> None:
-        """What a method returns must be usable as it is: maps on the model's grid, finite logits
-        (a NaN logit would make every prediction class 0). Non-finite maps are allowed but
-        reported: they are scored as degenerate and counted in every table."""
-        expected = (batch, *self.grid)
+    def _check_output(self, batch: int, maps, logits, targets, shape: tuple[int, int]) -> None:
+        """What a method returns must be usable as it is: maps of `shape` (the model's grid, or
+        the input size for pixel maps), finite logits (a NaN logit would make every prediction
+        class 0). Non-finite maps are allowed but reported: they are scored as degenerate and
+        counted in every table."""
+        expected = (batch, *shape)
         if not isinstance(maps, torch.Tensor) or not maps.is_floating_point() or tuple(maps.shape) != expected:
             found = f"{maps.dtype} {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps).__name__
+            where = "the input size" if self.resolution == "pixel" else f"the model's {shape[0]}x{shape[1]} patch grid"
             raise ValueError(f"{self.name}: returned maps {found}, expected floating-point maps of shape "
-                             f"{expected} (the model's {self.grid[0]}x{self.grid[1]} patch grid)")
+                             f"{expected} ({where})")
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != batch:
             raise ValueError(f"{self.name}: returned logits of shape {tuple(getattr(logits, 'shape', ()))}, "
                              f"expected [{batch}, classes]")
@@ -105,7 +120,7 @@ class Explainer:
 
     def explain(self, images: torch.Tensor, targets: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (maps [B, gh, gw], logits [B, C], targets [B])."""
+        """Return (maps [B, gh, gw] or, for pixel maps, [B, H, W], logits [B, C], targets [B])."""
         raise NotImplementedError
 
     def model_free_map(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -137,6 +152,20 @@ class Explainer:
     def logits_only(self, images: torch.Tensor) -> torch.Tensor:
         """One inference pass, for methods whose map does not need the model."""
         return self.model(images)
+
+
+class MissingLibraryError(ImportError):
+    """An explainer needs an optional library that is not installed; the message says how to
+    install it."""
+
+
+def require_library(module: str, method: str, extra: str = "explainers"):
+    """Import `module` for explainer `method`, or refuse in one line naming the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingLibraryError(f"method {method} needs the {module.split('.')[0]} package ({exc}); install it "
+                                  f'with: pip install "wsol-bench[{extra}]"') from exc
 
 
 def target_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ class RandomMap(Explainer):
     """Uniform noise on the patch grid, seeded by (seed, image content): the same image gets
     the same map in any batch, so batched equals one-at-a-time."""
 
+    passes_per_image = "0 (the logits of the batch's first pass)"
     class_specific = False
     needs_class_token = False
     uses_model = False
@@ -38,6 +39,7 @@ class RandomMap(Explainer):
 class CenterGaussian(Explainer):
     """exp(-d^2 / 2 sigma^2) around the grid centre; sigma is a fraction of each grid side."""
 
+    passes_per_image = "0 (the logits of the batch's first pass)"
     class_specific = False
     needs_class_token = False
     uses_model = False

@@ -15,6 +15,8 @@ from .registry import register_explainer
 class GenericAttention(Explainer):
     """Gradient-weighted attention accumulated over the layers."""
 
+    passes_per_image = "1 forward + 1 backward"
+
     def explain(self, images, targets):
         with torch.enable_grad(), AttentionCapture(self.model, gradients=True) as cap:
             logits = self.model(images)

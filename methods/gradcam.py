@@ -16,6 +16,7 @@ class GradCAM(Explainer):
     """Grad-CAM on the activations of `blocks[-1].norm1`; works with fused attention and with
     average-pooled models (it never reads the CLS row)."""
 
+    passes_per_image = "1 forward + 1 backward"
     needs_class_token = False
 
     def explain(self, images, targets):

@@ -59,6 +59,18 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_table() -> list[dict[str, Any]]:
+    """One row per registered explainer: name, map resolution ("grid" or "pixel"), whether it
+    is class-specific, its model passes per image, and the library it adapts (the module's
+    top-level package for third-party adapters, else "wsol_bench")."""
+    rows = []
+    for name in available():
+        cls = _REGISTRY[name]
+        rows.append({"name": name, "resolution": cls.resolution, "class_specific": bool(cls.class_specific),
+                     "passes_per_image": cls.passes_per_image, "library": getattr(cls, "library", "wsol_bench")})
+    return rows
+
+
 def get_explainer(name: str, model: nn.Module, **params: Any) -> Explainer:
     """Build explainer `name` for `model`; an unknown name lists the valid ones."""
     return explainer_class(name)(model, **params)

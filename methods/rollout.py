@@ -37,6 +37,7 @@ def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
 class AttentionRollout(Explainer):
     """R = a^L ... a^1 with a = rownorm((fused A + I) / 2); map = R[:, CLS, patches]."""
 
+    passes_per_image = "1 forward"
     class_specific = False
 
     def __init__(self, model, head_fusion: str = "mean", discard_ratio: float = 0.0) -> None:

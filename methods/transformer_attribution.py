@@ -255,6 +255,8 @@ class TransformerAttribution(Explainer):
     """Chefer et al.'s relevance x gradient rollout from block `start_layer` (0: the AG-CAM
     evaluation; Chefer's own scripts use 1)."""
 
+    passes_per_image = "1 forward + 1 backward, and its own float32 forward"
+
     def __init__(self, model, start_layer: int = 0) -> None:
         super().__init__(model)
         check_supported(model, self.name)

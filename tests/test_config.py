@@ -141,7 +141,9 @@ def test_unknown_method_lists_the_valid_ones():
     """A list of methods with one unknown: Hydra's error names the file only; the line lists
     the options of the method group."""
     line = refusal("config", ["method=[agcam,nonexistent]"])
-    assert line.startswith("unknown method 'nonexistent'; valid: agcam, center, generic_attention, gradcam")
+    options = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "method").glob("*.yaml"))
+    assert {"agcam", "center", "generic_attention", "gradcam"} <= set(options)
+    assert line == f"unknown method 'nonexistent'; valid: {', '.join(options)}"
 
 
 def test_a_wrong_type_in_a_config_file_names_the_key_and_the_file(tmp_path):
@@ -235,7 +237,7 @@ def test_method_params_are_checked_against_the_constructor():
                                "valid: head_fusion, layer_fusion")
     with pytest.raises(ValueError, match="method 'gradcam' takes no parameter 'layer'; valid: none"):
         check_method_params("gradcam", {"layer": 3})  # the base Explainer's **params refuses extras
-    with pytest.raises(ValueError, match="unknown method 'not_registered'; valid: agcam"):
+    with pytest.raises(ValueError, match="unknown method 'not_registered'; valid: .*agcam, "):
         check_method_params("not_registered", {"x": 1})
 
 

@@ -23,3 +23,25 @@ def test_every_cited_section_exists():
     assert len(cited) >= 8
     missing = {s: where for s, where in cited.items() if s not in headings}
     assert not missing, f"cited sections absent from docs/protocol.md: {missing}"
+
+
+def test_the_readme_method_table_lists_every_method_as_registered():
+    """Every built-in method has a row in the README's explainer table whose class-specific,
+    maps and passes-per-image columns are what the method's class says."""
+    from wsol_bench.methods import method_table
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The explainers"):text.index("### Adding your own explainer")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            for name in re.findall(r"`(\w+)`", cells[0]):
+                rows[name] = cells[2:]
+    builtin = {r["name"]: r for r in method_table()
+               if (REPO / "conf" / "method" / f"{r['name']}.yaml").is_file()}
+    assert set(rows) == set(builtin)
+    for name, (specific, maps, passes) in rows.items():
+        r = builtin[name]
+        assert (specific, maps, passes) == ("yes" if r["class_specific"] else "no", r["resolution"],
+                                            r["passes_per_image"]), name

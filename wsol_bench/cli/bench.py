@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 from wsol_bench.config.errors import UserError, file_system_line, run_app
 from wsol_bench.config.keys import check_known_keys
 from wsol_bench.config.resolvers import START_VARIABLE
+from wsol_bench.methods.base import MissingLibraryError
 from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.methods.registry import PluginImportError
 from wsol_bench.models import ModelLoadError
@@ -26,8 +27,8 @@ from wsol_bench.run.store import InvalidShard
 
 log = logging.getLogger("wsol_bench")
 # Errors caused by the user's settings or files: print the message, not a traceback.
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, PluginImportError, InvalidShard,
-               ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, MissingLibraryError, PluginImportError,
+               InvalidShard, ValueError, FileNotFoundError, KeyError)
 
 
 def _refuse(line: str) -> None:

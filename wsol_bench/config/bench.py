@@ -17,6 +17,7 @@ class StoreConfig:
 
     root: str = MISSING
     shard_size: int = MISSING
+    dtype: str = "float32"
 
 
 @dataclass

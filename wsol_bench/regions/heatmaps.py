@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 def to_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Upsample [B, gh, gw] maps bilinearly (align_corners=False) to `size` = (H, W), THEN
-    min-max normalise each image to [0, 1].
+    min-max normalise each image to [0, 1]. Maps already of `size` (pixel-resolution methods)
+    are not resampled.
 
     Returns (heatmaps [B, H, W] float32, degenerate [B] bool). A map that is constant or
     holds any non-finite value is degenerate: its heatmap is all zeros, never NaN.
@@ -16,7 +17,10 @@ def to_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor
     maps = maps.float()
     finite = torch.isfinite(maps).flatten(1).all(1)
     safe = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
-    up = F.interpolate(safe[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    if tuple(safe.shape[-2:]) == tuple(size):
+        up = safe
+    else:
+        up = F.interpolate(safe[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     up = up.double()  # float64: the range of an extreme (but finite) map cannot overflow
     flat = up.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values

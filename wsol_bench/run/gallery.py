@@ -51,7 +51,8 @@ def stored_gallery_maps(run: RunFolder, count: int) -> tuple[list[int], list[str
         folder = Path(entry["folder"])
         if not (folder / "settings.json").is_file():
             raise GallerySkipped(f"the maps of {method} are no longer in the cache ({folder})")
-        store = MapStore(folder.parent, json.loads((folder / "settings.json").read_text()), int(entry["shard_size"]))
+        settings = json.loads((folder / "settings.json").read_text())
+        store = MapStore(folder.parent, settings, int(entry["shard_size"]), dtype=settings.get("map_dtype", "float32"))
         if store.key != entry["key"]:
             raise GallerySkipped(f"the cache folder {folder} no longer holds the key {entry['key']}")
         try:

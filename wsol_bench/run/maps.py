@@ -93,6 +93,8 @@ def store_settings(cfg: DictConfig, transform: EvalTransform, method_key: str, t
         "method": {"name": m.name, "params": as_dict(m.get("params"))},
         "target_policy": target_policy,
         **precision_key(str(cfg.device), bool(cfg.tf32)),
+        # float32 keys stay as they were; float16 maps are other numbers
+        **({"map_dtype": str(cfg.store.dtype)} if str(cfg.store.get("dtype", "float32")) != "float32" else {}),
     }
 
 
@@ -122,8 +124,13 @@ def map_stores(cfg: DictConfig, dataset, transform: EvalTransform, policies: lis
         raise ValueError("no method selected; e.g. method=[agcam,rollout]")
     grid = map_grid(cfg.model.name, transform.size, **as_dict(cfg.model.kwargs))
     data = data_fingerprint(dataset)
+    dtype = str(cfg.store.get("dtype", "float32"))
+
+    def shape(key: str) -> tuple[int, int]:  # pixel maps have the input size
+        return tuple(transform.size) if explainer_class(cfg.method[key].name).resolution == "pixel" else grid
+
     return {policy: {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, policy, data),
-                                   int(cfg.store.shard_size), grid=grid) for key in cfg.method}
+                                   int(cfg.store.shard_size), grid=shape(key), dtype=dtype) for key in cfg.method}
             for policy in policies}
 
 

@@ -188,7 +188,8 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
                 logits = explained.logits
                 maps, logits_rows, targets = explained.maps, explained.logits, explained.targets
                 source, specific = explained.target_source, bool(explained.class_specific)
-            part.maps.append(maps.detach().float().cpu())  # the copy waits for the device
+            # the copy waits for the device; maps are scored as the store keeps them
+            part.maps.append(stores[policy][m].round_maps(maps.detach().float().cpu()))
             part.logits.append(logits_rows.detach().float().cpu())
             part.targets.append(targets.detach().cpu())
             seconds[f"explaining/{m}"] += time.perf_counter() - start

@@ -90,7 +90,7 @@ class Shard:
     """One shard's payload."""
 
     index: int
-    maps: torch.Tensor  # float32 [n, gh, gw]
+    maps: torch.Tensor  # float32 [n, gh, gw] (patch grid) or [n, H, W] (pixel maps)
     logits: torch.Tensor  # float32 [n, C]
     targets: torch.Tensor  # long [n]
     positions: torch.Tensor  # long [n], dataset positions of the rows
@@ -117,20 +117,31 @@ class Shard:
         return torch.tensor(rows, dtype=torch.long)
 
 
+MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 class MapStore:
     """Sharded, keyed cache of one method's maps on one (model, data, preprocessing, target
     policy) setting."""
 
     def __init__(self, root: str | Path, settings: dict[str, Any], shard_size: int,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None, dtype: str = "float32") -> None:
         if shard_size < 1:
             raise ValueError(f"store.shard_size must be >= 1, got {shard_size}")
+        if dtype not in MAP_DTYPES:
+            raise ValueError(f"store.dtype={dtype!r} is not supported; valid: {', '.join(MAP_DTYPES)}")
         self.grid = grid  # the map grid every shard must have, when known
+        self.map_dtype = MAP_DTYPES[dtype]  # how maps are kept on disk
         self._validated: dict[int, tuple[int, int]] = {}  # shard index -> (size, mtime) of a checked file
         self.settings = settings
         self.key = settings_key(settings)
         self.folder = Path(root) / self.key
         self.shard_size = int(shard_size)
+
+    def round_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """float32 `maps` as this store keeps them (rounded to float16 for dtype=float16), so a
+        run scores exactly the maps a re-scoring run reads back."""
+        return maps.float() if self.map_dtype == torch.float32 else maps.to(self.map_dtype).float()
 
     def shard_path(self, index: int) -> Path:
         """File of shard `index`."""
@@ -176,7 +187,7 @@ class MapStore:
         if not settings_file.is_file():
             atomic_write_text(settings_file, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
         payload = {"format": SHARD_FORMAT, "key": self.key, "index": int(shard.index),
-                   "maps": shard.maps.float().cpu().contiguous(),
+                   "maps": shard.maps.to(self.map_dtype).cpu().contiguous(),
                    "logits": shard.logits.float().cpu().contiguous(), "targets": shard.targets.long().cpu(),
                    "positions": shard.positions.long().cpu(), "image_ids": list(shard.image_ids),
                    "skipped": [list(s) for s in shard.skipped], "target_source": shard.target_source,
@@ -198,7 +209,7 @@ class MapStore:
         problem = self._problem(payload, index, num_items)
         if problem:
             raise InvalidShard(f"map shard {path} is invalid: {problem}")
-        return Shard(index=index, maps=payload["maps"], logits=payload["logits"],
+        return Shard(index=index, maps=payload["maps"].float(), logits=payload["logits"],
                      targets=payload["targets"], positions=payload["positions"],
                      image_ids=list(payload["image_ids"]),
                      skipped=[tuple(s) for s in payload["skipped"]],
@@ -219,8 +230,9 @@ class MapStore:
         if payload["checksum"] != payload_checksum(payload):
             return "its checksum does not match its content (edited or damaged)"
         maps, n = payload["maps"], len(payload["image_ids"])
-        if maps.ndim != 3 or maps.dtype != torch.float32:
-            return f"maps of shape {tuple(maps.shape)} and dtype {maps.dtype}, expected float32 [n, gh, gw]"
+        if maps.ndim != 3 or maps.dtype != self.map_dtype:
+            return (f"maps of shape {tuple(maps.shape)} and dtype {maps.dtype}, expected "
+                    f"{str(self.map_dtype).removeprefix('torch.')} [n, h, w]")
         if self.grid is not None and tuple(maps.shape[1:]) != tuple(self.grid):
             return f"maps on a {tuple(maps.shape[1:])} grid, expected {tuple(self.grid)}"
         sizes = {len(maps), len(payload["logits"]), len(payload["targets"]), len(payload["positions"])}
