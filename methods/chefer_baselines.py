@@ -1,20 +1,32 @@
-"""Two baselines of Chefer, Gur & Wolf's comparison tables (CVPR 2021; docs/protocol.md 2.7),
+"""Baselines of Chefer, Gur & Wolf's comparison tables (CVPR 2021; docs/protocol.md 2.7),
 which the AG-CAM paper's tables also list:
 
 - raw attention: the last block's attention of the CLS token to the patches, mean over heads;
 - attention Grad-CAM: the last block's CLS-row attention weighted per head by that row's mean
-  gradient of the target logit, mean over heads, ReLU.
+  gradient of the target logit, mean over heads, ReLU;
+- partial LRP: the LRP relevance of the last block's attention, positive part, mean over heads;
+- full LRP: the same relevance carried down to the pixels (a pixel map).
 
-Both read the attention after the softmax (before dropout), as the reference's
-`get_attention_map` hook does, and run one forward (and, for Grad-CAM, one backward)."""
+The first two read the attention after the softmax (before dropout), as the reference's
+`get_attention_map` hook does; partial LRP reuses transformer_attribution's relevance rules."""
 
 from __future__ import annotations
 
 import torch
-from wsol_bench.methods.capture import AttentionCapture
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from torch import nn
+from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
 
 from .base import Explainer, target_score
 from .registry import register_explainer
+from .transformer_attribution import (
+    check_forward,
+    check_supported,
+    lrp_forward,
+    relevance_pass,
+    residual_relprop,
+)
 
 
 @register_explainer("raw_attention")
@@ -50,3 +62,104 @@ class AttentionGradCAM(Explainer):
         cam = (attention * weights).mean(1).clamp(min=0)  # [B, G]
         gh, gw = self.grid
         return cam.reshape(-1, gh, gw), logits, used
+
+
+@register_explainer("lrp_last_layer")
+class LastLayerLRP(Explainer):
+    """Chefer et al.'s partial LRP: the LRP relevance of the last block's attention matrix
+    (transformer_attribution's rules, alpha=1, beta=0, from a one-hot at the target logit),
+    clamped at 0, mean over heads, CLS row."""
+
+    passes_per_image = "1 forward (its own float32 forward) + 1 relevance pass through the last block"
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        check_supported(model, self.name)
+        check_forward(model, method=self.name)
+
+    def explain(self, images, targets):
+        with torch.no_grad():
+            trace = lrp_forward(self.model, images)
+            used = self.resolve_targets(trace.logits, targets)
+            r_attn, _ = relevance_pass(self.model, trace, used, start_layer=len(self.model.blocks) - 1)
+        cam = r_attn[-1].clamp(min=0).mean(1)[:, 0]  # [B, N]
+        return self.patch_map(cam), trace.logits, used
+
+
+def check_pixel_lrp(model, method: str) -> None:
+    """Full LRP reaches the pixels through the position-embedding add and the patch
+    convolution: refuse models whose embedding is anything else (hybrid stems, embeddings
+    without a class-token position, dynamic sizes, a norm after the patch projection)."""
+    embed = model.patch_embed
+    proj = getattr(embed, "proj", None)
+    reasons = []
+    if type(embed) is not PatchEmbed or not isinstance(proj, nn.Conv2d) or proj.stride != proj.kernel_size \
+            or proj.padding != (0, 0) or proj.groups != 1 or proj.dilation != (1, 1):
+        reasons.append(f"a patch embedding other than one non-overlapping Conv2d ({type(embed).__name__})")
+    if not isinstance(getattr(embed, "norm", nn.Identity()), nn.Identity):
+        reasons.append("a norm after the patch projection")
+    if getattr(model, "pos_embed", None) is None or getattr(model, "no_embed_class", False) \
+            or getattr(model, "dynamic_img_size", False):
+        reasons.append("a position embedding that is not added to every token at a fixed size")
+    for part in ("norm_pre", "patch_drop", "pos_drop"):
+        if not isinstance(getattr(model, part, nn.Identity()), (nn.Identity, nn.Dropout)):
+            reasons.append(f"a {type(getattr(model, part)).__name__} in {part}")
+    if reasons:
+        raise UnsupportedModelError(f"{method}: {type(model).__name__} uses {reasons[0]}, which its pixel "
+                                    "relevance rules do not cover")
+
+
+def zb_conv_relprop(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tensor) -> torch.Tensor:
+    """The z^B rule at the input layer (the reference's first-layer Conv2d rule): bounds L, H are
+    each image's smallest and largest input value; R_in = X * W^T s - L * W+^T s - H * W-^T s
+    with s = R_out / (W X - W+ L - W- H + 1e-9), bias ignored. Conserves the total relevance."""
+    weight = conv.weight.float()
+    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
+    x = images.float()
+    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
+
+    def forward(t, w):
+        return F.conv2d(t, w, None, conv.stride)
+
+    def back(s, w):  # the gradient of sum(s * conv(t, w)) with respect to t
+        return F.conv_transpose2d(s, w, None, conv.stride, output_padding=0)
+
+    s = relevance / (forward(x, weight) - forward(low, pw) - forward(high, nw) + 1e-9)
+    out = x * back(s, weight) - low * back(s, pw) - high * back(s, nw)
+    if out.shape[-2:] != x.shape[-2:]:  # inputs not a multiple of the patch: the remainder gets none
+        out = F.pad(out, (0, x.shape[-1] - out.shape[-1], 0, x.shape[-2] - out.shape[-2]))
+    return out
+
+
+@register_explainer("full_lrp")
+class FullLRP(Explainer):
+    """Chefer et al.'s full LRP: transformer_attribution's relevance pass down to the first
+    block, then the position-embedding add (the rescaled residual split), the patch tokens
+    only, and the z^B rule through the patch convolution; the relevance summed over the
+    colour channels, a pixel map."""
+
+    resolution = "pixel"
+    passes_per_image = "1 forward (its own float32 forward) + 1 relevance pass through every block"
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        check_supported(model, self.name)
+        check_pixel_lrp(model, self.name)
+        check_forward(model, method=self.name)
+
+    def explain(self, images, targets):
+        model = self.model
+        with torch.no_grad():
+            trace = lrp_forward(model, images)
+            used = self.resolve_targets(trace.logits, targets)
+            _, r = relevance_pass(model, trace, used, start_layer=0)
+            patches = model.patch_embed(images.to(next(model.parameters()).dtype)).float()
+            prefix = [t.expand(len(images), -1, -1).float() for t in (model.cls_token, model.reg_token)
+                      if t is not None]
+            tokens = torch.cat([*prefix, patches], dim=1)
+            r_tokens, _ = residual_relprop(tokens, model.pos_embed.float().expand_as(tokens), r)
+            gh, gw = self.grid
+            r_patches = r_tokens[:, self.num_prefix:].transpose(1, 2).reshape(len(images), -1, gh, gw)
+            pixels = zb_conv_relprop(images, model.patch_embed.proj, r_patches)
+        return pixels.sum(1), trace.logits, used

@@ -42,8 +42,100 @@ def test_attention_gradcam_weights_each_head_by_its_mean_cls_gradient():
 def test_batched_equals_one_image_at_a_time():
     model = make_vit(2, img_size=64, patch_size=16, num_classes=5)
     images = _images(4, 2)
-    for name in ("raw_attention", "attention_gradcam"):
+    for name in ("raw_attention", "attention_gradcam", "lrp_last_layer"):
         explainer = get_explainer(name, model)
         batched = explainer(images).maps
         single = torch.cat([explainer(images[i:i + 1]).maps for i in range(4)])
         torch.testing.assert_close(batched, single, atol=1e-6, rtol=1e-5)
+
+
+def test_partial_lrp_is_the_last_attentions_relevance_of_the_full_pass():
+    """The last block's R_A does not depend on how far the relevance goes down: the map equals
+    the positive part, head mean, CLS row of R_A^{L-1} from transformer_attribution's full
+    relevance pass; it changes with the target."""
+    from wsol_bench.methods.transformer_attribution import lrp_forward, relevance_pass
+
+    model = make_vit(3, img_size=64, patch_size=16, num_classes=5)
+    images, targets = _images(3, 3), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        trace = lrp_forward(model, images)
+        r_attn, _ = relevance_pass(model, trace, targets, start_layer=0)
+    expected = r_attn[-1].clamp(min=0).mean(1)[:, 0, 1:].reshape(3, 4, 4)
+    explainer = get_explainer("lrp_last_layer", model)
+    out = explainer(images, targets)
+    torch.testing.assert_close(out.maps, expected, atol=1e-7, rtol=1e-5)
+    other = explainer(images, (targets + 1) % 5).maps
+    assert not torch.allclose(other, out.maps)
+    single = torch.cat([explainer(images[i:i + 1], targets[i:i + 1]).maps for i in range(3)])
+    torch.testing.assert_close(single, out.maps, atol=1e-6, rtol=1e-5)
+
+
+def _zb_by_patches(images, weight, relevance):
+    """The z^B rule written per patch with unfold (independent of the convolution form)."""
+    b, c, h, w = images.shape
+    k = weight.shape[-1]
+    cols = torch.nn.functional.unfold(images, k, stride=k)  # [B, C*k*k, G]
+    low = images.amin(dim=(1, 2, 3))[:, None, None].expand_as(cols)
+    high = images.amax(dim=(1, 2, 3))[:, None, None].expand_as(cols)
+    flat = weight.reshape(weight.shape[0], -1)  # [D, C*k*k]
+    pw, nw = flat.clamp(min=0), flat.clamp(max=0)
+    r = relevance.flatten(2)  # [B, D, G]
+    z = flat @ cols - pw @ low - nw @ high + 1e-9
+    s = r / z
+    out = cols * (flat.T @ s) - low * (pw.T @ s) - high * (nw.T @ s)
+    return torch.nn.functional.fold(out, (h, w), k, stride=k)
+
+
+def test_full_lrp_carries_the_relevance_to_the_pixels_with_the_zb_rule():
+    """The pixel map is the z^B rule (per-patch form) applied to the patch tokens' share of the
+    position-embedding add; z^B keeps the total; batched equals one at a time."""
+    from wsol_bench.methods.chefer_baselines import zb_conv_relprop
+    from wsol_bench.methods.transformer_attribution import lrp_forward, relevance_pass, residual_relprop
+
+    model = make_vit(4, img_size=64, patch_size=16, num_classes=5)
+    images, targets = _images(2, 4), torch.tensor([2, 4])
+    with torch.no_grad():
+        trace = lrp_forward(model, images)
+        _, r = relevance_pass(model, trace, targets, start_layer=0)
+        tokens = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(images)], 1)
+        r_tokens, _ = residual_relprop(tokens, model.pos_embed.expand_as(tokens), r)
+        r_patches = r_tokens[:, 1:].transpose(1, 2).reshape(2, -1, 4, 4)
+    expected = _zb_by_patches(images, model.patch_embed.proj.weight.detach(), r_patches)
+    torch.testing.assert_close(zb_conv_relprop(images, model.patch_embed.proj, r_patches), expected,
+                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(expected.sum((1, 2, 3)), r_patches.sum((1, 2, 3)), atol=1e-5, rtol=1e-4)
+    explainer = get_explainer("full_lrp", model)
+    out = explainer(images, targets)
+    assert out.maps.shape == (2, 64, 64) and explainer.resolution == "pixel"
+    torch.testing.assert_close(out.maps, expected.sum(1), atol=1e-6, rtol=1e-4)
+    single = torch.cat([explainer(images[i:i + 1], targets[i:i + 1]).maps for i in range(2)])
+    torch.testing.assert_close(single, out.maps, atol=1e-6, rtol=1e-4)
+
+
+def test_full_lrp_refuses_a_hybrid_stem_in_one_line():
+    import pytest
+
+    from wsol_bench.models import UnsupportedModelError, load_model
+
+    with pytest.raises(UnsupportedModelError, match="full_lrp: .*HybridEmbed"):
+        get_explainer("full_lrp", load_model("wsol_synthetic_vit", pretrained=True))
+
+
+def test_chefer_baselines_run_end_to_end_on_a_plain_vit(tmp_path):
+    """Through the CLI on a random plain ViT-Tiny at 64 px (the shipped model's convolution
+    stem has no pixel relevance rule): every baseline in table.csv."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    proc = subprocess.run([sys.executable, "-m", "wsol_bench", "method=[raw_attention,attention_gradcam,lrp_last_layer,full_lrp]",
+                           "model.name=vit_tiny_patch16_224", "model.pretrained=false", "++model.kwargs.num_classes=6",
+                           "++model.kwargs.img_size=64", "preprocess.input_size=[64,64]", "metric.image_filter=all",
+                           "dataset.params.num_images=4", "progress=false", "gallery_images=2",
+                           f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "run" / "table.csv")
+    assert sorted(table["method"]) == ["attention_gradcam", "full_lrp", "lrp_last_layer", "raw_attention"]
+    assert (tmp_path / "run" / "gallery.png").is_file()
