@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from .cub import CubDataset
 from .imagenet import ImageNetVal
+from .openimages import OpenImagesDataset
 from .synthetic import SyntheticShapes
 from .voc import VocDataset
 
@@ -51,6 +52,11 @@ def _cub(**params: Any) -> Dataset:
 @register_dataset("imagenet")
 def _imagenet(**params: Any) -> Dataset:
     return ImageNetVal(**params)
+
+
+@register_dataset("openimages")
+def _openimages(**params: Any) -> Dataset:
+    return OpenImagesDataset(**params)
 
 
 def available() -> list[str]:

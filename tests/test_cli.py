@@ -94,7 +94,7 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     proc = _run(["method=[agcam,nonexistent]"], tmp_path)
     assert proc.returncode == 2 and f"unknown method 'nonexistent'; valid: {', '.join(SHIPPED_METHODS)}" in proc.stderr
     proc = _run(["dataset.name=imagenett", "progress=false"], tmp_path)
-    assert proc.returncode == 2 and "valid: cub, imagenet, synthetic, synthetic_two_class, voc" in proc.stderr
+    assert proc.returncode == 2 and "valid: cub, imagenet, openimages, synthetic, synthetic_two_class, voc" in proc.stderr
     proc = _run(["model.name=vit_nonexistent", "progress=false"], tmp_path)
     assert proc.returncode == 2 and "unknown model 'vit_nonexistent'" in proc.stderr
     proc = _run(["model.checkpoint=missing/weights.safetensors", "progress=false"], tmp_path)

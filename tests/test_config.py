@@ -124,7 +124,7 @@ def test_schemas_are_not_listed_as_config_groups():
      "faithfulness.steps: no faithfulness is selected; choose one first, e.g. faithfulness=abpc"),
     ("config", ["experiment=paper_cub", "faithfulness.amp=sometimes"], "faithfulness.amp: Value 'sometimes'"),
     ("config", ["sweep=grid", "sweep.iou_threshold=[50]"], "unknown key sweep.iou_threshold"),
-    ("config", ["dataset=nonexistent"], "unknown dataset 'nonexistent'; valid: cub, imagenet, synthetic"),
+    ("config", ["dataset=nonexistent"], "unknown dataset 'nonexistent'; valid: cub, imagenet, openimages, synthetic"),
     ("trainer", ["seed=abc"], "seed: Value 'abc'"),
     ("trainer", ["preprocess.resize=timm"], "unknown key preprocess.resize"),
     ("trainer", ["train.epochs=many"], "train.epochs: Value 'many'"),

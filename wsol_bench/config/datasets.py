@@ -79,6 +79,16 @@ class CubParams:
     num_images: int | None = None
 
 
+@dataclass
+class OpenImagesParams:
+    """`OpenImagesDataset` (wsolevaluation's OpenImages30k metadata layout)."""
+
+    root: str = MISSING
+    metadata: str | None = None
+    split: str = "test"
+    num_images: int | None = None
+
+
 def dataset_schema(params: type) -> type[DatasetConfig]:
     """The schema of one dataset family: `DatasetConfig` with `params` typed by `params`."""
     name = params.__name__.removesuffix("Params") + "Dataset"
@@ -92,5 +102,6 @@ DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "voc": dataset_schema(VocParams),
     "voc_segmentation": dataset_schema(VocSegmentationParams),
     "cub": dataset_schema(CubParams),
+    "openimages": dataset_schema(OpenImagesParams),
 }
 DATASET_SCHEMAS["synthetic_two_class"] = DATASET_SCHEMAS["synthetic"]
