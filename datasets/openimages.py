@@ -68,6 +68,7 @@ from .records import (
     folder_listing,
     limit_index,
     read_text_lines,
+    reconcile_image_size,
     unreadable_reason,
 )
 
@@ -283,8 +284,7 @@ class OpenImagesDataset(Dataset):
         except ImageReadError as exc:
             return SkippedSample(record.image_id, str(exc))
         size = (image.shape[-1], image.shape[-2])
-        if record.size is not None and tuple(record.size) != size:
-            notes += (f"annotation size {record.size[0]}x{record.size[1]} != image size {size[0]}x{size[1]}",)
+        notes += reconcile_image_size(record, size)[2]  # the size note (the record has no boxes)
         instances = []
         for relative in self.mask_paths[record.path]:
             read = self._read(record, relative, size)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from wsol_bench.environment import available_cores
 
 PAPER_METHODS = ["agcam", "rollout", "gradcam", "transformer_attribution"]
 IMAGENET_VAL = 50_000
@@ -126,7 +127,7 @@ def main() -> None:
     gpu = args.device.startswith("cuda")
     images = args.images or (512 if gpu else 8)
     batch = args.batch_size or (64 if gpu else 8)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     workers = args.workers if args.workers is not None else (max(cores - 1, 0) if gpu else 0)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="paper_table_"))
     root.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from wsol_bench.environment import check_device, environment
+from wsol_bench.environment import available_cores, check_device, environment
 from wsol_bench.files import atomic_write, write_json
 from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, read_checkpoint
@@ -174,7 +174,7 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    workers = int(cfg.num_workers) if cfg.num_workers is not None else len(os.sched_getaffinity(0))
+    workers = int(cfg.num_workers) if cfg.num_workers is not None else available_cores()
     recipe = recipe_from(cfg)
     pre = preprocessing(cfg)
     seed_everything(int(cfg.seed))  # initialisation, and per-image augmentation in this process
