@@ -34,6 +34,9 @@ class Sample:
     orig_size: (width, height) of the image as stored on disk.
     notes: what the loader had to change to make the item usable (e.g. "cmyk converted to
         rgb", "box clipped to image"), so a run can count and report it; empty when nothing.
+    mask_resize: how `mask` is resized to the model input, the rule of the protocol its
+        dataset follows (`MASK_RESIZE_RULES`): "opencv" (wsolevaluation) or "pil" (Chefer et al.'s
+        ImageNet-segmentation evaluation, which resizes the mask as a PIL image).
     """
 
     image: torch.Tensor
@@ -45,6 +48,7 @@ class Sample:
     mask: torch.Tensor | None = None
     orig_boxes: torch.Tensor | None = None
     notes: tuple[str, ...] = ()
+    mask_resize: str = "opencv"
 
     def __post_init__(self) -> None:
         self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
@@ -86,10 +90,20 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], interpolation: str 
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a uint8 [H, W] label mask (class indices and the ignore value
-    survive unchanged). Source pixel floor(i * scale), as OpenCV's INTER_NEAREST, which is how
-    wsolevaluation resizes its masks."""
+# Nearest-neighbour rules for label masks: "opencv" takes source pixel floor(i * scale) (OpenCV's
+# INTER_NEAREST, wsolevaluation's resize); "pil" takes floor((i + 0.5) * scale), the pixel under
+# the output pixel's centre (Pillow's NEAREST, what torchvision's Resize does to a PIL mask).
+MASK_RESIZE_RULES = ("opencv", "pil")
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], rule: str = "opencv") -> torch.Tensor:
+    """Nearest-neighbour resize of a uint8 [H, W] label mask to `size` = (height, width) by
+    `rule` (`MASK_RESIZE_RULES`); class indices and the ignore value survive unchanged."""
+    if rule == "pil":  # Pillow itself, so the pixels are the reference's bit for bit
+        resized = Image.fromarray(mask.numpy()).resize((size[1], size[0]), resample=Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(resized).copy())
+    if rule != "opencv":
+        raise ValueError(f"unknown mask resize rule {rule!r}; valid: {', '.join(MASK_RESIZE_RULES)}")
     return TF.resize(mask[None], list(size), interpolation=TF.InterpolationMode.NEAREST)[0]
 
 
@@ -102,7 +116,7 @@ def resize_sample(sample: Sample, size: tuple[int, int], interpolation: str = "b
         return sample
     image = resize_image(sample.image, (height, width), interpolation)
     scale = torch.tensor([width / w0, height / h0, width / w0, height / h0])
-    mask = sample.mask if sample.mask is None else resize_mask(sample.mask, (height, width))
+    mask = sample.mask if sample.mask is None else resize_mask(sample.mask, (height, width), sample.mask_resize)
     return replace(sample, image=image, boxes=sample.boxes * scale, mask=mask)
 
 
@@ -137,7 +151,7 @@ def resize_center_crop(sample: Sample, size: tuple[int, int], crop_pct: float,
         notes = (*notes, "box outside the centre crop dropped")
     mask = sample.mask
     if mask is not None:
-        mask = resize_mask(mask, (new_h, new_w))[top:top + height, left:left + width]
+        mask = resize_mask(mask, (new_h, new_w), sample.mask_resize)[top:top + height, left:left + width]
     return replace(sample, image=image, boxes=boxes[keep], box_labels=sample.box_labels[keep], mask=mask,
                    orig_boxes=boxes[keep].clone(), orig_size=(width, height), notes=notes)
 

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from .cub import CubDataset
 from .imagenet import ImageNetVal
+from .imagenet_segmentation import ImageNetSegmentation
 from .openimages import OpenImagesDataset
 from .synthetic import SyntheticShapes
 from .voc import VocDataset
@@ -57,6 +58,11 @@ def _imagenet(**params: Any) -> Dataset:
 @register_dataset("openimages")
 def _openimages(**params: Any) -> Dataset:
     return OpenImagesDataset(**params)
+
+
+@register_dataset("imagenet_segmentation")
+def _imagenet_segmentation(**params: Any) -> Dataset:
+    return ImageNetSegmentation(**params)
 
 
 def available() -> list[str]:

@@ -1,10 +1,17 @@
 """The built-in synthetic localization dataset.
 
-Every image is a pure function of (seed, split, index): a cluttered background (a two-colour
-gradient, low-frequency noise, random lines) with one to three instances of the labelled shape
-class drawn with a random colour, size, rotation, aspect and texture. Masks and boxes are
-exact because the image is drawn from the masks. The `two_class` variant draws one instance
-each of two different classes, for class-sensitivity checks.
+Every image is a pure function of (version, seed, split, index): a cluttered background (a
+two-colour gradient, low-frequency noise, random lines) with one to three instances of the
+labelled shape class and up to two distractor shapes of no labelled class, each drawn with a
+random colour, size, rotation, aspect and texture. There is no centre prior: every shape's
+centre is uniform over the image (shapes may be cut by the border) and sizes run from a few
+percent of the image to a third of it, so a map that ignores the image (a centred blob) scores
+near chance. Masks and boxes are exact because the image is drawn from the masks; distractors
+are in no mask. The `two_class` variant draws one instance each of two different classes, for
+class-sensitivity checks.
+
+Version v2 (this one) replaced v1, whose objects were large and kept away from the border so
+that the image centre was usually on one.
 """
 
 from __future__ import annotations
@@ -22,6 +29,17 @@ from torch.utils.data import Dataset
 from .base import Sample
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "cross", "ring")
+DISTRACTOR_SHAPES = ("bar", "half_disc", "ell")
+# The drawing rules' version: part of every image id and of the random streams, so maps, caches
+# and results of another version cannot be mixed with this one's.
+VERSION = "v2"
+VERSION_CODE = 2
+# Shape sizes as the area of the shape's bounding circle over the image area (log-uniform):
+# one object, several objects of the labelled class, distractors.
+OBJECT_AREA = (0.03, 0.30)
+OBJECT_AREA_CROWDED = (0.03, 0.12)
+DISTRACTOR_AREA = (0.02, 0.08)
+MIN_VISIBLE = 0.6  # a shape cut by the border keeps at least this share of its area
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -33,6 +51,7 @@ class Scene:
     label: int  # the labelled class
     instance_masks: np.ndarray  # bool [K, H, W], visible pixels of each instance
     instance_labels: np.ndarray  # int [K]
+    distractor_masks: np.ndarray  # bool [D, H, W], shapes of no labelled class (in no instance mask)
 
 
 def _shape_polygon(cls: str, radius: float, angle: float, aspect: float) -> list[np.ndarray]:
@@ -121,13 +140,72 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
     return 255.0 - background
 
 
+def _polygon_area(polygons: list[np.ndarray]) -> float:
+    """Area of an outline minus its hole (shoelace formula), in pixels."""
+    def shoelace(p: np.ndarray) -> float:
+        x, y = p[:, 0], p[:, 1]
+        return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return shoelace(polygons[0]) - sum(shoelace(p) for p in polygons[1:])
+
+
+def _distractor_polygon(kind: str, radius: float, angle: float) -> list[np.ndarray]:
+    """A shape of no labelled class: a bar, a half disc or an L, centred at the origin."""
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, s], [-s, c]])
+    if kind == "bar":
+        a, b = radius, radius * 0.22
+        pts = np.array([[-a, -b], [a, -b], [a, b], [-a, b]])
+    elif kind == "half_disc":
+        t = np.linspace(0.0, math.pi, 33)
+        pts = radius * np.stack([np.cos(t), np.sin(t) - 0.4], 1)
+    elif kind == "ell":
+        a, b = radius * 0.7, radius * 0.25
+        pts = np.array([[-a, -a], [-a + 2 * b, -a], [-a + 2 * b, a - 2 * b], [a, a - 2 * b], [a, a], [-a, a]])
+    else:
+        raise ValueError(f"unknown distractor {kind!r}; valid: {DISTRACTOR_SHAPES}")
+    return [pts @ rot]
+
+
+def _place(rng: np.random.Generator, size: int, taken: np.ndarray, make, area_range: tuple[float, float],
+           attempts: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """Draw a shape of random size anywhere in the image: its centre is uniform over the whole
+    image, so objects may be cut by the border (at most 40 % of the shape), and it keeps a margin
+    from the shapes already placed. Returns (mask, margin mask, polygons), or None when no try fits."""
+    for _attempt in range(attempts):
+        # bounding-circle area, log-uniform: as many small as large objects
+        fraction = math.exp(rng.uniform(math.log(area_range[0]), math.log(area_range[1])))
+        radius = math.sqrt(fraction * size * size / math.pi)
+        centre = tuple(rng.uniform(0, size, 2))
+        polys = make(radius)
+        mask = _rasterise(polys, centre, size)
+        visible = mask.sum()
+        if visible <= 30 or visible < MIN_VISIBLE * _polygon_area(polys):
+            continue
+        grown = _rasterise([p * 1.15 for p in polys[:1]], centre, size)
+        if not (grown & taken).any():
+            return mask, grown, polys
+    return None
+
+
+def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, size: int) -> None:
+    """Fill `mask` with a texture in a colour that stands out from the background under it."""
+    local_bg = image[mask].mean(0)
+    tex = _texture(rng, size, _contrasting_colour(rng, local_bg))
+    image[mask] = tex[mask]
+
+
 def render_scene(index: int, *, seed: int = 0, split: str = "val", size: int = 224,
                  two_class: bool = False, num_classes: int = len(CLASS_NAMES)) -> Scene:
-    """Draw scene `index` of `split`; the same arguments always give the same pixels."""
+    """Draw scene `index` of `split`; the same arguments always give the same pixels.
+
+    One to three instances of the labelled class (or, `two_class`, one each of two classes),
+    then zero to two distractors (shapes of no labelled class, not in the masks). Every shape's
+    centre is uniform over the image and its size log-uniform from a few percent of the image."""
     if split not in SPLIT_CODES:
         raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
-    # Separate streams per split make train and val disjoint by construction.
-    rng = np.random.default_rng([seed, SPLIT_CODES[split], int(two_class), index])
+    # Separate streams per split make train and val disjoint by construction; the version code
+    # makes them disjoint from earlier versions' streams too.
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], int(two_class), index, VERSION_CODE])
     label = int(rng.integers(0, num_classes))
     if two_class:
         other = int((label + rng.integers(1, num_classes)) % num_classes)
@@ -135,31 +213,41 @@ def render_scene(index: int, *, seed: int = 0, split: str = "val", size: int = 2
     else:
         classes = [label] * int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
     image = _background(rng, size)
-    masks: list[np.ndarray] = []
     taken = np.zeros((size, size), dtype=bool)
-    lo, hi = (0.16, 0.30) if len(classes) > 1 else (0.18, 0.40)
+    area_range = OBJECT_AREA if len(classes) == 1 else OBJECT_AREA_CROWDED
+    masks: list[np.ndarray] = []
     for cls in classes:
-        for _attempt in range(30):
-            radius = rng.uniform(lo, hi) * size / 2 * 1.6
-            cx, cy = rng.uniform(radius * 0.9, size - radius * 0.9, 2)
-            polys = _shape_polygon(CLASS_NAMES[cls], radius, rng.uniform(0, 2 * math.pi),
-                                   rng.uniform(0.85, 1.15))
-            mask = _rasterise(polys, (cx, cy), size)
-            # Keep instances apart (with a margin) so every box is one object.
-            grown = _rasterise([p * 1.15 for p in polys[:1]], (cx, cy), size)
-            if mask.sum() > 30 and not (grown & taken).any():
-                break
-        taken |= _rasterise([p * 1.15 for p in polys[:1]], (cx, cy), size)
-        local_bg = image[mask].mean(0) if mask.any() else image.mean((0, 1))
-        tex = _texture(rng, size, _contrasting_colour(rng, local_bg))
-        image[mask] = tex[mask]
-        for m in masks:  # later instances occlude earlier ones
+        def make(radius: float, name: str = CLASS_NAMES[cls]) -> list[np.ndarray]:
+            return _shape_polygon(name, radius, rng.uniform(0, 2 * math.pi), rng.uniform(0.85, 1.15))
+        placed = _place(rng, size, taken, make, area_range, attempts=60)
+        if placed is None:  # a crowded image: the smallest size in the middle of the free space
+            free = np.argwhere(~taken)
+            cy, cx = free[int(rng.integers(0, len(free)))] if len(free) else rng.uniform(0, size, 2)
+            radius = math.sqrt(area_range[0] * size * size / math.pi)
+            polys = make(radius)
+            mask = _rasterise(polys, (float(cx), float(cy)), size)
+            placed = mask, _rasterise([p * 1.15 for p in polys[:1]], (float(cx), float(cy)), size), polys
+        mask, grown, _ = placed
+        taken |= grown
+        _paint(rng, image, mask, size)
+        for m in masks:  # a fallback shape may cover part of an earlier one
             m &= ~mask
         masks.append(mask)
+    distractors: list[np.ndarray] = []
+    for _ in range(int(rng.choice([0, 1, 2], p=[0.35, 0.4, 0.25]))):
+        kind = DISTRACTOR_SHAPES[int(rng.integers(0, len(DISTRACTOR_SHAPES)))]
+        angle = rng.uniform(0, 2 * math.pi)
+        placed = _place(rng, size, taken, lambda r, k=kind, a=angle: _distractor_polygon(k, r, a),
+                        DISTRACTOR_AREA, attempts=20)
+        if placed is not None:  # no room left: the image has fewer distractors
+            taken |= placed[1]
+            _paint(rng, image, placed[0], size)
+            distractors.append(placed[0])
     labels = np.array(classes)
     keep = np.array([m.any() for m in masks])
     return Scene(image=np.clip(image, 0, 255).astype(np.uint8), label=label,
-                 instance_masks=np.stack(masks)[keep], instance_labels=labels[keep])
+                 instance_masks=np.stack(masks)[keep], instance_labels=labels[keep],
+                 distractor_masks=np.stack(distractors) if distractors else np.zeros((0, size, size), bool))
 
 
 def mask_boxes(instance_masks: np.ndarray) -> torch.Tensor:
@@ -177,8 +265,12 @@ class SyntheticShapes(Dataset):
     class_names = CLASS_NAMES
 
     def __init__(self, split: str = "val", num_images: int = 500, *, seed: int = 0,
-                 image_size: int = 224, two_class: bool = False, first_index: int = 0,
-                 transform=None) -> None:
+                 image_size: int = 224, version: str = VERSION, two_class: bool = False,
+                 first_index: int = 0, transform=None) -> None:
+        if version != VERSION:
+            raise ValueError(f"synthetic: version {version!r} is not drawn by this release; valid: "
+                             f"{VERSION!r} (v1, the centred-object set, was replaced by v2)")
+        self.version = version
         if split not in SPLIT_CODES:
             raise ValueError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
         if num_images < 1:
@@ -199,7 +291,8 @@ class SyntheticShapes(Dataset):
         """What identifies the data: every image is a pure function of these settings and of
         this module's drawing code."""
         source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-        settings = (self.split, self.num_images, self.seed, self.image_size, self.two_class, self.first_index)
+        settings = (self.version, self.split, self.num_images, self.seed, self.image_size, self.two_class,
+                    self.first_index)
         return hashlib.sha256(f"{settings}:{source}".encode()).hexdigest()
 
     def __len__(self) -> int:
@@ -221,7 +314,7 @@ class SyntheticShapes(Dataset):
             boxes=boxes,
             box_labels=torch.from_numpy(scene.instance_labels).long(),
             mask=torch.from_numpy(semantic),
-            image_id=f"synthetic{'2c' if self.two_class else ''}_{self.split}_{self.seed}_{index:06d}",
+            image_id=f"synthetic{'2c' if self.two_class else ''}-{self.version}_{self.split}_{self.seed}_{index:06d}",
             orig_size=(self.image_size, self.image_size),
         )
         return self.transform(sample) if self.transform is not None else sample

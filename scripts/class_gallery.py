@@ -9,9 +9,11 @@ Usage: python scripts/class_gallery.py [--images 6] [--methods agcam rollout ...
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.methods import available, get_explainer
 
@@ -39,6 +41,12 @@ def two_class_samples(dataset, count: int) -> list[tuple[Sample, int]]:
                      f"ask for fewer than {count} images")
 
 
+def default_methods() -> list[str]:
+    """The main job's methods (the `method` list of conf/config.yaml's defaults)."""
+    config = yaml.safe_load((resources.files("wsol_bench.conf") / "config.yaml").read_text())
+    return next(entry["method"] for entry in config["defaults"] if isinstance(entry, dict) and "method" in entry)
+
+
 def make_class_gallery(path: Path, *, num_images: int = 6, methods: list[str] | None = None,
                        model_name: str = "wsol_synthetic_vit", split: str = "val", seed: int = 0,
                        device: str = "cpu") -> Path:
@@ -56,7 +64,7 @@ def make_class_gallery(path: Path, *, num_images: int = 6, methods: list[str] | 
     class_a = torch.tensor([s.label for s in samples])
     class_b = torch.tensor([b for _, b in pairs])
     maps = {}
-    for name in methods or available():
+    for name in methods or default_methods():
         explainer = get_explainer(name, model)
         maps[name] = tuple(explainer(images, targets).maps.cpu() for targets in (class_a, class_b))
     names = dataset.class_names
@@ -70,7 +78,8 @@ def make_class_gallery(path: Path, *, num_images: int = 6, methods: list[str] | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=6, help="number of two-class images (rows)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(available())})")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: the main job's ({', '.join(default_methods())}); any of "
+                        f"{', '.join(available())}")
     parser.add_argument("--out", type=Path, default=Path("results/figures/class_gallery.png"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")

@@ -6,9 +6,10 @@ the result as the package's shipped weights.
     python scripts/train_synthetic.py --no-install          # train only
     python scripts/train_synthetic.py -- device=cuda        # overrides after -- go to both phases
 
-Phase 1 trains at 112 px for 6 epochs, phase 2 fine-tunes at 224 px for 2 epochs, on the same
-20,000 rendered train images (one image cache in <out-dir>/cache). A rerun with the same
-out-dir resumes where it stopped. The installed JSON is phase 2's `model.json` record with
+Both phases train at the model's own 224 px on the same 20,000 rendered train images (one image
+cache in <out-dir>/cache): phase 1 for 12 epochs from scratch, phase 2 for 10 more from phase 1's
+weights with a new warm-up and cosine decay. A rerun with the same out-dir resumes where it
+stopped. The installed JSON is phase 2's `model.json` record with
 phase 1's record under "previous_phase" and the wall-clock time of the whole recipe.
 """
 

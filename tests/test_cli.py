@@ -94,7 +94,7 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     proc = _run(["method=[agcam,nonexistent]"], tmp_path)
     assert proc.returncode == 2 and f"unknown method 'nonexistent'; valid: {', '.join(SHIPPED_METHODS)}" in proc.stderr
     proc = _run(["dataset.name=imagenett", "progress=false"], tmp_path)
-    assert proc.returncode == 2 and "valid: cub, imagenet, openimages, synthetic, synthetic_two_class, voc" in proc.stderr
+    assert proc.returncode == 2 and "valid: cub, imagenet, imagenet_segmentation, openimages, synthetic, synthetic_two_class, voc" in proc.stderr
     proc = _run(["model.name=vit_nonexistent", "progress=false"], tmp_path)
     assert proc.returncode == 2 and "unknown model 'vit_nonexistent'" in proc.stderr
     proc = _run(["model.checkpoint=missing/weights.safetensors", "progress=false"], tmp_path)
@@ -112,7 +112,7 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path):
     """The schemas refuse a typo'd key or a wrong type before any work: one line on stderr,
     exit code 2, no traceback; a key added with + is refused by the command the same way."""
     typo = ("wsol-bench: error: unknown key dataset.params.num_image; valid keys here: split, num_images, "
-            "seed, image_size")
+            "seed, image_size, version")
     cases = {"dataset.params.num_image=3": typo, "+dataset.params.num_image=3": typo,
              "batch_size=abc": "wsol-bench: error: batch_size: Value 'abc' of type 'str' could not be "
                                "converted to Integer"}
@@ -200,7 +200,8 @@ def test_multirun_sweeps_a_parameter(tmp_path):
 
 
 def test_summary_mode_counts_the_dataset_without_a_model(tmp_path):
-    """mode=summary prints and writes the dataset's counts and loads no model."""
+    """mode=summary prints and writes the dataset's counts and its ground-truth coverage map
+    (the synthetic items are loaded, so the coverage is mapped) and loads no model."""
     import json
 
     proc = _run(["mode=summary", "dataset.params.num_images=12", "model.checkpoint=/does/not/exist",
@@ -208,3 +209,5 @@ def test_summary_mode_counts_the_dataset_without_a_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["images"] == 12 and "12 images" in proc.stdout
+    assert len(summary["coverage"]["grid"]) == 32 and (tmp_path / "s" / "coverage.png").stat().st_size > 0
+    assert "ground-truth coverage:" in proc.stdout

@@ -33,7 +33,7 @@ from wsol_bench.config.trainer import TrainConfig
 EXPECTED = json.loads((Path(__file__).parent / "data" / "composed_configs.json").read_text())
 CASES = [(name, case["overrides"], case["config"])
          for name in ("config", "trainer") for case in EXPECTED[name]]
-OPTIONAL_GROUPS = ("faithfulness", "sweep")  # the schema holds them as None when not selected
+OPTIONAL_GROUPS = ("faithfulness", "sweep", "segmentation")  # the schema holds them as None when not selected
 
 
 def composed(name: str, overrides: list[str]) -> dict:
@@ -124,7 +124,7 @@ def test_schemas_are_not_listed_as_config_groups():
      "faithfulness.steps: no faithfulness is selected; choose one first, e.g. faithfulness=abpc"),
     ("config", ["experiment=paper_cub", "faithfulness.amp=sometimes"], "faithfulness.amp: Value 'sometimes'"),
     ("config", ["sweep=grid", "sweep.iou_threshold=[50]"], "unknown key sweep.iou_threshold"),
-    ("config", ["dataset=nonexistent"], "unknown dataset 'nonexistent'; valid: cub, imagenet, openimages, synthetic"),
+    ("config", ["dataset=nonexistent"], "unknown dataset 'nonexistent'; valid: cub, imagenet, imagenet_segmentation, openimages, synthetic"),
     ("trainer", ["seed=abc"], "seed: Value 'abc'"),
     ("trainer", ["preprocess.resize=timm"], "unknown key preprocess.resize"),
     ("trainer", ["train.epochs=many"], "train.epochs: Value 'many'"),

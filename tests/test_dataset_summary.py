@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_imagenet import ITEMS, TABBY, Item, build, build_kaggle, write_jpeg  # miniature-tree helpers
 from wsol_bench.datasets.imagenet import ImageNetVal
 from wsol_bench.datasets.imagenet_annotations import read_wsol_metadata
@@ -144,7 +145,8 @@ def test_format_summary_lists_every_group(tmp_path: Path) -> None:
         "  skipped by the index: 2"]
     assert "1  image file missing  (e.g. ILSVRC2012_val_00000004)" in text
     assert "1  no annotation for this image  (e.g. ILSVRC2012_val_00000009)" in text
-    assert text.endswith("none")
+    assert text.splitlines()[-2:] == [
+        "    none", "  ground-truth coverage: not mapped (images not decoded; check_images=True maps it)"]
 
 
 def test_file_problems_of_the_index_are_grouped(tmp_path: Path) -> None:
@@ -179,3 +181,55 @@ def test_foreign_items_are_refused() -> None:
 
     with pytest.raises(TypeError, match="item 0 of Odd is a tuple, not a Sample or SkippedSample"):
         summarize(Odd(), num_workers=0)
+
+
+class _Items:
+    """Items given as a list (no index): a summary loads each one."""
+
+    def __init__(self, samples: list) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
+
+
+def test_ground_truth_coverage_by_hand() -> None:
+    """64x64 images on the 32x32 coverage grid (2x2 pixels a cell). Image 1: a mask on the
+    top-left 32x32 pixels, with VOC's 255 (void) on a 2x2 cell that does not count. Image 2: no
+    mask, a box [10.6, 0, 32, 20] holding the pixel centres of columns 11..31 and rows 0..19.
+    Cell (0, 5) holds columns 10..11: image 1 covers it, image 2 half of it -> (1 + 0.5) / 2.
+    The central quarter is cells 8..23 of each side; image 1 puts 8x8 of its 16x16 covered
+    cells there, image 2 none (rows 0..19 are cells 0..9; cells 8..9 x 8..15 are covered: 2x8),
+    so the share is (64 + 16) / (256 + 10.5 * 10)."""
+    from wsol_bench.datasets.base import Sample
+
+    from wsol_bench.report.dataset_summary import COVERAGE_GRID, centre_share, ground_truth_coverage
+
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    mask = torch.zeros(64, 64, dtype=torch.uint8)
+    mask[:32, :32] = 1
+    mask[40:42, 40:42] = 255
+    with_mask = Sample(image=image, label=0, boxes=torch.tensor([[0.0, 0, 32, 32]]), image_id="a",
+                       orig_size=(64, 64), mask=mask)
+    boxes_only = Sample(image=image, label=0, boxes=torch.tensor([[10.6, 0, 32, 20]]), image_id="b",
+                        orig_size=(64, 64))
+    first, second = ground_truth_coverage(with_mask), ground_truth_coverage(boxes_only)
+    assert first.shape == (COVERAGE_GRID, COVERAGE_GRID) and first.sum() == 256 and first[20, 20] == 0
+    assert second[0, 5] == 0.5 and second[0, 6] == 1 and second[9, 15] == 1 and second[10, 15] == 0
+    assert second.sum() == 10 * 10.5
+    summary = summarize(_Items([with_mask, boxes_only]), num_workers=0)
+    coverage = torch.tensor(summary["coverage"]["grid"])
+    assert coverage[0, 5] == 0.75 and coverage[0, 0] == 0.5
+    expected = (64 + 16) / (256 + 105)
+    assert summary["coverage"]["centre_quarter_share"] == round(expected, 4)
+    assert centre_share(first) == 0.25
+    assert "the central quarter holds 22.2% of it" in format_summary(summary)
+
+
+def test_coverage_is_not_mapped_from_the_index_alone(tmp_path: Path) -> None:
+    """A summary from the annotation index decodes nothing, so it has no coverage map and says so."""
+    s = summarize(_IndexOnly([_Row("a", 1, np.zeros((1, 4)))]), num_workers=0)
+    assert "coverage" not in s and "coverage: not mapped" in format_summary(s)

@@ -44,8 +44,8 @@ def test_reaches_its_stated_accuracy(model, val_batches):
     with torch.no_grad():
         correct = sum(int((model(b.images).argmax(1) == b.labels).sum()) for b in val_batches)
     accuracy = correct / NUM_VAL
-    assert stated["final_val_acc"] >= 0.95 and stated["val_images"] == 1000
-    assert accuracy >= 0.92 and accuracy == pytest.approx(stated["final_val_acc"], abs=0.03)
+    assert stated["final_val_acc"] >= 0.93 and stated["val_images"] == 1000
+    assert accuracy >= 0.9 and accuracy == pytest.approx(stated["final_val_acc"], abs=0.03)
 
 
 def test_explainers_point_at_the_objects_better_than_the_baselines(model, val_batches):
@@ -67,3 +67,24 @@ def test_explainers_point_at_the_objects_better_than_the_baselines(model, val_ba
         for method in ("agcam", "rollout"):
             assert scores[method][0] > scores[baseline][0] + 0.1, scores
             assert scores[method][1] > scores[baseline][1] + 0.03, scores
+
+
+def test_sanity_baselines_score_chance(model, val_batches):
+    """On synthetic v2 (no centre prior) the maps that ignore the image are at chance: the peak
+    of the centred Gaussian and of the random map lands on an object about as often as objects
+    cover the image, and their share of heat inside the objects is about that share too. (On
+    v1 the image centre was on an object in a third of the images, at 14 % coverage.)"""
+    hits, energy, covered = {"random": [], "center": []}, {"random": [], "center": []}, []
+    for batch in val_batches:
+        masks = torch.stack([s.mask > 0 for s in batch.samples]).flatten(1)
+        covered.append(masks.float().mean(1))
+        for name in hits:
+            heat, _ = to_heatmaps(get_explainer(name, model)(batch.images).maps, (224, 224))
+            flat = heat.flatten(1)
+            hits[name].append(masks.gather(1, flat.argmax(1, keepdim=True))[:, 0].float())
+            energy[name].append((flat * masks).sum(1) / flat.sum(1).clamp(min=1e-12))
+    chance = float(torch.cat(covered).mean())
+    assert 0.05 < chance < 0.11
+    for name in hits:
+        assert abs(float(torch.cat(hits[name]).mean()) - chance) < 0.06, (name, chance)
+        assert abs(float(torch.cat(energy[name]).mean()) - chance) < 0.03, (name, chance)

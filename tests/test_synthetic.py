@@ -44,6 +44,53 @@ def test_masks_boxes_and_labels_are_consistent():
     assert counts == {1, 2, 3}
 
 
+def test_no_centre_prior_sizes_from_small_to_large_and_objects_at_the_border():
+    """v2 calibrates the sanity baselines: the central quarter of the image (the middle half of
+    each side) holds about a quarter of the ground truth (v1: most of it), box centres are
+    spread over the whole image, objects touch the border, and sizes run from a couple of
+    percent of the image to about a quarter."""
+    coverage = np.zeros((224, 224))
+    centres, areas, on_border = [], [], 0
+    for i in range(300):
+        scene = render_scene(i, split="val")
+        union = scene.instance_masks.any(0)
+        coverage += union
+        areas.append(union.mean())
+        on_border += bool(union[0].any() or union[-1].any() or union[:, 0].any() or union[:, -1].any())
+        for box in mask_boxes(scene.instance_masks).tolist():
+            centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+    centre_share = coverage[56:168, 56:168].sum() / coverage.sum()
+    assert 0.22 < centre_share < 0.33
+    centres = np.array(centres)
+    in_middle = ((centres > 56) & (centres < 168)).all(1).mean()
+    assert 0.2 < in_middle < 0.35
+    for axis in (0, 1):  # every quarter of each axis holds box centres
+        assert (np.histogram(centres[:, axis], bins=4, range=(0, 224))[0] > 0.12 * len(centres)).all()
+    assert on_border > 0.25 * 300
+    assert min(areas) < 0.02 and max(areas) > 0.2
+
+
+def test_distractors_are_in_no_mask_and_apart_from_the_objects():
+    """Distractors (shapes of no labelled class) are drawn in some images, are in no instance
+    mask, and do not touch the labelled objects."""
+    drawn = 0
+    for i in range(40):
+        scene = render_scene(i, split="val")
+        drawn += len(scene.distractor_masks)
+        for d in scene.distractor_masks:
+            assert d.any() and not (d & scene.instance_masks.any(0)).any()
+    assert drawn > 20
+
+
+def test_version_is_part_of_the_id_and_other_versions_are_refused():
+    """Only this release's drawing rules are drawn; the version is in every image id (and in
+    the fingerprint, so map-store keys differ across versions)."""
+    ds = SyntheticShapes("val", num_images=1)
+    assert ds.version == "v2" and ds[0].image_id.startswith("synthetic-v2_")
+    with pytest.raises(ValueError, match="version 'v1'.*valid: 'v2'"):
+        SyntheticShapes("val", num_images=1, version="v1")
+
+
 def test_sample_fields_follow_the_contract():
     """Samples carry uint8 image, float xyxy boxes, class+1 semantic mask and stable ids."""
     ds = SyntheticShapes("val", num_images=4)
@@ -51,7 +98,7 @@ def test_sample_fields_follow_the_contract():
     assert s.image.dtype == torch.uint8 and s.image.shape == (3, 224, 224)
     assert s.boxes.dtype == torch.float32 and s.boxes.shape[1] == 4
     assert set(torch.unique(s.mask).tolist()) == {0, s.label + 1}
-    assert s.image_id == "synthetic_val_0_000002" and s.orig_size == (224, 224)
+    assert s.image_id == "synthetic-v2_val_0_000002" and s.orig_size == (224, 224)
     assert 0 <= s.label < len(CLASS_NAMES) == ds.num_classes
     with pytest.raises(IndexError):
         ds[4]

@@ -40,8 +40,8 @@ class PreprocessConfig(InputConfig):
 
 @dataclass
 class BenchConfig:
-    """Top level of `wsol-bench`. The optional groups (faithfulness, sweep) are None when not
-    selected and typed by the schema their YAML files list when selected: a None node typed
+    """Top level of `wsol-bench`. The optional groups (faithfulness, sweep, segmentation) are
+    None when not selected and typed by the schema their YAML files list when selected: a None node typed
     with a dataclass breaks OmegaConf on an override below it (`sweep.step=0.1` without
     `sweep=grid`), an untyped one reports it. `progress` takes auto, true or false, so it is
     typed loosely and checked where it is read."""
@@ -55,6 +55,7 @@ class BenchConfig:
     metric: MetricConfig = MISSING
     faithfulness: Any = None  # FaithfulnessConfig when selected
     sweep: Any = None         # SweepConfig when selected
+    segmentation: Any = None  # SegmentationConfig when selected
     run_name: str = MISSING
     mode: str = MISSING
     check_images: bool = MISSING

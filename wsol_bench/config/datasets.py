@@ -30,6 +30,7 @@ class SyntheticParams:
     num_images: int = 500
     seed: int = 0
     image_size: int = 224
+    version: str = "v2"  # the drawing rules (datasets/synthetic.py); in every image id and map-store key
 
 
 @dataclass
@@ -89,6 +90,14 @@ class OpenImagesParams:
     num_images: int | None = None
 
 
+@dataclass
+class ImageNetSegmentationParams:
+    """`ImageNetSegmentation` (Chefer et al.'s gtsegs_ijcv.mat)."""
+
+    file: str = MISSING
+    num_images: int | None = None
+
+
 def dataset_schema(params: type) -> type[DatasetConfig]:
     """The schema of one dataset family: `DatasetConfig` with `params` typed by `params`."""
     name = params.__name__.removesuffix("Params") + "Dataset"
@@ -103,5 +112,6 @@ DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "voc_segmentation": dataset_schema(VocSegmentationParams),
     "cub": dataset_schema(CubParams),
     "openimages": dataset_schema(OpenImagesParams),
+    "imagenet_segmentation": dataset_schema(ImageNetSegmentationParams),
 }
 DATASET_SCHEMAS["synthetic_two_class"] = DATASET_SCHEMAS["synthetic"]

@@ -67,3 +67,13 @@ class SweepConfig:
     thresholds: list[float] | None = None
     iou_thresholds: list[int] = MISSING
     boxes: str = "opencv"
+
+
+@dataclass
+class SegmentationConfig:
+    """Segmentation scores of the maps against the dataset's masks (docs/protocol.md 4.4):
+    the protocol (`chefer`: Chefer et al.'s pixel accuracy, mIoU and mAP) and whether to write
+    one row per image and method (segmentation_records.csv)."""
+
+    protocol: str = "chefer"
+    per_image: bool = True

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from .bench import BenchConfig
 from .datasets import DATASET_SCHEMAS
-from .groups import FaithfulnessConfig, MethodConfig, SweepConfig
+from .groups import FaithfulnessConfig, MethodConfig, SegmentationConfig, SweepConfig
 from .trainer import TrainerConfig
 
 SCHEMAS = {
@@ -21,6 +21,7 @@ SCHEMAS = {
     "schema_method": MethodConfig,
     "schema_faithfulness": FaithfulnessConfig,
     "schema_sweep": SweepConfig,
+    "schema_segmentation": SegmentationConfig,
 }
 
 

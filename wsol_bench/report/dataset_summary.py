@@ -9,20 +9,50 @@ also expose `skipped`, the `SkippedSample`s its index left out. Datasets without
 
 `check_images=True` loads every item through a DataLoader (worker processes decode in
 parallel) and counts the items that come back as `SkippedSample` (unreadable or unusable
-files) and the notes of those that load (conversions, clipping, size mismatches).
+files) and the notes of those that load (conversions, clipping, size mismatches). Loaded items
+also give the split's ground-truth coverage: where objects lie, as the share of images whose
+ground truth (mask where the dataset has one, else the union of boxes) covers each cell of a
+COVERAGE_GRID x COVERAGE_GRID grid over the image, so a centre prior shows at a glance.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from wsol_bench.datasets.base import Sample, SkippedSample
+from wsol_bench.datasets.base import IGNORE_INDEX, Sample, SkippedSample
 
 EXAMPLES_PER_GROUP = 3
+COVERAGE_GRID = 32  # cells per side of the coverage map (any image size maps onto it)
+
+
+def ground_truth_coverage(sample: Sample) -> torch.Tensor:
+    """float [COVERAGE_GRID, COVERAGE_GRID]: the share of each cell of the image that the
+    sample's ground truth covers (its mask's object pixels where it has a mask, else the union
+    of its boxes)."""
+    height, width = sample.image.shape[-2:]
+    if sample.mask is not None:
+        region = (sample.mask > 0) & (sample.mask != IGNORE_INDEX)
+    else:
+        region = torch.zeros(height, width, dtype=torch.bool)
+        for x0, y0, x1, y1 in sample.boxes.tolist():  # the pixels whose centres the box holds
+            region[max(math.ceil(y0 - 0.5), 0):max(math.ceil(y1 - 0.5), 0),
+                   max(math.ceil(x0 - 0.5), 0):max(math.ceil(x1 - 0.5), 0)] = True
+    return F.adaptive_avg_pool2d(region[None, None].float(), COVERAGE_GRID)[0, 0]
+
+
+def centre_share(coverage: torch.Tensor) -> float:
+    """The share of the coverage that lies in the central quarter of the image (the middle half
+    of each side): 0.25 when objects are spread evenly, near 1 when they sit in the centre."""
+    n = coverage.shape[-1]
+    total = float(coverage.sum())
+    return float(coverage[n // 4: n - n // 4, n // 4: n - n // 4].sum()) / total if total else float("nan")
 
 
 def group_key(text: str, image_id: str | None = None) -> str:
@@ -51,7 +81,8 @@ class _Digests(Dataset):
         if not isinstance(item, Sample):
             raise TypeError(f"item {index} of {type(self.dataset).__name__} is a {type(item).__name__}, "
                             "not a Sample or SkippedSample")
-        return ("sample", item.image_id, int(item.label), len(item.boxes), tuple(item.notes))
+        return ("sample", item.image_id, int(item.label), len(item.boxes), tuple(item.notes),
+                ground_truth_coverage(item))
 
 
 def _as_list(batch: list) -> list:
@@ -89,7 +120,7 @@ def summarize(dataset: Any, check_images: bool = False, *, num_workers: int = 2,
                 for r in records]
         source = "records"
     else:
-        rows = [d[1:] for d in digests if d[0] == "sample"]
+        rows = [d[1:5] for d in digests if d[0] == "sample"]
         source = "items"
     box_counts = Counter(n for _, _, n, _ in rows)
     summary: dict[str, Any] = {
@@ -111,7 +142,7 @@ def summarize(dataset: Any, check_images: bool = False, *, num_workers: int = 2,
         notes = [(image_id, note) for image_id, _, _, item_notes in rows for note in item_notes]
     else:
         unreadable = [(d[1], d[2]) for d in digests if d[0] == "skipped"]
-        loaded = [d[1:] for d in digests if d[0] == "sample"]
+        loaded = [d[1:5] for d in digests if d[0] == "sample"]
         notes = [(image_id, note) for image_id, _, _, item_notes in loaded for note in item_notes]
         summary["checked_images"] = True
         summary["loaded"] = len(loaded)
@@ -119,6 +150,12 @@ def summarize(dataset: Any, check_images: bool = False, *, num_workers: int = 2,
         summary["unreadable_reasons"], summary["unreadable_examples"] = _grouped(unreadable)
         summary["images_with_notes"] = sum(1 for d in loaded if d[3])
     summary["notes"], summary["note_examples"] = _grouped(notes)
+    coverages = [d[5] for d in digests or () if d[0] == "sample"]
+    if coverages:
+        coverage = torch.stack(coverages).mean(0)
+        summary["coverage"] = {"grid": [[round(float(v), 4) for v in row] for row in coverage],
+                               "mean": round(float(coverage.mean()), 4),
+                               "centre_quarter_share": round(centre_share(coverage), 4)}
     return summary
 
 
@@ -145,4 +182,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     else:
         lines.append("  notes from the index (images not decoded; check_images=True counts all):")
     lines += _group_lines(summary["notes"], summary["note_examples"]) or ["    none"]
+    if "coverage" in summary:
+        coverage = summary["coverage"]
+        lines.append(f"  ground-truth coverage: {coverage['mean']:.1%} of the image on average; the central "
+                     f"quarter holds {coverage['centre_quarter_share']:.1%} of it (spread evenly: 25%)")
+    else:
+        lines.append("  ground-truth coverage: not mapped (images not decoded; check_images=True maps it)")
     return "\n".join(lines)

@@ -140,3 +140,21 @@ def plot_sweep(sweep: pd.DataFrame, path: Path, metrics: tuple[str, ...] = ("box
     save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def coverage_figure(coverage: list[list[float]], path: Path, title: str) -> Path:
+    """Save the dataset summary's ground-truth coverage grid as a heatmap: the share of images
+    whose ground truth covers each cell, with the central quarter outlined."""
+    grid = torch.tensor(coverage)
+    n = grid.shape[-1]
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, extent=(0, 1, 1, 0))
+    ax.add_patch(Rectangle((0.25, 0.25), 0.5, 0.5, fill=False, edgecolor="white", linestyle="--", linewidth=1))
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel(f"x (image width, {n} cells)", fontsize=7)
+    ax.set_ylabel("y (image height)", fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("share of images with ground truth", fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -24,6 +24,7 @@ from wsol_bench.files import atomic_write_text, write_json
 from wsol_bench.progress import progress_enabled
 from wsol_bench.regions.thresholds import check_thresholds
 from wsol_bench.report.dataset_summary import format_summary, summarize
+from wsol_bench.report.figures import coverage_figure
 from wsol_bench.report.run_folder import format_run_tables, run_tables, write_run_tables
 from wsol_bench.run.distributed import Ranks, join
 from wsol_bench.run.folder import staged_run
@@ -39,9 +40,15 @@ RANKS_FOLDER = "ranks"  # inside rank 0's staging folder: the other ranks' outpu
 
 def summarize_dataset(cfg: DictConfig, dataset, out_dir: Path) -> dict:
     """mode=summary: counts of images, boxes, classes and skipped items (with reasons) of the
-    configured dataset, printed and written to summary.json; no model, no maps."""
+    configured dataset, printed and written to summary.json, and the ground-truth coverage map
+    (coverage.png) when the images were loaded; no model, no maps."""
     summary = summarize(dataset, check_images=bool(cfg.check_images), num_workers=int(cfg.num_workers or 0))
     write_json(out_dir / "summary.json", summary)
+    if "coverage" in summary:
+        share = summary["coverage"]["centre_quarter_share"]
+        coverage_figure(summary["coverage"]["grid"], out_dir / "coverage.png",
+                        f"{cfg.dataset.name}/{cfg.dataset.split}: ground-truth coverage\n"
+                        f"({summary['images']:,} images; central quarter {share:.0%})")
     print(f"{cfg.dataset.name}/{cfg.dataset.split}")
     print(format_summary(summary))
     return summary
@@ -98,6 +105,7 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = Ranks
     dataset = build_dataset(dcfg.name, transform=transform, **as_dict(dcfg.params))
     if cfg.mode == "summary":
         return summarize_dataset(cfg, dataset, out_dir) if ranks.main else None
+    check_label_needs(cfg, dataset)
     model = LazyModel(cfg, getattr(dataset, "num_classes", None))
     if ranks.main:
         log.info("model %s on %s, dataset %s/%s (%d images), methods %s%s", cfg.model.name, cfg.device, dcfg.name,
@@ -181,6 +189,22 @@ def resolve_workers(cfg: DictConfig, ranks: Ranks, *, maps_missing: bool) -> tup
 def _local_world() -> int:
     """Ranks on this machine (torchrun and submitit set LOCAL_WORLD_SIZE)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
+def check_label_needs(cfg: DictConfig, dataset) -> None:
+    """Refuse, before any work, what a dataset without class labels (`has_labels = False`, e.g.
+    imagenet_segmentation) cannot give: maps of the label's class (target=label, faithfulness)
+    and the correctly classified images (metric.image_filter=correct)."""
+    if getattr(dataset, "has_labels", True):
+        return
+    asked = [setting for setting, needed in (("target=label", cfg.target == "label"),
+                                             (f"faithfulness={cfg.faithfulness.mode if cfg.faithfulness else ''}",
+                                              bool(cfg.faithfulness)),
+                                             ("metric.image_filter=correct", cfg.metric.image_filter == "correct"))
+             if needed]
+    if asked:
+        raise ValueError(f"dataset {cfg.dataset.name} has no class labels, so {', '.join(asked)} cannot be "
+                         "computed; use target=predicted, no faithfulness, metric.image_filter=all")
 
 
 def check_counts(cfg: DictConfig) -> None:

@@ -1,0 +1,132 @@
+"""segmentation.csv and segmentation_records.csv (`segmentation=chefer`): Chefer et al.'s
+ImageNet-segmentation scores of every method (docs/protocol.md 4.4), pixel accuracy, mIoU and
+mAP over every image the run scores, from summed states (states/segmentation.json) that merge
+exactly across shards and ranks, and one row per image and method."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from wsol_bench.files import CsvRows, atomic_write_text, csv_text
+from wsol_bench.metrics.base import save_states
+from wsol_bench.metrics.segmentation import CheferSegmentation, batch_counts
+from wsol_bench.run.batch import MethodBatch
+from wsol_bench.run.distributed import Ranks
+from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows, register_scorer
+
+STATE_FILE = Path("states") / "segmentation.json"
+STATE_NAME = "chefer_segmentation"
+TABLE_FILE = "segmentation.csv"
+ROWS_FILE = "segmentation_records.csv"
+PROTOCOLS = ("chefer",)
+ROW_COLUMNS = ["image_id", "method", "prediction", "degenerate", "correct", "labelled", "intersection_background",
+               "intersection_foreground", "union_background", "union_foreground", "ap"]
+TABLE_COLUMNS = ["method", "pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground", "images",
+                 "n_degenerate"]
+log = logging.getLogger("wsol_bench")
+
+
+@dataclass(frozen=True)
+class SegmentationIncrements:
+    """The kernel of `SegmentationScorer`: one batch of one method -> (its state increments,
+    its per-image rows as CSV text)."""
+
+    per_image: bool
+
+    def __call__(self, mb: MethodBatch) -> tuple[dict[str, torch.Tensor], str]:
+        if mb.gt.seg_masks is None:
+            raise ValueError(f"segmentation scores need masks; a batch of {mb.method} has none")
+        metric = CheferSegmentation()
+        counts = batch_counts(mb.heatmaps, mb.gt.seg_masks, mb.gt.seg_valid, mb.degenerate)
+        for c, flag in zip(counts, mb.degenerate.tolist()):
+            metric.update_counts(c, flag)
+        rows = []
+        if self.per_image:
+            predictions, degenerate = mb.predictions.tolist(), mb.degenerate.tolist()
+            for i, (sample, c) in enumerate(zip(mb.samples, counts)):
+                rows.append({"image_id": sample.image_id, "method": mb.method, "prediction": predictions[i],
+                             "degenerate": int(degenerate[i]), "correct": c["correct"], "labelled": c["labelled"],
+                             "intersection_background": int(c["intersection"][0]),
+                             "intersection_foreground": int(c["intersection"][1]),
+                             "union_background": int(c["union"][0]), "union_foreground": int(c["union"][1]),
+                             "ap": repr(float(c["ap"]))})
+        state = {name: value.clone() for name, value in metric.metric_state.items()}
+        return state, csv_text(rows, ROW_COLUMNS)
+
+
+@register_scorer("segmentation")
+class SegmentationScorer(Scorer):
+    """Chefer et al.'s segmentation scores per method, over every image of the run (no
+    correctness filter, as the reference)."""
+
+    def __init__(self, out_dir: Path, *, methods: list[str] = (), per_image: bool = True) -> None:
+        self.kernel = SegmentationIncrements(bool(per_image))
+        self.metrics: dict[str, CheferSegmentation] = {m: CheferSegmentation() for m in methods}
+        self.rows = CsvRows(out_dir / ROWS_FILE, ROW_COLUMNS) if per_image else None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, context: RunContext) -> SegmentationScorer | None:
+        node = cfg.get("segmentation")
+        if not node:
+            return None
+        if node.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown segmentation.protocol {node.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if not context.has_masks:
+            raise ValueError(f"segmentation={node.protocol} scores maps against segmentation masks, and dataset "
+                             f"{context.dataset_name} has none; use a dataset with masks "
+                             "(imagenet_segmentation, voc_segmentation, openimages)")
+        return cls(context.out_dir, methods=list(context.methods), per_image=bool(node.per_image))
+
+    def add(self, method: str, part: tuple[dict[str, torch.Tensor], str]) -> None:
+        """Add a batch's state increments to the method's totals and append its rows."""
+        state, text = part
+        self.metrics.setdefault(method, CheferSegmentation()).merge_state(state)
+        if self.rows is not None:
+            self.rows.write_text(text)
+
+    def gather(self, ranks: Ranks, parts: list[Path]) -> None:
+        """Sum every rank's states, method by method in the run's order; rank 0 appends the
+        other ranks' per-image rows in rank order."""
+        self.close()
+        if ranks.distributed:
+            for metric in self.metrics.values():
+                metric.sync_ranks()
+        if self.rows is not None:
+            append_rank_rows(ranks, parts, ROWS_FILE)
+
+    def close(self) -> None:
+        """Close the per-image rows file (idempotent)."""
+        if self.rows is not None:
+            self.rows.close()
+
+    def compute(self) -> pd.DataFrame:
+        """One row per method: pixel accuracy, mIoU, mAP and the IoU of each class in percent,
+        the number of images and of degenerate maps."""
+        rows = []
+        for method, metric in self.metrics.items():
+            if int(metric.images) == 0:
+                continue
+            scores = metric.compute()
+            rows.append({"method": method, **{k: 100 * scores[k] for k in
+                                               ("pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground")},
+                         "images": scores["images"], "n_degenerate": scores["n_degenerate"]})
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    def write(self, out_dir: Path) -> list[Path]:
+        """states/segmentation.json, segmentation.csv (and the per-image rows, written as they came)."""
+        self.close()
+        (out_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        paths = [save_states(out_dir / STATE_FILE, {m: {STATE_NAME: metric} for m, metric in self.metrics.items()})]
+        table = self.compute()
+        paths.append(atomic_write_text(out_dir / TABLE_FILE, table.to_csv(index=False)))
+        log.info("segmentation (Chefer et al., percent; docs/protocol.md 4.4):\n%s",
+                 table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        if self.rows is not None:
+            paths.append(self.rows.path)
+        return paths
