@@ -220,7 +220,7 @@ def render_scene(index: int, *, seed: int = 0, split: str = "val", size: int = 2
         def make(radius: float, name: str = CLASS_NAMES[cls]) -> list[np.ndarray]:
             return _shape_polygon(name, radius, rng.uniform(0, 2 * math.pi), rng.uniform(0.85, 1.15))
         placed = _place(rng, size, taken, make, area_range, attempts=60)
-        if placed is None:  # a crowded image: the smallest size in the middle of the free space
+        if placed is None:  # a crowded image: the smallest size at a random free pixel
             free = np.argwhere(~taken)
             cy, cx = free[int(rng.integers(0, len(free)))] if len(free) else rng.uniform(0, size, 2)
             radius = math.sqrt(area_range[0] * size * size / math.pi)
