@@ -256,6 +256,17 @@ def boxes_to_mask(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :]).any(0)
 
 
+def mask_boxes(masks) -> torch.Tensor:
+    """Tight continuous xyxy box [x0, y0, x1 + 1, y1 + 1] of each non-empty binary mask (an
+    empty one has no box), float32 [K, 4]."""
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(np.asarray(mask))
+        if len(xs):
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
 
 def file_stamp(path: str | Path) -> str:
     """`size:mtime_ns` of a file, or why it has none: what identifies its content cheaply (a

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import Sample, SkippedSample, file_stamp, index_fingerprint
+from .base import Sample, SkippedSample, file_stamp, index_fingerprint, mask_boxes
 from .records import AnnotationRecord, limit_index
 
 ID_PREFIX = "imagenet_seg_"
@@ -136,11 +136,9 @@ class ImageNetSegmentation(Dataset):
         if isinstance(checked, str):
             return SkippedSample(record.image_id, checked)
         image, foreground, notes = checked
-        ys, xs = np.nonzero(foreground)
-        if len(xs):
-            boxes = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
-        else:
-            boxes, notes = torch.zeros(0, 4), (*notes, "empty mask: no object pixel")
+        boxes = mask_boxes(foreground[None])
+        if not len(boxes):
+            notes = (*notes, "empty mask: no object pixel")
         height, width = foreground.shape
         sample = Sample(image=torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label=0,
                         boxes=boxes.clone(), image_id=record.image_id, orig_size=(width, height),

@@ -60,7 +60,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import IGNORE_INDEX, Sample, SkippedSample, index_fingerprint
+from .base import IGNORE_INDEX, Sample, SkippedSample, index_fingerprint, mask_boxes
 from .image_io import ImageReadError, read_rgb
 from .records import (
     AnnotationRecord,
@@ -107,16 +107,6 @@ def read_grey_mask(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
         raise ImageReadError(f"mask file {shown} is not a recognised image format ({len(data)} bytes)") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(f"mask file {shown} is truncated or corrupt: {err}") from err
-
-
-def mask_boxes(instances: list[np.ndarray]) -> np.ndarray:
-    """Tight continuous xyxy box of each non-empty binary instance mask, float32 [K, 4]."""
-    boxes = []
-    for inst in instances:
-        ys, xs = np.nonzero(inst)
-        if len(xs):
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -305,7 +295,7 @@ class OpenImagesDataset(Dataset):
             notes += ("no ignore mask: every pixel counts",)
         if not foreground.any():
             notes += ("no object pixel in any instance mask (all pixels are negatives)",)
-        boxes = torch.from_numpy(mask_boxes(instances))
+        boxes = mask_boxes(instances)
         sample = Sample(image=image, label=record.label, boxes=boxes.clone(), image_id=record.image_id,
                         orig_size=size, mask=torch.from_numpy(mask), orig_boxes=boxes, notes=notes)
         return self.transform(sample) if self.transform is not None else sample

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .base import Sample
+from .base import Sample, mask_boxes
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "cross", "ring")
 DISTRACTOR_SHAPES = ("bar", "half_disc", "ell")
@@ -248,15 +248,6 @@ def render_scene(index: int, *, seed: int = 0, split: str = "val", size: int = 2
     return Scene(image=np.clip(image, 0, 255).astype(np.uint8), label=label,
                  instance_masks=np.stack(masks)[keep], instance_labels=labels[keep],
                  distractor_masks=np.stack(distractors) if distractors else np.zeros((0, size, size), bool))
-
-
-def mask_boxes(instance_masks: np.ndarray) -> torch.Tensor:
-    """Continuous xyxy box of each instance mask: [x0, y0, x1 + 1, y1 + 1]."""
-    boxes = []
-    for m in instance_masks:
-        ys, xs = np.nonzero(m)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
 class SyntheticShapes(Dataset):

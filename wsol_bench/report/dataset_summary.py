@@ -17,7 +17,6 @@ COVERAGE_GRID x COVERAGE_GRID grid over the image, so a centre prior shows at a 
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from wsol_bench.datasets.base import IGNORE_INDEX, Sample, SkippedSample
+from wsol_bench.datasets.base import IGNORE_INDEX, Sample, SkippedSample, boxes_to_mask
 
 EXAMPLES_PER_GROUP = 3
 COVERAGE_GRID = 32  # cells per side of the coverage map (any image size maps onto it)
@@ -36,14 +35,10 @@ def ground_truth_coverage(sample: Sample) -> torch.Tensor:
     """float [COVERAGE_GRID, COVERAGE_GRID]: the share of each cell of the image that the
     sample's ground truth covers (its mask's object pixels where it has a mask, else the union
     of its boxes)."""
-    height, width = sample.image.shape[-2:]
     if sample.mask is not None:
         region = (sample.mask > 0) & (sample.mask != IGNORE_INDEX)
     else:
-        region = torch.zeros(height, width, dtype=torch.bool)
-        for x0, y0, x1, y1 in sample.boxes.tolist():  # the pixels whose centres the box holds
-            region[max(math.ceil(y0 - 0.5), 0):max(math.ceil(y1 - 0.5), 0),
-                   max(math.ceil(x0 - 0.5), 0):max(math.ceil(x1 - 0.5), 0)] = True
+        region = boxes_to_mask(sample.boxes, tuple(sample.image.shape[-2:]))
     return F.adaptive_avg_pool2d(region[None, None].float(), COVERAGE_GRID)[0, 0]
 
 
