@@ -156,8 +156,20 @@ def test_precision_settings():
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
-    with pytest.raises(ValueError, match="train.precision=bf16 needs device=cuda"):
-        autocast_dtype("bf16", torch.device("cpu"))
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="train.precision=fp16 needs device=cuda"):
+        autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_training_attention_kernel_follows_the_recipe():
+    """train.fused_attention picks the attention kernel of every block; null keeps timm's default."""
+    model = timm.create_model("wsol_synthetic_vit", pretrained=False, depth=2)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attention) == 2
+    for setting, expected in ((False, False), (True, True), (None, timm.layers.use_fused_attn())):
+        train_recipe.prepare_for_training(model, setting)
+        assert [m.fused_attn for m in attention] == [expected, expected]
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -373,7 +385,6 @@ def test_shipped_architecture_round_trip(tmp_path):
 
 @pytest.mark.parametrize("preset,dataset,model", [
     ("synthetic", "synthetic", "wsol_synthetic_vit"),
-    ("synthetic_phase2", "synthetic", "wsol_synthetic_vit"),
     ("voc_single_class", "voc", "vit_base_patch16_224.orig_in21k_ft_in1k"),
     ("cub", "cub", "vit_base_patch16_224.orig_in21k_ft_in1k"),
 ])
@@ -386,9 +397,10 @@ def test_presets_compose(preset, dataset, model):
     assert cfg.train.train_params.split != cfg.train.val_params.split
     recipe = train_recipe.recipe_from(cfg)
     assert recipe.epochs >= 1 and recipe.lr > 0
-    if preset.startswith("synthetic"):  # both phases train at the model's own 224 px on the same images
+    if preset == "synthetic":  # the model's own 224 px throughout, bf16 with the unfused kernel
         assert recipe.epoch_sizes is None and "first_index" not in cfg.train.train_params
-    if not preset.startswith("synthetic"):
+        assert recipe.precision == "bf16" and recipe.fused_attention is False
+    else:
         assert list(cfg.preprocess.input_size) == [224, 224] and list(cfg.preprocess.mean) == [0.5] * 3
         assert cfg.model.pretrained and recipe.augment == "timm" and not cfg.train.cache
 
@@ -490,9 +502,9 @@ def test_bad_types_and_keys_are_refused_when_composing(monkeypatch, capsys, tmp_
 # ---------------------------------------------------------------- the shipped model's recipe script
 
 
-def test_train_synthetic_script_runs_both_phases_and_installs_without_paths(tmp_path, monkeypatch):
-    """scripts/train_synthetic.py (shrunk by overrides): phase 2 starts from phase 1's weights,
-    one image cache serves both, and the installed record names no folder of this machine."""
+def test_train_synthetic_script_trains_and_installs_without_paths(tmp_path, monkeypatch):
+    """scripts/train_synthetic.py (shrunk by overrides): one run of the recipe at the input size,
+    its weights installed byte for byte, and the installed record names no folder of this machine."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_synthetic", ROOT / "scripts" / "train_synthetic.py")
@@ -507,14 +519,14 @@ def test_train_synthetic_script_runs_both_phases_and_installs_without_paths(tmp_
                                       "progress=false"])
     script.main()
     record = json.loads((tmp_path / "weights" / "wsol_synthetic_vit.json").read_text())
-    first = record["previous_phase"]
-    assert first["recipe"]["train"]["epoch_sizes"] is None and first["history"][0]["train_size"] is None
-    assert first["recipe"]["train"]["lr"] == 5e-4 and record["recipe"]["train"]["lr"] == 3e-4
-    assert record["recipe"]["train"]["epoch_sizes"] is None and record["history"][0]["train_size"] is None
+    train = record["recipe"]["train"]
+    assert train["lr"] == 5e-4 and train["precision"] == "bf16" and train["fused_attention"] is False
+    assert train["epoch_sizes"] is None and record["history"][0]["train_size"] is None
     assert record["final_val_acc"] == record["history"][-1]["val_acc"]
-    assert len(list((out / "cache").iterdir())) == 2  # train and val, rendered once for both phases
+    assert len(list((out / "cache").iterdir())) == 2  # train and val
     text = json.dumps(record)
     assert str(tmp_path) not in text and record["benchmark_command"] == "wsol-bench model=wsol_synthetic_vit"
+    assert record["recipe_wall_clock_minutes"] >= 0 and record["command"] == "python scripts/train_synthetic.py"
     installed = load_file(str(tmp_path / "weights" / "wsol_synthetic_vit.safetensors"))
-    trained = load_file(str(out / "phase2" / "model.safetensors"))
-    assert all(torch.equal(installed[k], trained[k]) for k in trained)
+    trained = load_file(str(out / "run" / "model.safetensors"))
+    assert installed.keys() == trained.keys() and all(torch.equal(installed[k], trained[k]) for k in trained)

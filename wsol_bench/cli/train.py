@@ -1,7 +1,7 @@
 """The `wsol-bench-train` command (Hydra): fine-tune a timm model, or train the shipped
 architecture from scratch, on any dataset of the suite.
 
-    wsol-bench-train                                  # train=synthetic: phase 1 of the shipped recipe
+    wsol-bench-train                                  # train=synthetic: the shipped model's recipe
     wsol-bench-train train=voc_single_class dataset.params.root=/data device=cuda
     wsol-bench-train out_dir=results/runs/my_run      # again: resumes from its checkpoint
 """

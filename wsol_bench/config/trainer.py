@@ -32,6 +32,7 @@ class TrainConfig:
     augment: str = "none"
     timm_augment: dict[str, Any] = field(default_factory=dict)  # timm.data.create_transform kwargs
     precision: str = "auto"
+    fused_attention: bool | None = None
     epoch_sizes: Any = None
     reset_head: bool = False
 

@@ -122,9 +122,10 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, num_classes: 
                              f"{missing[:5]}, unexpected {list(unexpected)[:5]}")
 
 
-def prepare_for_training(model: nn.Module) -> nn.Module:
-    """Undo the explanation-time settings of `load_model`: trainable weights, fused attention."""
-    fused = timm.layers.use_fused_attn()
+def prepare_for_training(model: nn.Module, fused_attention: bool | None = None) -> nn.Module:
+    """Undo the explanation-time settings of `load_model`: trainable weights, and the attention
+    kernel `fused_attention` (None: timm's default, fused where torch has the kernel)."""
+    fused = timm.layers.use_fused_attn() if fused_attention is None else bool(fused_attention)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
@@ -188,7 +189,8 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if dynamic and pre["size"][0] != pre["size"][1]:
         raise ValueError(f"train.epoch_sizes are square sides but the input size is {pre['size']}; "
                          "set a square preprocess.input_size or train.epoch_sizes=null")
-    model = prepare_for_training(build_training_model(cfg.model, data.num_classes, reset_head, dynamic))
+    model = prepare_for_training(build_training_model(cfg.model, data.num_classes, reset_head, dynamic),
+                                 recipe.fused_attention)
     trainer = Trainer(model, recipe, data.steps, device, data.num_classes, int(cfg.seed))
     settings = fingerprint(cfg, pre)
     ckpt = out_dir / CHECKPOINT

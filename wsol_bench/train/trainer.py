@@ -1,4 +1,4 @@
-"""The training loop: AdamW, linear warm-up then cosine decay, optional mixed precision on GPU,
+"""The training loop: AdamW, linear warm-up then cosine decay, optional mixed precision,
 validation accuracy every epoch, and an atomic checkpoint after every epoch from which a run
 resumes exactly where it stopped (same weights as an uninterrupted run)."""
 
@@ -43,7 +43,12 @@ class Recipe:
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0   # max global gradient norm; null: no clipping
     augment: str = "none"           # batch augmentation (none, hflip, dihedral) or timm (per image)
-    precision: str = "auto"         # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"         # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU too
+    # Attention kernel while training: True fused (scaled_dot_product_attention), False the
+    # explicit softmax(q k^T) v, None timm's default. Unfused is the faster one under CPU bf16
+    # autocast (the fused CPU kernel's backward dominates a small ViT's step). Evaluation always
+    # runs unfused in fp32, as the benchmark does.
+    fused_attention: bool | None = None
     # The square side the train images are downsampled to: one for every epoch, or a list with
     # one per epoch (progressive resizing); null trains at the input size. Validation is always
     # at the input size.
@@ -96,10 +101,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp32":
         return None
+    if precision == "bf16":  # CPU autocast supports bf16 (fast with AVX512-BF16 or AMX)
+        return torch.bfloat16
     if device.type != "cuda":
-        raise ValueError(f"train.precision={precision} needs device=cuda; mixed precision is off on CPU "
-                         "(use train.precision=auto or fp32)")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+        raise ValueError(f"train.precision={precision} needs device=cuda; fp16 autocast is CUDA only "
+                         "(use train.precision=bf16, auto or fp32)")
+    return torch.float16
 
 
 def rng_states() -> dict[str, Any]:
