@@ -30,7 +30,7 @@ class SyntheticParams:
     num_images: int = 500
     seed: int = 0
     image_size: int = 224
-    version: str = "v2"  # the drawing rules (datasets/synthetic.py); in every image id and map-store key
+    version: str = "v3"  # the drawing rules (datasets/synthetic.py); in every image id and map-store key
 
 
 @dataclass
