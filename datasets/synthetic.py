@@ -4,9 +4,10 @@ Every image is a pure function of (version, seed, split, index): a cluttered bac
 two-colour gradient, low-frequency noise, random lines) with one to three instances of the
 labelled shape class and up to two distractor shapes of no labelled class, each drawn with a
 random colour, size, rotation, aspect and texture. There is no centre prior: shapes lie
-anywhere (and may be cut by the border), their centres leaning towards the border just enough
-that the ground truth is spread evenly over the image, and sizes run from a few percent of the
-image to a third of it, so a map that ignores the image (a centred blob) scores near chance. Masks and boxes are exact because the image is drawn from the masks; distractors
+anywhere (and may be cut by the border), their centres leaning towards the border so that the
+ground truth is spread about evenly over the image, and sizes run from a few percent of the
+image to a third of it, so a map that ignores the image (a centred blob) scores near chance.
+Masks and boxes are exact because the image is drawn from the masks; distractors
 are in no mask. The `two_class` variant draws one instance each of two different classes, for
 class-sensitivity checks.
 
@@ -176,7 +177,8 @@ def _place(rng: np.random.Generator, size: int, taken: np.ndarray, make, area_ra
            attempts: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
     """Draw a shape of random size anywhere in the image: each centre coordinate follows the
     arcsine law over the whole image, so objects may be cut by the border (at most 40 % of the
-    shape), and it keeps a margin from the shapes already placed. Returns (mask, margin mask, polygons), or None when no try fits."""
+    shape), and it keeps a margin from the shapes already placed. Returns (mask, margin mask,
+    polygons), or None when no try fits."""
     for _attempt in range(attempts):
         # bounding-circle area, log-uniform: as many small as large objects
         fraction = math.exp(rng.uniform(math.log(area_range[0]), math.log(area_range[1])))
@@ -267,7 +269,8 @@ class SyntheticShapes(Dataset):
                  first_index: int = 0, transform=None) -> None:
         if version != VERSION:
             raise ValueError(f"synthetic: version {version!r} is not drawn by this release; valid: "
-                             f"{VERSION!r} (v1, the centred-object set, and v2, uniform centres, were replaced)")
+                             f"{VERSION!r} (v1, the centred-object set, and v2, uniform centres, "
+                             "were replaced)")
         self.version = version
         if split not in SPLIT_CODES:
             raise ValueError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
