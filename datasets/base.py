@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+
+from wsol_bench import choices
+from wsol_bench.errors import SettingError
 
 IGNORE_INDEX = 255  # mask value excluded from every pixel metric (VOC's "void")
 
@@ -83,7 +85,7 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], interpolation: str 
         raise ValueError(f"resize_image takes a decoded uint8 [3, H, W] image, got {image.dtype} "
                          f"{tuple(image.shape)}")
     if interpolation not in _PIL_FILTERS:
-        raise ValueError(f"unknown preprocess.interpolation {interpolation!r}; valid: {', '.join(_PIL_FILTERS)}")
+        raise SettingError(f"unknown preprocess.interpolation {interpolation!r}; valid: {', '.join(_PIL_FILTERS)}")
     height, width = size
     pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # uint8 [H, W, 3]: RGB
     resized = pil.resize((width, height), resample=_PIL_FILTERS[interpolation])
@@ -104,7 +106,11 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], rule: str = "opencv")
         return torch.from_numpy(np.asarray(resized).copy())
     if rule != "opencv":
         raise ValueError(f"unknown mask resize rule {rule!r}; valid: {', '.join(MASK_RESIZE_RULES)}")
-    return TF.resize(mask[None], list(size), interpolation=TF.InterpolationMode.NEAREST)[0]
+    # OpenCV itself: its INTER_NEAREST source index (float64 scale, its own rounding) is not
+    # torch's nearest rule, which picks a neighbouring row or column for some sizes
+    import cv2
+
+    return torch.from_numpy(cv2.resize(mask.numpy(), (size[1], size[0]), interpolation=cv2.INTER_NEAREST))
 
 
 def resize_sample(sample: Sample, size: tuple[int, int], interpolation: str = "bilinear") -> Sample:
@@ -132,13 +138,13 @@ def resize_center_crop(sample: Sample, size: tuple[int, int], crop_pct: float,
     protocol rasterises ground truth in the coordinates the model sees."""
     height, width = size
     if height != width:
-        raise ValueError(f"preprocess.resize=timm needs a square input size, got {size}; use squash")
+        raise SettingError(f"preprocess.resize=timm needs a square input size, got {size}; use squash")
     w0, h0 = sample.size
     short = math.floor(height / crop_pct)
     new_w, new_h = (short, int(short * h0 / w0)) if w0 <= h0 else (int(short * w0 / h0), short)
     image = sample.image if (new_h, new_w) == (h0, w0) else resize_image(sample.image, (new_h, new_w),
                                                                          interpolation)
-    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    top, left = round((new_h - height) / 2.0), round((new_w - width) / 2.0)
     image = image[:, top:top + height, left:left + width]
     factor = torch.tensor([new_w / w0, new_h / h0, new_w / w0, new_h / h0])
     shift = torch.tensor([left, top, left, top], dtype=torch.float32)
@@ -156,7 +162,7 @@ def resize_center_crop(sample: Sample, size: tuple[int, int], crop_pct: float,
                    orig_boxes=boxes[keep].clone(), orig_size=(width, height), notes=notes)
 
 
-RESIZE_MODES = ("squash", "timm")
+RESIZE_MODES = choices.RESIZE_MODES  # preprocess.resize
 
 
 def normalize_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -176,9 +182,9 @@ class EvalTransform:
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear", resize: str = "squash", crop_pct: float = 0.875) -> None:
         if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown preprocess.resize {resize!r}; valid: {', '.join(RESIZE_MODES)}")
+            raise SettingError(f"unknown preprocess.resize {resize!r}; valid: {', '.join(RESIZE_MODES)}")
         if not 0 < crop_pct <= 1:
-            raise ValueError(f"preprocess.crop_pct must be in (0, 1], got {crop_pct}")
+            raise SettingError(f"preprocess.crop_pct must be in (0, 1], got {crop_pct}")
         self.size = (int(size[0]), int(size[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

@@ -38,10 +38,13 @@ item whose reason names the file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
 
 from .base import Sample, SkippedSample, inclusive_to_continuous, index_fingerprint
 from .image_io import ImageReadError, read_rgb
@@ -80,7 +83,7 @@ def read_index_file(path: Path, fields: int, sep: str | None = None) -> IndexTab
     number, other fields)], in file order. Raises for a missing or unreadable file (naming
     it) and for a malformed line or one that is not UTF-8 (naming the file and line)."""
     if unreadable_reason(path) == "missing":
-        raise FileNotFoundError(f"CUB index file {path} is missing; found in {path.parent}: "
+        raise MissingInputError(f"CUB index file {path} is missing; found in {path.parent}: "
                                 f"{folder_listing(path.parent)}")
     table: IndexTable = {}
     for number, line in enumerate(read_text_lines(path), 1):
@@ -88,7 +91,7 @@ def read_index_file(path: Path, fields: int, sep: str | None = None) -> IndexTab
             continue
         parts = [p.strip() for p in line.split(sep)] if sep else line.split()
         if len(parts) != fields:
-            raise ValueError(f"{path}:{number}: expected {fields} fields, got {line!r}")
+            raise InputFileError(f"{path}:{number}: expected {fields} fields, got {line!r}")
         table.setdefault(parts[0], []).append((number, parts[1:]))
     return table
 
@@ -97,8 +100,8 @@ def _single(table: IndexTable, path: Path) -> dict[str, tuple[int, list[str]]]:
     """The table of a file that must list each key once."""
     for key, rows in table.items():
         if len(rows) > 1:
-            raise ValueError(f"{path}: lines {rows[0][0]} and {rows[1][0]} both list {key}; list each once: "
-                             "fix the file")
+            raise InputFileError(f"{path}: lines {rows[0][0]} and {rows[1][0]} both list {key}; list each once: "
+                                 "fix the file")
     return {key: rows[0] for key, rows in table.items()}
 
 
@@ -109,16 +112,19 @@ def _check_unique_paths(images: dict[str, tuple[int, list[str]]], path: Path) ->
     for key, (number, (image_path,)) in images.items():
         if image_path in first:
             other, line = first[image_path]
-            raise ValueError(f"{path}: lines {line} and {number} both list {image_path} (images {other} and "
-                             f"{key}); list each image once: fix the file")
+            raise InputFileError(f"{path}: lines {line} and {number} both list {image_path} (images {other} and "
+                                 f"{key}); list each image once: fix the file")
         first[image_path] = (key, number)
 
 
 def _numbers(values: list[str], path: Path, number: int) -> list[float]:
     try:
-        return [float(v) for v in values]
+        numbers = [float(v) for v in values]
     except ValueError:
-        raise ValueError(f"{path}:{number}: expected numbers, got {values}") from None
+        numbers = []
+    if len(numbers) != len(values) or not all(map(math.isfinite, numbers)):  # "nan" and "inf" parse
+        raise InputFileError(f"{path}:{number}: expected numbers, got {values}")
+    return numbers
 
 
 def _label(text: str, offset: int, num_classes: int, path: Path, number: int) -> int:
@@ -128,7 +134,7 @@ def _label(text: str, offset: int, num_classes: int, path: Path, number: int) ->
     except ValueError:
         label = -1
     if not 0 <= label < num_classes:
-        raise ValueError(f"{path}:{number}: class {text!r} is not in {offset}..{num_classes - 1 + offset}")
+        raise InputFileError(f"{path}:{number}: class {text!r} is not in {offset}..{num_classes - 1 + offset}")
     return label
 
 
@@ -136,12 +142,12 @@ def resolve_cub_root(root: str | Path) -> Path:
     """The CUB_200_2011 folder for `root` = CUB_200_2011 or its parent."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"CUB root {root} does not exist; set dataset.params.root to the folder "
+        raise MissingInputError(f"CUB root {root} does not exist; set dataset.params.root to the folder "
                                 f"holding {LAYOUT}")
     for candidate in (root / "CUB_200_2011", root):
         if (candidate / "images").is_dir() or (candidate / "images.txt").is_file():
             return candidate
-    raise FileNotFoundError(f"no CUB_200_2011 folder in {root}: expected {LAYOUT} (root may also be "
+    raise MissingInputError(f"no CUB_200_2011 folder in {root}: expected {LAYOUT} (root may also be "
                             f"CUB_200_2011 itself); found {folder_listing(root)}")
 
 
@@ -151,12 +157,12 @@ def resolve_metadata_dir(metadata: str | Path, split: str) -> Path:
     for candidate in (metadata / split, metadata):
         if (candidate / METADATA_FILES[0]).is_file():
             if candidate == metadata and metadata.name in ("train", "val", "test") and metadata.name != split:
-                raise ValueError(f"CUB metadata folder {metadata} is the {metadata.name!r} split but "
-                                 f"split={split!r}; set split={metadata.name} or point metadata at its "
-                                 "parent")
+                raise SettingError(f"CUB metadata folder {metadata} is the {metadata.name!r} split but "
+                                   f"split={split!r}; set split={metadata.name} or point metadata at its "
+                                   "parent")
             return candidate
     found = folder_listing(metadata) if metadata.is_dir() else "no such folder"
-    raise FileNotFoundError(f"no wsolevaluation metadata for split {split!r} in {metadata}: expected "
+    raise MissingInputError(f"no wsolevaluation metadata for split {split!r} in {metadata}: expected "
                             f"{', '.join(METADATA_FILES)} there or in {metadata / split}; found {found}")
 
 
@@ -171,24 +177,24 @@ class CubDataset(Dataset):
                  metadata: str | Path | None = None, segmentations: str | Path | None = None,
                  num_images: int | None = None, transform=None) -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"cub: unknown layout {layout!r}; valid: {LAYOUTS}")
+            raise SettingError(f"cub: unknown layout {layout!r}; valid: {LAYOUTS}")
         if layout == "auto":
             layout = "wsolevaluation" if metadata is not None else "official"
         if layout == "wsolevaluation" and metadata is None:
-            raise ValueError("cub: layout wsolevaluation needs dataset.params.metadata, the folder with "
-                             f"{', '.join(METADATA_FILES)}")
+            raise SettingError("cub: layout wsolevaluation needs dataset.params.metadata, the folder with "
+                               f"{', '.join(METADATA_FILES)}")
         self.cub_dir = resolve_cub_root(root)
         self.images_dir = self.cub_dir / "images"
         needed = ["images/"] + (list(OFFICIAL_FILES) if layout == "official" else [])
         missing = [n for n in needed if unreadable_reason(self.cub_dir / n) == "missing"]
         if missing:
-            raise FileNotFoundError(f"CUB {layout} layout needs {', '.join(missing)} in {self.cub_dir} "
+            raise MissingInputError(f"CUB {layout} layout needs {', '.join(missing)} in {self.cub_dir} "
                                     f"(layout {LAYOUT}); found {folder_listing(self.cub_dir)}")
         self.split, self.layout, self.transform = split, layout, transform
         self.class_names = self._class_names()
         self.segmentations_dir = None if segmentations is None else Path(segmentations).expanduser()
         if self.segmentations_dir is not None and not self.segmentations_dir.is_dir():
-            raise FileNotFoundError(f"CUB segmentations folder {self.segmentations_dir} does not exist; "
+            raise MissingInputError(f"CUB segmentations folder {self.segmentations_dir} does not exist; "
                                     "set dataset.params.segmentations to the folder holding "
                                     "<class dir>/<stem>.png")
         if layout == "official":
@@ -245,8 +251,8 @@ class CubDataset(Dataset):
 
     def _index_official(self) -> list[AnnotationRecord | SkippedSample]:
         if self.split not in OFFICIAL_SPLITS:
-            raise ValueError(f"cub: unknown split {self.split!r} for the official layout; valid: "
-                             f"{sorted(OFFICIAL_SPLITS)}")
+            raise SettingError(f"cub: unknown split {self.split!r} for the official layout; valid: "
+                               f"{sorted(OFFICIAL_SPLITS)}")
         images, labels, splits, boxes = (
             _single(read_index_file(self.cub_dir / name, OFFICIAL_FIELDS[name]), self.cub_dir / name)
             for name in OFFICIAL_FILES[:4])  # classes.txt was read by _class_names
@@ -258,8 +264,8 @@ class CubDataset(Dataset):
                 continue
             number, (flag,) = splits[key]
             if flag not in ("0", "1"):
-                raise ValueError(f"{self.cub_dir / 'train_test_split.txt'}:{number}: expected 0 or 1, "
-                                 f"got {flag!r}")
+                raise InputFileError(f"{self.cub_dir / 'train_test_split.txt'}:{number}: expected 0 or 1, "
+                                     f"got {flag!r}")
             if flag != OFFICIAL_SPLITS[self.split]:
                 continue
             if key not in labels or key not in boxes:
@@ -293,7 +299,8 @@ class CubDataset(Dataset):
                 number, values = sizes[path]
                 width, height = _numbers(values, files["image_sizes.txt"], number)
                 if width != int(width) or height != int(height) or min(width, height) < 1:
-                    raise ValueError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in pixels")
+                    raise InputFileError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in "
+                                         "pixels")
                 size, notes = (int(width), int(height)), ()
             items.append(self._record(path, label, inclusive_to_continuous(corners).tolist(), size, notes))
         return items

@@ -48,6 +48,8 @@ import torch
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
+
 from .base import Sample, SkippedSample, index_fingerprint
 from .image_io import ImageReadError, read_rgb
 from .imagenet_annotations import (
@@ -138,7 +140,7 @@ def _listing_problem(files: list[str], unreadable: dict[str, str], where: str) -
 def detect_layout(root: Path, metadata: Path | None) -> str:
     """Which official layout `root` holds; raises naming the layouts and what was found."""
     if not root.is_dir():
-        raise FileNotFoundError(f"imagenet: dataset.params.root {str(root)!r} does not exist; {LAYOUT_HELP}")
+        raise MissingInputError(f"imagenet: dataset.params.root {str(root)!r} does not exist; {LAYOUT_HELP}")
     if metadata is not None:
         return "wsolevaluation"
     if (root / KAGGLE_IMAGES).is_dir():
@@ -146,7 +148,7 @@ def detect_layout(root: Path, metadata: Path | None) -> str:
     val = root / "val"
     if val.is_dir() and scan_folder(val).folders:
         return "torchvision"
-    raise FileNotFoundError(f"imagenet: cannot tell the layout of {root}: {LAYOUT_HELP}; "
+    raise MissingInputError(f"imagenet: cannot tell the layout of {root}: {LAYOUT_HELP}; "
                             f"found: {folder_listing(root)}")
 
 
@@ -161,7 +163,7 @@ def _size_unchecked(ann: ImageAnnotation, problem: str | None) -> ImageAnnotatio
 
 def _require_dir(folder: Path, layout: str, root: Path, setting: str = "dataset.params.root") -> None:
     if not folder.is_dir():
-        raise FileNotFoundError(f"imagenet ({layout} layout): folder {folder} does not exist; "
+        raise MissingInputError(f"imagenet ({layout} layout): folder {folder} does not exist; "
                                 f"check {setting}. "
                                 f"{LAYOUT_HELP}; found in {root}: {folder_listing(root)}")
 
@@ -179,21 +181,21 @@ class ImageNetVal(Dataset):
                  synsets: str | os.PathLike | None = None, num_images: int | None = None,
                  size_mismatch: str = "scale", transform=None) -> None:
         if split != "val":
-            raise ValueError(f"imagenet: split {split!r} is not supported; "
-                             "only 'val' has boxes for every image")
+            raise SettingError(f"imagenet: split {split!r} is not supported; "
+                               "only 'val' has boxes for every image")
         if layout not in ("auto",) + LAYOUTS:
-            raise ValueError(f"imagenet: layout {layout!r} is unknown; valid: auto, {', '.join(LAYOUTS)}")
+            raise SettingError(f"imagenet: layout {layout!r} is unknown; valid: auto, {', '.join(LAYOUTS)}")
         if size_mismatch not in SIZE_MISMATCH_POLICIES:
-            raise ValueError(f"imagenet: size_mismatch {size_mismatch!r} is unknown; "
-                             f"valid: {', '.join(SIZE_MISMATCH_POLICIES)}")
+            raise SettingError(f"imagenet: size_mismatch {size_mismatch!r} is unknown; "
+                               f"valid: {', '.join(SIZE_MISMATCH_POLICIES)}")
         self.root = Path(root).expanduser()
         self.metadata = Path(metadata).expanduser() if metadata is not None else None
         if not self.root.is_dir():
             detect_layout(self.root, self.metadata)  # raises the missing-root error
         self.layout = detect_layout(self.root, self.metadata) if layout == "auto" else layout
         if (self.layout == "wsolevaluation") != (self.metadata is not None):
-            raise ValueError(f"imagenet: dataset.params.metadata is needed by the wsolevaluation layout and "
-                             f"only by it (layout={self.layout}, metadata={metadata}); {LAYOUT_HELP}")
+            raise SettingError(f"imagenet: dataset.params.metadata is needed by the wsolevaluation layout "
+                               f"and only by it (layout={self.layout}, metadata={metadata}); {LAYOUT_HELP}")
         self.size_mismatch, self.transform = size_mismatch, transform
         self.wnids, self.class_names = self._classes(synsets)
         self._class_index = {wnid: i for i, wnid in enumerate(self.wnids)}
@@ -210,8 +212,8 @@ class ImageNetVal(Dataset):
         index = sorted(records + skips, key=lambda item: item.image_id)
         try:
             self.records, self.skipped = limit_index(index, num_images, f"imagenet ({self.layout} layout)")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}. Root {self.root}: {LAYOUT_HELP}") from None
+        except InputFileError as err:  # no usable item: name the layouts, the likeliest fix
+            raise InputFileError(f"{err}. Root {self.root}: {LAYOUT_HELP}") from None
 
     def _classes(self, synsets: str | os.PathLike | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Sorted wnids and their names: from LOC_synset_mapping.txt when given or present in
@@ -220,7 +222,7 @@ class ImageNetVal(Dataset):
         reference = info.label_names()
         path = Path(synsets).expanduser() if synsets else self.root / "LOC_synset_mapping.txt"
         if synsets and not path.is_file():
-            raise FileNotFoundError(f"imagenet: dataset.params.synsets {str(path)!r} does not exist")
+            raise MissingInputError(f"imagenet: dataset.params.synsets {str(path)!r} does not exist")
         if path.is_file():
             names = read_synset_mapping(path)
             if sorted(names) != sorted(reference):
@@ -285,7 +287,7 @@ class ImageNetVal(Dataset):
                        for image_id, name in images.names.items() if image_id in xmls.names]
             annotated = set(xmls.names) | set(xmls.problems)
         else:
-            raise FileNotFoundError(f"imagenet (kaggle layout): neither {csv} nor {xml_dir} exists; one of "
+            raise MissingInputError(f"imagenet (kaggle layout): neither {csv} nor {xml_dir} exists; one of "
                                     f"them holds the boxes. {LAYOUT_HELP}; found in {self.root}: "
                                     f"{folder_listing(self.root)}")
         for image_id in annotated - set(images.names) - set(images.problems):
@@ -343,7 +345,7 @@ class ImageNetVal(Dataset):
     def _index_wsolevaluation(self) -> list[ImageNetRecord]:
         assert self.metadata is not None
         if not self.metadata.is_dir():
-            raise FileNotFoundError(f"imagenet (wsolevaluation layout): dataset.params.metadata "
+            raise MissingInputError(f"imagenet (wsolevaluation layout): dataset.params.metadata "
                                     f"{str(self.metadata)!r} does not exist; it must hold "
                                     f"{', '.join(WSOL_FILES)}")
         annotations, problems = read_wsol_metadata(self.metadata)

@@ -8,8 +8,8 @@ happens in `base.inclusive_to_continuous` (shared with the other loaders) and no
 Each parser reads one file format and returns plain data: boxes still in the file's own
 inclusive convention (float, since a few files write floats), class wnids or indices, sizes.
 Problems that concern one image are returned as (image_id, reason) pairs, never raised, so a
-dataset can skip that image and count it; a file that cannot be read at all (missing,
-unreadable, not UTF-8 text) raises `AnnotationError` naming it (and the line).
+dataset can skip that image and count it; a file that cannot be read at all (unreadable, not
+UTF-8 text) raises `AnnotationError` naming it (and the line), a missing one `MissingInputError`.
 
 Several lines for one image in a file that states one line per image (Kaggle's csv,
 class_labels.txt, image_sizes.txt, image_ids.txt) are never resolved by their order: lines
@@ -29,12 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsol_bench.errors import InputFileError, MissingInputError
+
 from .records import IndexFileError, read_text_lines, unreadable_reason
 
 WNID_PATTERN = re.compile(r"n\d{8}")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputFileError):
     """An annotation file that cannot be used; the message names the file and the fix."""
 
 
@@ -141,7 +143,8 @@ def parse_imagenet_xml(path: Path) -> ImageAnnotation:
             boxes.append(values)
             wnids.append((obj.findtext("name") or "").strip())
             has_float |= is_float
-    except (ET.ParseError, OSError, TypeError, ValueError, AttributeError) as err:
+    except (ET.ParseError, OSError, TypeError, ValueError, AttributeError,
+            LookupError) as err:  # LookupError: an XML declaration naming an unknown encoding
         raise AnnotationError(f"annotation file {path} is not a readable ImageNet XML "
                               f"(size and object/bndbox with xmin, ymin, xmax, ymax): {err}") from err
     return ImageAnnotation(boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4), box_classes=wnids,
@@ -198,8 +201,8 @@ def _require_file(path: Path) -> None:
     """A missing metadata file is an error naming the files the folder must hold (one that is
     there but cannot be read is named when it is read)."""
     if unreadable_reason(path) == "missing":
-        raise AnnotationError(f"{path} does not exist; the wsolevaluation metadata folder must hold "
-                              f"{', '.join(WSOL_FILES)}")
+        raise MissingInputError(f"{path} does not exist; the wsolevaluation metadata folder must hold "
+                                f"{', '.join(WSOL_FILES)}")
 
 
 def _wsol_lines(metadata: Path, name: str) -> list[tuple[int, str]]:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import InputFileError, MissingInputError, MissingLibraryError
+
 from .base import Sample, SkippedSample, file_stamp, index_fingerprint, mask_boxes
 from .records import AnnotationRecord, limit_index
 
@@ -43,12 +45,12 @@ IMAGES, MASKS = "value/img", "value/gt"
 
 
 def require_h5py():
-    """The h5py module, or an ImportError that names the fix."""
+    """The h5py module, or a `MissingLibraryError` (an ImportError) that names the fix."""
     try:
         import h5py
     except ImportError as err:  # a dependency of the package; only a broken install lacks it
-        raise ImportError("the imagenet_segmentation dataset reads gtsegs_ijcv.mat with h5py; "
-                          "pip install h5py") from err
+        raise MissingLibraryError("the imagenet_segmentation dataset reads gtsegs_ijcv.mat with h5py; "
+                                  "pip install h5py") from err
     return h5py
 
 
@@ -61,18 +63,19 @@ def _check_file(path: Path):
     """The open HDF5 file at `path`, or an error naming the file and the fix."""
     h5py = require_h5py()
     if not path.is_file():
-        raise FileNotFoundError(f"ImageNet-segmentation file {path} does not exist; set dataset.params.file to "
+        raise MissingInputError(f"ImageNet-segmentation file {path} does not exist; set dataset.params.file to "
                                 "gtsegs_ijcv.mat (the file of Chefer et al.'s imagenet_seg_eval.py)")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"{path} is not an HDF5 file ({err}); gtsegs_ijcv.mat must be the MATLAB v7.3 "
-                         "release (HDF5), not an older .mat") from err
+        raise InputFileError(f"{path} is not an HDF5 file ({err}); gtsegs_ijcv.mat must be the MATLAB v7.3 "
+                             "release (HDF5), not an older .mat") from err
     missing = [key for key in (IMAGES, MASKS) if key not in handle]
     if missing:
         found = ", ".join(sorted(handle.keys())) or "nothing"
         handle.close()
-        raise ValueError(f"{path} has no {' or '.join(missing)} (found at the top: {found}); is it gtsegs_ijcv.mat?")
+        raise InputFileError(f"{path} has no {' or '.join(missing)} (found at the top: {found}); is it "
+                             "gtsegs_ijcv.mat?")
     return handle
 
 
@@ -87,16 +90,17 @@ class ImageNetSegmentation(Dataset):
         self.file = Path(file).expanduser()
         self.transform = transform
         with _check_file(self.file) as handle:
-            images, masks = handle[IMAGES], handle[MASKS]
-            count = images.shape[0] if images.ndim == 2 else 0
-            if images.ndim != 2 or masks.shape != images.shape:
-                raise ValueError(f"{self.file}: {IMAGES} is {images.shape} and {MASKS} is {masks.shape}; "
-                                 "expected two [N, 1] arrays of references")
+            # a group in place of an array has no shape
+            images, masks = (getattr(handle[key], "shape", "not an array") for key in (IMAGES, MASKS))
+            if not isinstance(images, tuple) or len(images) != 2 or masks != images:
+                raise InputFileError(f"{self.file}: {IMAGES} is {images} and {MASKS} is {masks}; "
+                                     "expected two [N, 1] arrays of references")
+            count = images[0]
         items: list[AnnotationRecord | SkippedSample] = [
             AnnotationRecord(image_id=item_id(i), path=str(i), label=0, boxes=torch.zeros(0, 4),
                              box_labels=torch.zeros(0, dtype=torch.long), size=None) for i in range(count)]
         if not items:
-            raise ValueError(f"{self.file}: {IMAGES} lists no image")
+            raise InputFileError(f"{self.file}: {IMAGES} lists no image")
         self.records, self.skipped = limit_index(items, num_images, "imagenet_segmentation")
         self._handle, self._pid = None, None
 

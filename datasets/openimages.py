@@ -30,9 +30,10 @@ it (source read: clovaai/wsolevaluation evaluation.py and data_loaders.py):
 - PxAP counts GT-foreground pixels as positives and the rest as negatives, ignore pixels
   excluded (evaluation mask value 1 / 0 / 255).
 Here the masks are binarised at their stored size and the transform resizes the result with
-nearest neighbour (`datasets.base.resize_mask`, OpenCV's INTER_NEAREST source pixel): since the
-binarisation is per pixel and nearest neighbour picks the same source pixel for every mask, this
-equals wsolevaluation's resize-then-binarise. Sample.mask = label + 1 on the object, 255
+nearest neighbour (`datasets.base.resize_mask`, which calls cv2.resize with INTER_NEAREST as
+wsolevaluation does: OpenCV's source index is not torch's nearest rule): since the binarisation
+is per pixel and nearest neighbour picks the same source pixel for every mask, this equals
+wsolevaluation's resize-then-binarise. Sample.mask = label + 1 on the object, 255
 (`IGNORE_INDEX`) on ignore pixels, 0 elsewhere; the metrics' valid mask is `mask != 255`.
 Masks are read like cv2's greyscale read: an "L" PNG as is, a 1-bit PNG as 0/255, any other
 8-bit mode converted to greyscale (noted); 16-bit masks are refused.
@@ -59,6 +60,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
 
 from .base import IGNORE_INDEX, Sample, SkippedSample, index_fingerprint, mask_boxes
 from .image_io import ImageReadError, read_rgb
@@ -113,7 +116,7 @@ def resolve_root(root: str | Path) -> Path:
     """The folder the metadata paths are relative to: `root`, or `root`/OpenImages."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"OpenImages root {root} does not exist; set dataset.params.root to the folder "
+        raise MissingInputError(f"OpenImages root {root} does not exist; set dataset.params.root to the folder "
                                 "the metadata paths (test/<class>/<id>.jpg) are relative to "
                                 "(wsolevaluation's dataset/OpenImages)")
     nested = root / "OpenImages"
@@ -133,10 +136,10 @@ def resolve_metadata(metadata: str | Path | None, root: Path, split: str) -> Pat
     for candidate in candidates:
         if (candidate / METADATA_FILES[0]).is_file():
             if candidate.name in SPLITS and candidate.name != split:
-                raise ValueError(f"OpenImages metadata folder {candidate} is the {candidate.name!r} split but "
-                                 f"split={split!r}; set split={candidate.name} or point metadata at its parent")
+                raise SettingError(f"OpenImages metadata folder {candidate} is the {candidate.name!r} split but "
+                                   f"split={split!r}; set split={candidate.name} or point metadata at its parent")
             return candidate
-    raise FileNotFoundError(f"no wsolevaluation OpenImages metadata for split {split!r}: looked for "
+    raise MissingInputError(f"no wsolevaluation OpenImages metadata for split {split!r}: looked for "
                             f"{METADATA_FILES[0]} in {', '.join(str(c) for c in candidates)}; set "
                             "dataset.params.metadata to <wsolevaluation>/metadata/OpenImages")
 
@@ -147,7 +150,7 @@ def _rows(path: Path, fields: int, required: bool = True) -> list[tuple[int, lis
     if problem == "missing" and not required:
         return []
     if problem == "missing":
-        raise FileNotFoundError(f"OpenImages metadata file {path} is missing; found in {path.parent}: "
+        raise MissingInputError(f"OpenImages metadata file {path} is missing; found in {path.parent}: "
                                 f"{folder_listing(path.parent)}")
     rows = []
     for number, line in enumerate(read_text_lines(path), 1):
@@ -155,7 +158,7 @@ def _rows(path: Path, fields: int, required: bool = True) -> list[tuple[int, lis
             continue
         parts = line.split(",") if fields > 1 else [line.strip()]
         if len(parts) != fields:
-            raise ValueError(f"{path}:{number}: expected {fields} comma-separated fields, got {line!r}")
+            raise InputFileError(f"{path}:{number}: expected {fields} comma-separated fields, got {line!r}")
         rows.append((number, [p.strip() for p in parts]))
     return rows
 
@@ -183,13 +186,15 @@ class OpenImagesDataset(Dataset):
             except ValueError:
                 parsed[path] = -1
             if parsed[path] < 0:
-                raise ValueError(f"{files['class_labels.txt']}:{number}: class {text!r} is not an integer >= 0")
+                raise InputFileError(f"{files['class_labels.txt']}:{number}: class {text!r} is not an integer "
+                                     ">= 0")
         self.sizes: dict[str, tuple[int, int]] = {}
         for path, (number, values) in sizes.items():
             try:
                 self.sizes[path] = (int(values[0]), int(values[1]))
             except ValueError:
-                raise ValueError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in pixels") from None
+                raise InputFileError(f"{files['image_sizes.txt']}:{number}: {values} is not a size in "
+                                     "pixels") from None
         num_classes = max((parsed[p] for p in ids if p in parsed), default=-1) + 1
         names = [f"class_{i}" for i in range(num_classes)]
         items: list[AnnotationRecord | SkippedSample] = []
@@ -213,8 +218,8 @@ class OpenImagesDataset(Dataset):
         table: dict[str, tuple[int, list[str]]] = {}
         for number, (key, *rest) in rows:
             if key in table:
-                raise ValueError(f"{path}: lines {table[key][0]} and {number} both list {key}; list each once: "
-                                 "fix the file")
+                raise InputFileError(f"{path}: lines {table[key][0]} and {number} both list {key}; list each "
+                                     "once: fix the file")
             table[key] = (number, rest)
         return table
 
@@ -227,11 +232,12 @@ class OpenImagesDataset(Dataset):
         first: dict[str, int] = {}
         for number, (image, mask, ignore) in _rows(path, 3):
             if not mask:
-                raise ValueError(f"{path}:{number}: no instance mask path")
+                raise InputFileError(f"{path}:{number}: no instance mask path")
             if image in masks:
                 if ignore:
-                    raise ValueError(f"{path}:{number}: a second ignore mask for {image} (its first line, "
-                                     f"{first[image]}, gives the image's one ignore mask); leave the field empty")
+                    raise InputFileError(f"{path}:{number}: a second ignore mask for {image} (its first line, "
+                                         f"{first[image]}, gives the image's one ignore mask); leave the field "
+                                         "empty")
                 masks[image].append(mask)
             else:
                 masks[image], ignores[image], first[image] = [mask], ignore, number

@@ -23,6 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from wsol_bench.errors import InputFileError, SettingError
+
 from .base import SkippedSample
 
 
@@ -112,7 +114,7 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-class IndexFileError(ValueError):
+class IndexFileError(InputFileError):
     """An index or annotation file that cannot be read; the message names the file and the fix."""
 
 
@@ -194,7 +196,7 @@ def limit_index(items: list[AnnotationRecord | SkippedSample], num_images: int |
     first `num_images` records and the skips passed over to reach them. An index without a
     single usable item means a wrong root or broken files: an error naming the commonest reasons."""
     if num_images is not None and int(num_images) < 1:
-        raise ValueError(f"{dataset}: num_images must be >= 1 or null (all), got {num_images}")
+        raise SettingError(f"{dataset}: num_images must be >= 1 or null (all), got {num_images}")
     records: list[AnnotationRecord] = []
     skipped: list[SkippedSample] = []
     for item in items:
@@ -203,6 +205,6 @@ def limit_index(items: list[AnnotationRecord | SkippedSample], num_images: int |
         (skipped if isinstance(item, SkippedSample) else records).append(item)
     if not records:
         reasons = Counter(s.reason for s in skipped).most_common(3)
-        raise FileNotFoundError(f"{dataset}: no usable item in the index; {len(skipped)} skipped, most "
-                                f"often: {reasons}")
+        raise InputFileError(f"{dataset}: no usable item in the index; {len(skipped)} skipped, most "
+                             f"often: {reasons}")
     return records, skipped

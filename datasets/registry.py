@@ -7,6 +7,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import SettingError
+
 from .cub import CubDataset
 from .imagenet import ImageNetVal
 from .imagenet_segmentation import ImageNetSegmentation
@@ -73,5 +75,5 @@ def available() -> list[str]:
 def build_dataset(name: str, *, transform=None, **params: Any) -> Dataset:
     """Build dataset `name` with its parameters; an unknown name lists the valid ones."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(available())}")
+        raise SettingError(f"unknown dataset {name!r}; valid: {', '.join(available())}")
     return _BUILDERS[name](transform=transform, **params)

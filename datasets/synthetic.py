@@ -28,6 +28,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import SettingError
+
 from .base import Sample, mask_boxes
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "cross", "ring")
@@ -268,17 +270,17 @@ class SyntheticShapes(Dataset):
                  image_size: int = 224, version: str = VERSION, two_class: bool = False,
                  first_index: int = 0, transform=None) -> None:
         if version != VERSION:
-            raise ValueError(f"synthetic: version {version!r} is not drawn by this release; valid: "
-                             f"{VERSION!r} (v1, the centred-object set, and v2, uniform centres, "
-                             "were replaced)")
+            raise SettingError(f"synthetic: version {version!r} is not drawn by this release; valid: "
+                               f"{VERSION!r} (v1, the centred-object set, and v2, uniform centres, "
+                               "were replaced)")
         self.version = version
         if split not in SPLIT_CODES:
-            raise ValueError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
+            raise SettingError(f"synthetic: unknown split {split!r}; valid: {sorted(SPLIT_CODES)}")
         if num_images < 1:
-            raise ValueError(f"synthetic: num_images must be >= 1, got {num_images}")
+            raise SettingError(f"synthetic: num_images must be >= 1, got {num_images}")
         self.split, self.num_images, self.seed = split, int(num_images), int(seed)
         if first_index < 0:
-            raise ValueError(f"synthetic: first_index must be >= 0, got {first_index}")
+            raise SettingError(f"synthetic: first_index must be >= 0, got {first_index}")
         self.image_size, self.two_class, self.transform = int(image_size), two_class, transform
         # item i is scene first_index + i: a second training phase can draw images no earlier
         # phase has seen, from the same deterministic stream

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
+
 from .base import IGNORE_INDEX, Sample, SkippedSample, index_fingerprint
 from .image_io import ImageReadError, read_palette_indices, read_rgb
 from .records import (
@@ -67,7 +69,7 @@ REQUIRED = {"detection": ("JPEGImages", "Annotations", "ImageSets/Main"),
             "segmentation": ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")}
 
 
-class VocAnnotationError(ValueError):
+class VocAnnotationError(InputFileError):
     """An annotation XML that cannot be used; the message names the file and the problem."""
 
 
@@ -110,7 +112,7 @@ def _flag(obj: ET.Element, tag: str, path: Path) -> bool:
 def _size(root: ET.Element) -> tuple[int, int] | None:
     try:
         width, height = (int(float(root.findtext(f"size/{t}") or 0)) for t in ("width", "height"))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int(float("inf"))
         return None
     return (width, height) if width > 0 and height > 0 else None
 
@@ -119,7 +121,7 @@ def parse_voc_xml(path: Path) -> VocAnnotation:
     """Parse one VOC annotation XML. Raises `VocAnnotationError` for malformed content."""
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # an unknown or multi-byte declared encoding
         raise VocAnnotationError(f"{path}: not valid XML ({exc})") from None
     except OSError as exc:
         raise VocAnnotationError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -148,12 +150,12 @@ def resolve_voc_root(root: str | Path) -> Path:
     """The VOC2012 folder for `root` = the folder holding VOCdevkit, VOCdevkit, or VOC2012."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"VOC root {root} does not exist; set dataset.params.root to the folder "
+        raise MissingInputError(f"VOC root {root} does not exist; set dataset.params.root to the folder "
                                 f"holding {LAYOUT}")
     for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
         if (candidate / "ImageSets").is_dir() or (candidate / "JPEGImages").is_dir():
             return candidate
-    raise FileNotFoundError(f"no VOC2012 folder in {root}: expected {LAYOUT} (root may also be VOCdevkit or "
+    raise MissingInputError(f"no VOC2012 folder in {root}: expected {LAYOUT} (root may also be VOCdevkit or "
                             f"VOC2012); found {folder_listing(root)}")
 
 
@@ -161,7 +163,7 @@ def read_split_ids(path: Path) -> list[str]:
     """Image ids of an ImageSets split file, in file order (first token of each line); an id
     listed twice is an error naming both lines."""
     if unreadable_reason(path) == "missing":
-        raise FileNotFoundError(f"VOC split file {path} is missing; found in {path.parent}: "
+        raise MissingInputError(f"VOC split file {path} is missing; found in {path.parent}: "
                                 f"{folder_listing(path.parent)}")
     lines: dict[str, int] = {}
     for number, line in enumerate(read_text_lines(path), start=1):
@@ -169,8 +171,8 @@ def read_split_ids(path: Path) -> list[str]:
             continue
         image_id = line.split()[0]
         if image_id in lines:
-            raise ValueError(f"VOC split file {path}: lines {lines[image_id]} and {number} both list "
-                             f"{image_id}; list each id once: fix the file")
+            raise InputFileError(f"VOC split file {path}: lines {lines[image_id]} and {number} both list "
+                                 f"{image_id}; list each id once: fix the file")
         lines[image_id] = number
     return list(lines)
 
@@ -187,14 +189,14 @@ class VocDataset(Dataset):
     def __init__(self, root: str | Path, split: str = "val", mode: str = "detection",
                  multi_label: str | None = None, num_images: int | None = None, transform=None) -> None:
         if mode not in MODES:
-            raise ValueError(f"voc: unknown mode {mode!r}; valid: {MODES}")
+            raise SettingError(f"voc: unknown mode {mode!r}; valid: {MODES}")
         multi_label = multi_label or DEFAULT_POLICY[mode]
         if multi_label not in MULTI_LABEL_POLICIES:
-            raise ValueError(f"voc: unknown multi_label {multi_label!r}; valid: {MULTI_LABEL_POLICIES}")
+            raise SettingError(f"voc: unknown multi_label {multi_label!r}; valid: {MULTI_LABEL_POLICIES}")
         self.voc_dir = resolve_voc_root(root)
         missing = [sub for sub in REQUIRED[mode] if not (self.voc_dir / sub).is_dir()]
         if missing:
-            raise FileNotFoundError(f"VOC {mode} mode needs {', '.join(missing)} in {self.voc_dir} "
+            raise MissingInputError(f"VOC {mode} mode needs {', '.join(missing)} in {self.voc_dir} "
                                     f"(layout {LAYOUT}); found {folder_listing(self.voc_dir)}")
         self.split, self.mode, self.multi_label, self.transform = split, mode, multi_label, transform
         image_set = "Main" if mode == "detection" else "Segmentation"

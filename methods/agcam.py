@@ -8,6 +8,8 @@ attention branch detached (the authors' model), over the patch keys. One forward
 from __future__ import annotations
 
 import torch
+
+from wsol_bench.errors import SettingError
 from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer, target_score
@@ -26,7 +28,7 @@ class AGCAM(Explainer):
         super().__init__(model)
         for key, value in (("head_fusion", head_fusion), ("layer_fusion", layer_fusion)):
             if value not in FUSIONS:
-                raise ValueError(f"agcam: {key}={value!r}; valid: {FUSIONS}")
+                raise SettingError(f"agcam: {key}={value!r}; valid: {FUSIONS}")
         self.head_fusion, self.layer_fusion = head_fusion, layer_fusion
 
     def explain(self, images, targets):

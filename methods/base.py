@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from wsol_bench.methods.capture import require_class_token
 
+from wsol_bench.errors import MissingLibraryError, SettingError
+from wsol_bench.methods.capture import require_class_token
 from wsol_bench.models import patch_grid
 
 log = logging.getLogger("wsol_bench")
@@ -79,7 +80,7 @@ class Explainer:
         if targets is not None:
             targets = torch.as_tensor(targets, dtype=torch.long, device=self.device).reshape(-1)
             if len(targets) != len(images):
-                raise ValueError(f"{self.name}: {len(targets)} targets for {len(images)} images")
+                raise SettingError(f"{self.name}: {len(targets)} targets for {len(images)} images")
         if self.uses_model:
             maps, logits, used = self.explain(images, targets)
         else:
@@ -110,9 +111,9 @@ class Explainer:
                              f"expected [{batch}]")
         bad_logits = int((~torch.isfinite(logits).all(1)).sum())
         if bad_logits:
-            raise ValueError(f"the model gave non-finite logits (NaN or inf) for {bad_logits} of {batch} images "
-                             f"(seen by {self.name}); check its weights (model.checkpoint) and the input "
-                             "normalisation (preprocess.std must not be 0)")
+            raise SettingError(f"the model gave non-finite logits (NaN or inf) for {bad_logits} of {batch} "
+                               f"images (seen by {self.name}); check its weights (model.checkpoint) and the "
+                               "input normalisation (preprocess.std must not be 0)")
         bad_maps = int((~torch.isfinite(maps.detach()).flatten(1).all(1)).sum())
         if bad_maps:
             log.warning("%s: %d of %d maps hold NaN or inf; they are scored as degenerate", self.name, bad_maps,
@@ -135,8 +136,8 @@ class Explainer:
         num_classes = logits.shape[1]
         bad = (targets < 0) | (targets >= num_classes)
         if bad.any():
-            raise ValueError(f"{self.name}: target {int(targets[bad][0])} is out of range for "
-                             f"{type(self.model).__name__} with {num_classes} classes")
+            raise SettingError(f"{self.name}: target {int(targets[bad][0])} is out of range for "
+                               f"{type(self.model).__name__} with {num_classes} classes")
         return targets
 
     def patch_map(self, token_scores: torch.Tensor) -> torch.Tensor:
@@ -144,8 +145,8 @@ class Explainer:
         gh, gw = self.grid
         patches = token_scores[:, self.num_prefix:]
         if patches.shape[1] != gh * gw:
-            raise ValueError(f"{self.name}: {patches.shape[1]} patch tokens do not fill the "
-                             f"{gh}x{gw} grid of {type(self.model).__name__}")
+            raise SettingError(f"{self.name}: {patches.shape[1]} patch tokens do not fill the "
+                               f"{gh}x{gw} grid of {type(self.model).__name__}")
         return patches.reshape(-1, gh, gw)
 
     @torch.no_grad()
@@ -154,9 +155,13 @@ class Explainer:
         return self.model(images)
 
 
-class MissingLibraryError(ImportError):
-    """An explainer needs an optional library that is not installed; the message says how to
-    install it."""
+def check_start_layer(method: str, start_layer: int, depth: int) -> int:
+    """The first block a rollout starts from, an integer in [0, depth); anything else is a
+    SettingError naming the method and the model's depth."""
+    if isinstance(start_layer, bool) or int(start_layer) != start_layer or not 0 <= start_layer < depth:
+        raise SettingError(f"{method}: start_layer={start_layer!r} must be an integer in [0, {depth}) for a "
+                           f"model with {depth} blocks")
+    return int(start_layer)
 
 
 def require_library(module: str, method: str, extra: str = "explainers"):

@@ -7,6 +7,8 @@ import hashlib
 
 import torch
 
+from wsol_bench.errors import SettingError
+
 from .base import Explainer
 from .registry import register_explainer
 
@@ -47,7 +49,7 @@ class CenterGaussian(Explainer):
     def __init__(self, model, sigma: float = 0.25) -> None:
         super().__init__(model)
         if sigma <= 0:
-            raise ValueError(f"center: sigma={sigma} must be > 0")
+            raise SettingError(f"center: sigma={sigma} must be > 0")
         self.sigma = float(sigma)
 
     def model_free_map(self, images, targets):

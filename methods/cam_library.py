@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsol_bench.errors import SettingError
 from wsol_bench.models import UnsupportedModelError
 
 from .base import Explainer, require_library
@@ -44,7 +45,8 @@ def resolve_layer(model: nn.Module, path: str, method: str) -> tuple[nn.Module, 
     ModuleList or Sequential and may be negative. A missing part is refused in one line listing
     what exists at that level."""
     if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
-        raise ValueError(f"{method}: target_layer={path!r}; valid: a dotted module path such as {DEFAULT_LAYER!r}")
+        raise SettingError(f"{method}: target_layer={path!r}; valid: a dotted module path such as "
+                           f"{DEFAULT_LAYER!r}")
     module, parent, key, walked = model, model, "", []
     for part in path.split("."):
         where = f"{'.'.join(walked)} ({type(module).__name__})" if walked else type(module).__name__
@@ -68,7 +70,8 @@ def resolve_layer(model: nn.Module, path: str, method: str) -> tuple[nn.Module, 
 
 def check_batch_size(method: str, batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{method}: batch_size={batch_size!r}; valid: an integer >= 1 (inputs per internal pass)")
+        raise SettingError(f"{method}: batch_size={batch_size!r}; valid: an integer >= 1 (inputs per "
+                           "internal pass)")
     return batch_size
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsol_bench.errors import SettingError
+
 from .base import Explainer, require_library
 from .registry import register_explainer
 
@@ -39,7 +41,7 @@ def reduce_channels(attributions: torch.Tensor, reduce: str) -> torch.Tensor:
         return attributions.abs().sum(1)
     if reduce == "l2":
         return attributions.pow(2).sum(1).sqrt()
-    raise ValueError(f"reduce={reduce!r}; valid: {REDUCTIONS}")
+    raise SettingError(f"reduce={reduce!r}; valid: {REDUCTIONS}")
 
 
 # -- parameter checks: one line naming the method and the parameter ---------------------------
@@ -48,7 +50,7 @@ def _integer(method: str, key: str, value, low: int, *, optional: bool = False) 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         extra = " or null" if optional else ""
-        raise ValueError(f"{method}: {key}={value!r} must be an integer of at least {low}{extra}")
+        raise SettingError(f"{method}: {key}={value!r} must be an integer of at least {low}{extra}")
     return int(value)
 
 
@@ -56,13 +58,13 @@ def _number(method: str, key: str, value, *, low: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"{method}: {key}={value!r} must be a finite number{bound}")
+        raise SettingError(f"{method}: {key}={value!r} must be a finite number{bound}")
     return float(value)
 
 
 def _reduce(method: str, value) -> str:
     if value not in REDUCTIONS:
-        raise ValueError(f"{method}: reduce={value!r}; valid: {', '.join(REDUCTIONS)}")
+        raise SettingError(f"{method}: reduce={value!r}; valid: {', '.join(REDUCTIONS)}")
     return value
 
 
@@ -120,8 +122,8 @@ class CaptumExplainer(Explainer):
         `patch_embed.patch_size` counts feature-map cells, not pixels)."""
         (height, width), (gh, gw) = images.shape[-2:], self.grid
         if height % gh or width % gw:
-            raise ValueError(f"{self.name}: {height}x{width} inputs do not split into the model's "
-                             f"{gh}x{gw} patch grid")
+            raise SettingError(f"{self.name}: {height}x{width} inputs do not split into the model's "
+                               f"{gh}x{gw} patch grid")
         return height // gh, width // gw
 
 
@@ -296,7 +298,8 @@ class Occlusion(PatchPerturbation):
         stride = (self.stride, self.stride) if self.stride else (ph, pw)
         height, width = images.shape[-2:]
         if window[0] > height or window[1] > width:
-            raise ValueError(f"{self.name}: window={self.window} is larger than the {height}x{width} inputs")
+            raise SettingError(f"{self.name}: window={self.window} is larger than the {height}x{width} "
+                               "inputs")
         channels = images.shape[1]
         return (channels, *window), (channels, *stride)
 

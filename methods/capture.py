@@ -12,12 +12,14 @@ gradient method run on the same model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from wsol_bench.errors import SettingError
 from wsol_bench.models import UnsupportedModelError, switch_off_fused
 
 __all__ = ["AttentionCapture", "UnsupportedModelError", "attention_modules", "require_class_token"]
@@ -136,10 +138,8 @@ class AttentionCapture:
         self._handles.clear()
         self._queries.clear()
         for attn, fused in reversed(self._fused_before):
-            try:
+            with contextlib.suppress(Exception):  # a module that refused the switch keeps its own setting
                 attn.fused_attn = fused
-            except Exception:  # a module that refused the switch keeps its own setting
-                pass
         self._fused_before.clear()
 
     def reset(self) -> None:
@@ -153,16 +153,17 @@ class AttentionCapture:
         """Assert that exactly one attention (and score) tensor was recorded per block."""
         expected = len(self.modules)
         if len(self.attentions) != expected:
-            raise RuntimeError(f"captured {len(self.attentions)} attention tensors for {expected} "
-                               "blocks: fused attention or a non-standard block skipped the hook")
+            raise UnsupportedModelError(f"captured {len(self.attentions)} attention tensors for {expected} "
+                                        "blocks: fused attention or a non-standard block skipped the hook")
         if self.want_scores and len(self.scores) != expected:
-            raise RuntimeError(f"captured {len(self.scores)} CLS score tensors for {expected} blocks")
+            raise UnsupportedModelError(f"captured {len(self.scores)} CLS score tensors for {expected} "
+                                        "blocks")
 
     def attention_grads(self, score: torch.Tensor) -> list[torch.Tensor]:
         """d score / d A^l for every block l ([B, H, N, N] each), without parameter gradients."""
         self.check()
         if not self.gradients:
-            raise RuntimeError("AttentionCapture(gradients=True) is needed for attention_grads")
+            raise SettingError("AttentionCapture(gradients=True) is needed for attention_grads")
         return list(torch.autograd.grad(score, self.attentions))
 
 

@@ -8,7 +8,9 @@ which the AG-CAM paper's tables also list:
 - full LRP: the same relevance carried down to the pixels (a pixel map).
 
 The first two read the attention after the softmax (before dropout), as the reference's
-`get_attention_map` hook does; partial LRP reuses transformer_attribution's relevance rules."""
+`get_attention_map` hook does; partial and full LRP reuse transformer_attribution's relevance
+pass, with its conserving rules (the default) or the original rules Chefer et al.'s scripts
+computed those two rows with (`rules=chefer_original`)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
+
+from wsol_bench.errors import SettingError
 from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
 
 from .base import Explainer, target_score
 from .registry import register_explainer
 from .transformer_attribution import (
+    LRP_RULES,
     check_forward,
     check_supported,
     lrp_forward,
@@ -64,16 +69,25 @@ class AttentionGradCAM(Explainer):
         return cam.reshape(-1, gh, gw), logits, used
 
 
+def check_rules(method: str, rules: str) -> str:
+    """The LRP rule set a method was given (LRP_RULES), or a SettingError listing them."""
+    if rules not in LRP_RULES:
+        raise SettingError(f"{method}: rules={rules!r}; valid: {', '.join(LRP_RULES)} (conserving: the rules "
+                           "of Transformer Attribution; chefer_original: those of Chefer et al.'s LRP rows)")
+    return rules
+
+
 @register_explainer("lrp_last_layer")
 class LastLayerLRP(Explainer):
     """Chefer et al.'s partial LRP: the LRP relevance of the last block's attention matrix
-    (transformer_attribution's rules, alpha=1, beta=0, from a one-hot at the target logit),
-    clamped at 0, mean over heads, CLS row."""
+    (alpha=1, beta=0, from a one-hot at the target logit, by `rules`), clamped at 0, mean over
+    heads, CLS row."""
 
     passes_per_image = "1 forward (its own float32 forward) + 1 relevance pass through the last block"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, rules: str = "conserving") -> None:
         super().__init__(model)
+        self.rules = check_rules(self.name, rules)
         check_supported(model, self.name)
         check_forward(model, method=self.name)
 
@@ -81,7 +95,8 @@ class LastLayerLRP(Explainer):
         with torch.no_grad():
             trace = lrp_forward(self.model, images)
             used = self.resolve_targets(trace.logits, targets)
-            r_attn, _ = relevance_pass(self.model, trace, used, start_layer=len(self.model.blocks) - 1)
+            r_attn, _ = relevance_pass(self.model, trace, used, start_layer=len(self.model.blocks) - 1,
+                                       rules=self.rules)
         cam = r_attn[-1].clamp(min=0).mean(1)[:, 0]  # [B, N]
         return self.patch_map(cam), trace.logits, used
 
@@ -134,16 +149,16 @@ def zb_conv_relprop(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tens
 
 @register_explainer("full_lrp")
 class FullLRP(Explainer):
-    """Chefer et al.'s full LRP: transformer_attribution's relevance pass down to the first
-    block, then the position-embedding add (the rescaled residual split), the patch tokens
-    only, and the z^B rule through the patch convolution; the relevance summed over the
-    colour channels, a pixel map."""
+    """Chefer et al.'s full LRP: the relevance pass (by `rules`) down to the first block, then
+    the position-embedding add (the residual rule), the patch tokens only, and the z^B rule
+    through the patch convolution; the relevance summed over the colour channels, a pixel map."""
 
     resolution = "pixel"
     passes_per_image = "1 forward (its own float32 forward) + 1 relevance pass through every block"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, rules: str = "conserving") -> None:
         super().__init__(model)
+        self.rules = check_rules(self.name, rules)
         check_supported(model, self.name)
         check_pixel_lrp(model, self.name)
         check_forward(model, method=self.name)
@@ -153,12 +168,13 @@ class FullLRP(Explainer):
         with torch.no_grad():
             trace = lrp_forward(model, images)
             used = self.resolve_targets(trace.logits, targets)
-            _, r = relevance_pass(model, trace, used, start_layer=0)
+            _, r = relevance_pass(model, trace, used, start_layer=0, rules=self.rules)
             patches = model.patch_embed(images.to(next(model.parameters()).dtype)).float()
             prefix = [t.expand(len(images), -1, -1).float() for t in (model.cls_token, model.reg_token)
                       if t is not None]
             tokens = torch.cat([*prefix, patches], dim=1)
-            r_tokens, _ = residual_relprop(tokens, model.pos_embed.float().expand_as(tokens), r)
+            r_tokens, _ = residual_relprop(tokens, model.pos_embed.float().expand_as(tokens), r,
+                                           self.rules == "conserving")
             gh, gw = self.grid
             r_patches = r_tokens[:, self.num_prefix:].transpose(1, 2).reshape(len(images), -1, gh, gw)
             pixels = zb_conv_relprop(images, model.patch_embed.proj, r_patches)

@@ -5,6 +5,7 @@ One forward and one backward, gradients through the unmodified model."""
 from __future__ import annotations
 
 import torch
+
 from wsol_bench.methods.capture import AttentionCapture
 
 from .base import Explainer, target_score

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from wsol_bench.errors import SettingError, UserError
+
 from .base import Explainer
 
 ENTRY_POINT_GROUP = "wsol_bench.explainers"
@@ -20,7 +22,7 @@ _REGISTRY: dict[str, type[Explainer]] = {}
 _BROKEN: dict[str, str] = {}  # plugin name -> why it failed to import
 
 
-class PluginImportError(ImportError):
+class PluginImportError(UserError, ImportError):
     """An explainer plugin a run asks for failed to import; the message names it and the cause."""
 _plugins_loaded = False
 
@@ -29,7 +31,7 @@ def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]
     """Class decorator: make an Explainer subclass available as `name`."""
     def wrap(cls: type[Explainer]) -> type[Explainer]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"explainer name {name!r} is already registered by {_REGISTRY[name]}")
+            raise SettingError(f"explainer name {name!r} is already registered by {_REGISTRY[name]}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -46,7 +48,7 @@ def load_plugins(force: bool = False) -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             _BROKEN[ep.name] = f"explainer plugin {ep.name!r} ({ep.value}) failed to import: {exc}"
             continue
         if isinstance(obj, type) and issubclass(obj, Explainer) and ep.name not in _REGISTRY:
@@ -82,7 +84,7 @@ def explainer_class(name: str) -> type[Explainer]:
     if name in _BROKEN and name not in _REGISTRY:
         raise PluginImportError(_BROKEN[name])
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(available())}")
+        raise SettingError(f"unknown method {name!r}; valid: {', '.join(available())}")
     return _REGISTRY[name]
 
 

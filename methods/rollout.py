@@ -5,9 +5,11 @@ labels the record, it does not change the map."""
 from __future__ import annotations
 
 import torch
+
+from wsol_bench.errors import SettingError
 from wsol_bench.methods.capture import AttentionCapture
 
-from .base import Explainer
+from .base import Explainer, check_start_layer
 from .registry import register_explainer
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -35,17 +37,19 @@ def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @register_explainer("rollout")
 class AttentionRollout(Explainer):
-    """R = a^L ... a^1 with a = rownorm((fused A + I) / 2); map = R[:, CLS, patches]."""
+    """R = a^L ... a^(s+1) with a = rownorm((fused A + I) / 2) and s = `start_layer` (0: every
+    block, the AG-CAM evaluation; Chefer et al.'s segmentation script: 1); map = R[:, CLS, patches]."""
 
     passes_per_image = "1 forward"
     class_specific = False
 
-    def __init__(self, model, head_fusion: str = "mean", discard_ratio: float = 0.0) -> None:
+    def __init__(self, model, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> None:
         super().__init__(model)
         if head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"rollout: head_fusion={head_fusion!r}; valid: {HEAD_FUSIONS}")
+            raise SettingError(f"rollout: head_fusion={head_fusion!r}; valid: {HEAD_FUSIONS}")
         if not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"rollout: discard_ratio={discard_ratio} must be in [0, 1)")
+            raise SettingError(f"rollout: discard_ratio={discard_ratio} must be in [0, 1)")
+        self.start_layer = check_start_layer(self.name, start_layer, len(model.blocks))
         self.head_fusion, self.discard_ratio = head_fusion, float(discard_ratio)
 
     @torch.no_grad()
@@ -57,7 +61,7 @@ class AttentionRollout(Explainer):
         n = cap.attentions[0].shape[-1]
         eye = torch.eye(n, device=images.device, dtype=torch.float32)
         rollout = eye.expand(len(images), n, n)
-        for attention in cap.attentions:
+        for attention in cap.attentions[self.start_layer:]:
             fused = discard_lowest(fuse_heads(attention.float(), self.head_fusion), self.discard_ratio)
             a = (fused + eye) / 2
             a = a / a.sum(-1, keepdim=True)

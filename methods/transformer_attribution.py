@@ -6,7 +6,8 @@ matmuls are inline, so this module runs its own float32 forward over the model's
 parameters (recording what each rule needs), checks once that it reproduces the model's
 logits, and propagates relevance back from a one-hot at the logits with the reference rules:
 
-- Linear: alpha=1, beta=0 (z+ on the positive/negative parts of input and weight, bias ignored);
+- Linear: alpha=1, beta=0 (z+ on the positive/negative parts of input and weight, bias ignored,
+  the two parts sharing the relevance);
 - LayerNorm, activation, softmax, dropout: relevance passes unchanged;
 - Q K^T and A V: LRP-0, half of the relevance to each operand;
 - residual add: LRP-0, then each branch rescaled to keep its share of the total, PER IMAGE;
@@ -26,27 +27,44 @@ from timm.layers import DropPath, Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
 from wsol_bench.methods.capture import UnsupportedModelError
 
-from .base import Explainer, target_score
+from .base import Explainer, check_start_layer, target_score
 from .registry import register_explainer
 
 EPS = 1e-9
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / (b + EPS * sign(b)), and 0 where b == 0: the LRP stabiliser."""
-    zero = b == 0
-    return (a / (b + EPS * b.sign() + zero.to(b.dtype))).masked_fill(zero, 0.0)
+    """a / (b + 1e-9), and 0 where b == 0: the reference's stabiliser, which adds the same
+    1e-9 whatever the sign of b (clamp(b, min=eps) + clamp(b, max=eps)); a sign-aware b + eps *
+    sign(b) moves the maps measurably where a residual split divides by a sum near 0."""
+    den = b.clamp(min=EPS) + b.clamp(max=EPS)
+    den = den + (den == 0).to(den.dtype) * EPS
+    return a / den * (b != 0).to(b.dtype)
 
 
-def linear_relprop(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """alpha=1, beta=0: each output's relevance is shared by the positive contributions
-    x+ W+ and x- W- of the inputs; the bias takes none, so the total is kept."""
+# The relevance rules of Chefer et al.'s release: `conserving` (ViT_LRP, layers_ours: the rules
+# of Transformer Attribution) and `chefer_original` (ViT_orig_LRP, layers_lrp: the rules their
+# scripts build the partial-LRP and full-LRP rows with), docs/protocol.md 2.7.
+LRP_RULES = ("conserving", "chefer_original")
+
+
+def linear_relprop(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
+                   conserving: bool = True) -> torch.Tensor:
+    """alpha=1, beta=0: each output's relevance goes to the positive contributions x+ W+ and
+    x- W- of the inputs, the bias takes none. `conserving` shares it between the two in
+    proportion (the total is kept); otherwise each of the two receives all of it, normalised by
+    its own sum (the original rule: the relevance of a layer whose inputs have both signs grows)."""
     px, nx = x.clamp(min=0), x.clamp(max=0)
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
-    s = safe_divide(relevance, F.linear(px, pw) + F.linear(nx, nw))
-    return px * (s @ pw) + nx * (s @ nw)
+    z_pos, z_neg = F.linear(px, pw), F.linear(nx, nw)
+    if conserving:
+        s_pos = s_neg = safe_divide(relevance, z_pos + z_neg)
+    else:
+        s_pos, s_neg = safe_divide(relevance, z_pos), safe_divide(relevance, z_neg)
+    return px * (s_pos @ pw) + nx * (s_neg @ nw)
 
 
 def matmul_relprop(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
@@ -56,12 +74,15 @@ def matmul_relprop(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
     return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
 
 
-def residual_relprop(x: torch.Tensor, y: torch.Tensor, relevance: torch.Tensor
+def residual_relprop(x: torch.Tensor, y: torch.Tensor, relevance: torch.Tensor, conserving: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LRP-0 split of z = x + y, then each part rescaled to |its sum| / (|sum_x| + |sum_y|)
-    of the incoming total. Sums run over each image (the reference sums over the batch)."""
+    """LRP-0 split of z = x + y; `conserving` then rescales each part to |its sum| / (|sum_x| +
+    |sum_y|) of the incoming total (sums over each image; the reference sums over the batch),
+    the original rule keeps the plain split."""
     s = safe_divide(relevance, x + y)
     rx, ry = x * s, y * s
+    if not conserving:
+        return rx, ry
     dims = tuple(range(1, relevance.dim()))
     sx, sy, total = (t.sum(dims, keepdim=True) for t in (rx, ry, relevance))
     both = sx.abs() + sy.abs()
@@ -154,11 +175,13 @@ def lrp_forward(model: VisionTransformer, images: torch.Tensor, *, track_attenti
 
 @torch.no_grad()
 def relevance_pass(model: VisionTransformer, trace: Trace, targets: torch.Tensor,
-                   start_layer: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   start_layer: int = 0, rules: str = "conserving") -> tuple[list[torch.Tensor], torch.Tensor]:
     """Relevance from a one-hot (value 1) at the target logits down to the input of block
-    `start_layer`. Returns ([R_A^l, l = start_layer..L-1], relevance at that block's input)."""
+    `start_layer`, by `rules` (LRP_RULES: the linear layers and residual adds differ). Returns
+    ([R_A^l, l = start_layer..L-1], relevance at that block's input)."""
+    keep = rules == "conserving"
     onehot = F.one_hot(targets, trace.logits.shape[1]).float()
-    r_head = linear_relprop(trace.head_in, trace.head_weight, onehot)
+    r_head = linear_relprop(trace.head_in, trace.head_weight, onehot, keep)
     b, n, d = trace.blocks[-1].x.shape
     # The final norm passes relevance unchanged; only the tokens the head reads receive any.
     r = torch.zeros(b, n, d, device=r_head.device)
@@ -166,16 +189,16 @@ def relevance_pass(model: VisionTransformer, trace: Trace, targets: torch.Tensor
     r_attn = []
     for blk, rec in reversed(list(zip(model.blocks, trace.blocks))[start_layer:]):
         at = blk.attn
-        r_mid, r_m = residual_relprop(rec.mid, rec.m, r)
-        r_f = linear_relprop(rec.f, blk.mlp.fc2.weight.float(), r_m)  # mlp.norm, act: unchanged
-        r_mid = r_mid + linear_relprop(rec.h2, blk.mlp.fc1.weight.float(), r_f)  # clone: sum
-        r_x, r_a = residual_relprop(rec.x, rec.a, r_mid)
-        r_o = linear_relprop(rec.o, at.proj.weight.float(), r_a)
+        r_mid, r_m = residual_relprop(rec.mid, rec.m, r, keep)
+        r_f = linear_relprop(rec.f, blk.mlp.fc2.weight.float(), r_m, keep)  # mlp.norm, act: unchanged
+        r_mid = r_mid + linear_relprop(rec.h2, blk.mlp.fc1.weight.float(), r_f, keep)  # clone: sum
+        r_x, r_a = residual_relprop(rec.x, rec.a, r_mid, keep)
+        r_o = linear_relprop(rec.o, at.proj.weight.float(), r_a, keep)
         r_heads = r_o.reshape(b, n, at.num_heads, at.head_dim).transpose(1, 2)
         r_A, r_v = matmul_relprop(rec.attn.detach(), rec.v, r_heads)
         r_q, r_kt = matmul_relprop(rec.q, rec.k.transpose(-2, -1), r_A)  # softmax: unchanged
         r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, -1)
-        r = r_x + linear_relprop(rec.h1, at.qkv.weight.float(), r_qkv)  # norm1: unchanged
+        r = r_x + linear_relprop(rec.h1, at.qkv.weight.float(), r_qkv, keep)  # norm1: unchanged
         r_attn.append(r_A)
     return r_attn[::-1], r
 
@@ -260,11 +283,7 @@ class TransformerAttribution(Explainer):
     def __init__(self, model, start_layer: int = 0) -> None:
         super().__init__(model)
         check_supported(model, self.name)
-        depth = len(model.blocks)
-        if isinstance(start_layer, bool) or int(start_layer) != start_layer or not 0 <= start_layer < depth:
-            raise ValueError(f"{self.name}: start_layer={start_layer!r} must be an integer in "
-                             f"[0, {depth}) for a model with {depth} blocks")
-        self.start_layer = int(start_layer)
+        self.start_layer = check_start_layer(self.name, start_layer, len(model.blocks))
         check_forward(model, method=self.name)
 
     def explain(self, images, targets):

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import get_explainer
-
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,

@@ -10,8 +10,8 @@ import argparse
 import time
 
 import torch
-from wsol_bench.methods import available, get_explainer
 
+from wsol_bench.methods import available, get_explainer
 from wsol_bench.models import load_model, pretrained_file
 
 

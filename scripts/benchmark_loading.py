@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
 from wsol_bench.datasets import EvalTransform, collate_samples
 from wsol_bench.datasets.imagenet import ImageNetVal
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from wsol_bench.datasets import EvalTransform, Sample, build_dataset
 from wsol_bench.methods import available, get_explainer
-
 from wsol_bench.models import data_config, load_model
 from wsol_bench.report.figures import class_gallery, denormalize
 

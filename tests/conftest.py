@@ -53,16 +53,130 @@ def _one_thread_per_worker():
 
 
 REPO = Path(__file__).resolve().parents[1]
+# The folders a wheel ships and where their files land in it (setup.py's package roots).
+PACKAGE_ROOTS = {"wsol_bench": "wsol_bench", "methods": "wsol_bench/methods", "datasets": "wsol_bench/datasets",
+                 "conf": "wsol_bench/conf", "hydra_plugins": "hydra_plugins"}
+# Python run with the installed copy first on PYTHONPATH imports this before anything else: it
+# drops the editable install's import hook of this environment (which would find a module the
+# wheel lacks in the checkout), so the copy behaves as a plain `pip install .`.
+HIDE_EDITABLE_INSTALL = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+    "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]\n"
+    "sys.path_importer_cache.clear()\n")
 
 
 @pytest.fixture(scope="session")
-def installed_copy(tmp_path_factory) -> Path:
-    """The project installed as a user's `pip install .` would (not editable) into a folder
-    of its own; put it first on PYTHONPATH to use it."""
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install .` builds from this checkout (built from a copy of what the build
+    reads, so parallel test processes never share setuptools' build folder)."""
+    import shutil
+    import subprocess
+    import sys
+
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in PACKAGE_ROOTS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--wheel-dir", str(out), str(source)], check=True, timeout=600, capture_output=True)
+    (found,) = out.glob("wsol_bench-*.whl")
+    return found
+
+
+@pytest.fixture(scope="session")
+def installed_copy(tmp_path_factory, wheel) -> Path:
+    """The project installed from its wheel as a user's `pip install .` would (not editable, console
+    scripts in bin/) into a folder of its own; put it first on PYTHONPATH to use it."""
     import subprocess
     import sys
 
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--target", str(target), str(REPO)], check=True, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),
+                    str(wheel)], check=True, timeout=600, capture_output=True)
+    (target / "sitecustomize.py").write_text(HIDE_EDITABLE_INSTALL)
     return target
+
+
+class CommandResult:
+    """What a command run in this process returned and printed."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+# The module of each console command's entry point (as pyproject.toml's scripts name them).
+COMMAND_MODULES = {"wsol-bench": "wsol_bench.cli.bench", "wsol-bench-train": "wsol_bench.cli.train",
+                   "wsol-bench-report": "wsol_bench.cli.report"}
+
+
+def _forked_command(prog: str, args: list[str], cwd: str) -> None:
+    """The child of `forked_command`: the command's entry point, its output discarded."""
+    import importlib
+    import os
+    import sys
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    sys.stdout = sys.stderr = os.fdopen(null, "w")  # not the parent's capture buffers
+    os.chdir(cwd)
+    for name in ("HYDRA_FULL_ERROR", "WSOL_BENCH_DEBUG"):
+        os.environ.pop(name, None)
+    sys.argv = [prog, *args]
+    try:
+        code = importlib.import_module(COMMAND_MODULES[prog]).main()
+    except SystemExit as exit_:
+        code = exit_.code
+    os._exit(int(code or 0) if isinstance(code, int) or code is None else 1)
+
+
+def forked_command(prog: str, args: list[str], cwd: Path):
+    """Start console command `prog` with `args` from folder `cwd` in a real process of its own,
+    forked from this one: it inherits the imported torch and timm, so it starts working at once
+    (a new Python would spend seconds importing them first). For tests that kill a command
+    mid-run; returns the multiprocessing.Process (exitcode -9 once SIGKILLed)."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_forked_command,
+                                                        args=(prog, [str(a) for a in args], str(cwd)))
+    child.start()
+    return child
+
+
+def command_in_process(prog: str, args: list[str], cwd: Path) -> CommandResult:
+    """What the `command` fixture does, for module-scoped fixtures (which cannot use it): run a
+    console command in this process from folder `cwd`, its printed output caught here."""
+    import contextlib
+    import importlib
+    import io
+    import os
+    import sys
+
+    saved_env = {name: os.environ.pop(name) for name in ("HYDRA_FULL_ERROR", "WSOL_BENCH_DEBUG")
+                 if name in os.environ}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        sys.argv = [prog, *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(COMMAND_MODULES[prog]).main()
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.update(saved_env)
+    return CommandResult(int(code or 0), out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def command():
+    """Run a console command (`wsol-bench`, `wsol-bench-train`, `wsol-bench-report`) in this
+    process as its console script would: `command("wsol-bench", [...], cwd)` returns its exit code
+    and what it printed. The same entry point, Hydra and error handling as in a subprocess,
+    without the start-up of a new Python."""
+    return command_in_process

@@ -7,9 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import make_vit
-from wsol_bench.methods.capture import UnsupportedModelError
 
 from methods import get_explainer
+from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.models import disable_fused_attention
 
 
@@ -35,7 +35,7 @@ def reference_forward(model, images, *, detach=True):
         h = _layer_norm(blk.norm1, x)
         if detach:
             h = h.detach().requires_grad_(True)
-        b, n, c = h.shape
+        b, n, _c = h.shape
         nh, d = at.num_heads, at.head_dim
         qkv = F.linear(h, at.qkv.weight, at.qkv.bias).reshape(b, n, 3, nh, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_vit
-from wsol_bench.methods import captum_methods, get_explainer
-from wsol_bench.methods.base import MissingLibraryError
 
 from wsol_bench.config.methods import check_method_params
+from wsol_bench.methods import captum_methods, get_explainer
+from wsol_bench.methods.base import MissingLibraryError
 
 # every test but the missing-captum one needs captum (pip install "wsol-bench[explainers]")
 needs_captum = pytest.mark.skipif(importlib.util.find_spec("captum") is None, reason="captum is not installed")
@@ -205,14 +204,14 @@ def test_missing_captum_is_one_line(vit, monkeypatch):
 
 
 @needs_captum
-def test_cli_end_to_end(tmp_path):
-    """ig (4 steps) and occlusion on the shipped model through the CLI, one table. Occlusion
-    slides 112-pixel windows (4 per image) instead of the 196 patches, to stay fast."""
-    proc = subprocess.run([sys.executable, "-m", "wsol_bench", "method=[ig,occlusion]", "method.ig.params.steps=4",
-                           "method.occlusion.params.window=112", "method.occlusion.params.stride=112",
-                           "dataset.params.num_images=4", "progress=false", "gallery_images=0",
-                           f"store.root={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_cli_end_to_end(tmp_path, command):
+    """ig (4 steps) and occlusion on the shipped model through the command (in this process),
+    one table. Occlusion slides 112-pixel windows (4 per image) instead of the 196 patches, to
+    stay fast."""
+    proc = command("wsol-bench", ["method=[ig,occlusion]", "method.ig.params.steps=4",
+                                  "method.occlusion.params.window=112", "method.occlusion.params.stride=112",
+                                  "dataset.params.num_images=4", "progress=false", "gallery_images=0",
+                                  f"store.root={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert {"ig", "occlusion"} <= set(table.astype(str).to_numpy().ravel())

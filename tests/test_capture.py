@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from conftest import make_vit
 from torch import nn
-from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 
 from methods import get_explainer
+from wsol_bench.errors import SettingError
+from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError, attention_modules, hook_count
 
 
 def _images(n=2, seed=1):
@@ -73,10 +74,9 @@ def test_hooks_removed_on_exit(tiny_vit, detach_input, cls_scores):
 
 def test_hooks_removed_when_body_raises(tiny_vit):
     """An exception inside the with-block propagates and still removes every hook."""
-    with pytest.raises(KeyError, match="boom"):
-        with AttentionCapture(tiny_vit, detach_input=True, cls_scores=True):
-            tiny_vit(_images())
-            raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), AttentionCapture(tiny_vit, detach_input=True, cls_scores=True):
+        tiny_vit(_images())
+        raise KeyError("boom")
     _assert_no_hooks(tiny_vit)
 
 
@@ -141,7 +141,7 @@ def test_reset_allows_second_forward(tiny_vit):
     with torch.no_grad(), AttentionCapture(tiny_vit, cls_scores=True) as cap:
         tiny_vit(_images())
         tiny_vit(_images())
-        with pytest.raises(RuntimeError, match="captured 6 attention tensors for 3 blocks"):
+        with pytest.raises(UnsupportedModelError, match="captured 6 attention tensors for 3 blocks"):
             cap.check()
         cap.reset()
         tiny_vit(_images())
@@ -157,7 +157,7 @@ def test_check_raises_when_a_block_is_not_captured(tiny_vit):
         tiny_vit(_images())
     tiny_vit.blocks[0].attn.fused_attn = False
     assert len(cap.attentions) == 2
-    with pytest.raises(RuntimeError, match="captured 2 attention tensors for 3 blocks"):
+    with pytest.raises(UnsupportedModelError, match="captured 2 attention tensors for 3 blocks"):
         cap.check()
 
 
@@ -167,11 +167,11 @@ def test_attention_grads_checks_and_needs_gradients(tiny_vit):
         tiny_vit.blocks[1].attn.fused_attn = True
         logits = tiny_vit(_images())
     tiny_vit.blocks[1].attn.fused_attn = False
-    with pytest.raises(RuntimeError, match="captured 2"):
+    with pytest.raises(UnsupportedModelError, match="captured 2"):
         cap.attention_grads(logits[:, 0].sum())
     with torch.no_grad(), AttentionCapture(tiny_vit) as cap:
         logits = tiny_vit(_images())
-    with pytest.raises(RuntimeError, match="gradients=True"):
+    with pytest.raises(SettingError, match="gradients=True"):
         cap.attention_grads(logits[:, 0].sum())
 
 
@@ -199,9 +199,9 @@ def test_fused_attention_that_cannot_be_switched_off_is_refused(tiny_vit):
             pass
 
     tiny_vit.blocks[1].attn.__class__ = StubbornAttention
-    with pytest.raises(UnsupportedModelError, match="block 1: fused attention cannot be switched off"):
-        with AttentionCapture(tiny_vit):
-            pass
+    with pytest.raises(UnsupportedModelError, match="block 1: fused attention cannot be switched off"), \
+            AttentionCapture(tiny_vit):
+        pass
     _assert_no_hooks(tiny_vit)
 
 

@@ -4,9 +4,11 @@ to one image at a time."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_vit
 from test_agcam import reference_forward
+
 from wsol_bench.methods import get_explainer
 
 
@@ -72,7 +74,7 @@ def test_partial_lrp_is_the_last_attentions_relevance_of_the_full_pass():
 
 def _zb_by_patches(images, weight, relevance):
     """The z^B rule written per patch with unfold (independent of the convolution form)."""
-    b, c, h, w = images.shape
+    _b, _c, h, w = images.shape
     k = weight.shape[-1]
     cols = torch.nn.functional.unfold(images, k, stride=k)  # [B, C*k*k, G]
     low = images.amin(dim=(1, 2, 3))[:, None, None].expand_as(cols)
@@ -139,3 +141,57 @@ def test_chefer_baselines_run_end_to_end_on_a_plain_vit(tmp_path):
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert sorted(table["method"]) == ["attention_gradcam", "full_lrp", "lrp_last_layer", "raw_attention"]
     assert (tmp_path / "run" / "gallery.png").is_file()
+
+
+def test_linear_rule_shares_or_doubles_the_relevance():
+    """x = [1, -1], W = [[1, -1]], R = 1: the conserving rule gives each input half (x+ W+ and
+    x- W- contribute 1 each), the original rule gives each part all of R: [1, 1]."""
+    from wsol_bench.methods.transformer_attribution import linear_relprop
+
+    x, weight, relevance = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0]])
+    torch.testing.assert_close(linear_relprop(x, weight, relevance), torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(linear_relprop(x, weight, relevance, conserving=False), torch.tensor([[1.0, 1.0]]))
+
+
+def test_a_residual_block_by_hand_under_both_rules():
+    """z = x + W x with x = [1, -2], W = [[1, 1], [1, -2]] (so W x = [-1, 5], z = [0, 3]) and
+    R_z = [0, 1], worked by hand. Residual split: s = R / z = [0, 1/3]: R_x = x s = [0, -2/3],
+    R_Wx = W x s = [0, 5/3] (the original rule stops here; the conserving rule rescales each
+    part to sum to |its sum| / (2/3 + 5/3) of the total 1: R_x = [0, 2/7], R_Wx = [0, 5/7]). Then
+    the linear layer, with x+ = [1, 0], x- = [0, -2], W+ = [[1, 1], [1, 0]], W- = [[0, 0], [0, -2]]:
+    output 1 has z+ = x+ W+[1] = 1 and z- = x- W-[1] = 4, so its relevance r goes to x[0], x[1] as
+    conserving: r/5 per unit of z, [r/5, 4r/5]; original: all of r to each part, [r, r].
+    The input's relevance adds both paths: conserving [1/7, 6/7] (sum 1), original [5/3, 1]."""
+    from wsol_bench.methods.transformer_attribution import linear_relprop, residual_relprop
+
+    x, weight = torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, 1.0], [1.0, -2.0]])
+    wx = x @ weight.T
+    relevance = torch.tensor([[0.0, 1.0]])
+    expected = {True: torch.tensor([[1 / 7, 6 / 7]]), False: torch.tensor([[5 / 3, 1.0]])}
+    for conserving, want in expected.items():
+        r_x, r_wx = residual_relprop(x, wx, relevance, conserving)
+        total = r_x + linear_relprop(x, weight, r_wx, conserving)
+        torch.testing.assert_close(total, want)
+
+
+@pytest.mark.parametrize("method", ["lrp_last_layer", "full_lrp"])
+def test_both_rule_sets_on_a_vit_and_conservation_for_the_conserving_one(method):
+    """On a plain ViT the two rule sets give different maps; the conserving rules keep the
+    relevance of the one-hot at the logit (1 per image) at every block input, the original rules
+    do not; an unknown rule set is refused naming the valid ones."""
+    from wsol_bench.errors import SettingError
+    from wsol_bench.methods.transformer_attribution import lrp_forward, relevance_pass
+
+    model = make_vit(4, img_size=32, patch_size=8, num_classes=5, depth=2)
+    images, targets = _images(2, 4)[:, :, :32, :32], torch.tensor([1, 3])
+    conserving = get_explainer(method, model)(images, targets).maps
+    original = get_explainer(method, model, rules="chefer_original")(images, targets).maps
+    assert conserving.shape == original.shape and not torch.allclose(conserving, original)
+    with torch.no_grad():
+        trace = lrp_forward(model, images)
+        for rules, keeps in (("conserving", True), ("chefer_original", False)):
+            _, r = relevance_pass(model, trace, targets, start_layer=0, rules=rules)
+            sums = r.sum(dim=(1, 2))
+            assert torch.allclose(sums, torch.ones(2), atol=1e-4) == keeps, (rules, sums)
+    with pytest.raises(SettingError, match="rules='lrp'; valid: conserving, chefer_original"):
+        get_explainer(method, model, rules="lrp")

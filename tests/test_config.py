@@ -15,7 +15,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
-from wsol_bench.methods import Explainer, registry
 
 from wsol_bench.config import check_method_params
 from wsol_bench.config.datasets import (
@@ -29,6 +28,7 @@ from wsol_bench.config.errors import one_line
 from wsol_bench.config.groups import FaithfulnessConfig
 from wsol_bench.config.keys import check_known_keys, removed_keys, unknown_keys
 from wsol_bench.config.trainer import TrainConfig
+from wsol_bench.methods import Explainer, registry
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "composed_configs.json").read_text())
 CASES = [(name, case["overrides"], case["config"])
@@ -255,3 +255,35 @@ def test_method_params_of_a_plugin_follow_its_signature(monkeypatch):
     check_method_params("closed", {"power": 2.0})
     with pytest.raises(ValueError, match="method 'closed' takes no parameter 'powr'; valid: power"):
         check_method_params("closed", {"powr": 2.0})
+
+
+def test_every_choice_setting_is_checked_before_the_libraries_load():
+    """wsol_bench.choices is the one list of each choice setting's values: the modules that act
+    on a setting use it, and `check_settings` (run before torch loads) refuses any other value in
+    one line naming the setting and the valid ones."""
+    from omegaconf import OmegaConf
+
+    from wsol_bench import choices
+    from wsol_bench.config.checks import CHOICES, check_settings
+    from wsol_bench.datasets import base
+    from wsol_bench.errors import SettingError
+    from wsol_bench.metrics import faithfulness_settings
+    from wsol_bench.regions import engine, rasterize
+    from wsol_bench.report import tables
+    from wsol_bench.run import pipeline, store
+    from wsol_bench.run.scorers import segmentation
+
+    assert tuple(base._PIL_FILTERS) == choices.INTERPOLATIONS and base.RESIZE_MODES == choices.RESIZE_MODES
+    assert faithfulness_settings.MODES == choices.FAITHFULNESS_MODES and engine.SOURCES == choices.SWEEP_BOXES
+    assert rasterize.PROTOCOLS == choices.BOX_PROTOCOLS and tables.FILTERS == choices.IMAGE_FILTERS
+    assert pipeline.TARGET_POLICIES == choices.TARGET_POLICIES and tuple(store.MAP_DTYPES) == choices.MAP_DTYPES
+    assert segmentation.PROTOCOLS == choices.SEGMENTATION_PROTOCOLS
+    for setting in CHOICES:
+        group = setting.split(".")[0]
+        extra = {"faithfulness": ["faithfulness=abpc"], "sweep": ["sweep=grid"],
+                 "segmentation": ["segmentation=chefer"]}.get(group, [])
+        with initialize_config_module("wsol_bench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=extra)
+        OmegaConf.update(cfg, setting, "nonsense", force_add=True)
+        with pytest.raises(SettingError, match=rf"^unknown {setting} 'nonsense'; valid: "):
+            check_settings(cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from wsol_bench.datasets import EvalTransform, SkippedSample, build_dataset
 from wsol_bench.datasets.cub import CubDataset, cub_box_to_xyxy
 

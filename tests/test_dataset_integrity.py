@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from test_cub import IMAGES, rel_path, write_metadata, write_official, write_soft_mask
@@ -28,12 +29,18 @@ from test_imagenet import (
     write_jpeg,
     write_xml,
 )
+from test_imagenet_segmentation import box_mask, random_image, write_gtsegs
+from test_openimages import META, make_tree
 from test_voc import voc_dir, write_image, write_mask, write_split
 from test_voc import write_xml as write_voc_xml
-from wsol_bench.datasets import SkippedSample
+
+from wsol_bench.datasets import EvalTransform, SkippedSample, build_dataset
 from wsol_bench.datasets.cub import CubDataset
 from wsol_bench.datasets.imagenet import ImageNetVal
+from wsol_bench.datasets.openimages import OpenImagesDataset
+from wsol_bench.datasets.synthetic import SyntheticShapes
 from wsol_bench.datasets.voc import VocDataset
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError, UserError
 
 LOOP = os.strerror(errno.ELOOP)  # "Too many levels of symbolic links" on Linux
 KAGGLE_IMAGES = "ILSVRC/Data/CLS-LOC/val"
@@ -461,3 +468,126 @@ def test_voc_mask_link_that_cannot_be_read_is_named(voc_root: Path) -> None:
     assert [r.image_id for r in ds.records] == ["a"]
     assert ds.skipped == [SkippedSample("b", f"cannot read SegmentationClass/b.png: {LOOP}")]
 
+
+
+# -- the error model: refusals of settings and files are UserErrors -------------------------------
+
+def _gtsegs(root: Path) -> Path:
+    return write_gtsegs(root / "gtsegs_ijcv.mat", [(random_image(8, 12, 0), box_mask(8, 12, (1, 1, 5, 5)))])
+
+
+REFUSALS = [  # (what raises, given an empty tmp_path; the class; what the message names)
+    pytest.param(lambda root: ImageNetVal(build_kaggle(root, ITEMS), split="train"), SettingError,
+                 "split 'train' is not supported", id="imagenet-setting"),
+    pytest.param(lambda root: ImageNetVal(root / "nowhere"), MissingInputError, r"nowhere.* does not exist",
+                 id="imagenet-missing-root"),
+    pytest.param(lambda root: VocDataset(root, mode="boxes"), SettingError, "voc: unknown mode 'boxes'",
+                 id="voc-setting"),
+    pytest.param(lambda root: VocDataset(root / "nowhere"), MissingInputError, "VOC root .*nowhere does not exist",
+                 id="voc-missing-root"),
+    pytest.param(lambda root: CubDataset(write_official(root, images=False), layout="flat"), SettingError,
+                 "cub: unknown layout 'flat'", id="cub-setting"),
+    pytest.param(lambda root: CubDataset(write_official(root, images=False), metadata=root / "nometa"),
+                 MissingInputError, "no wsolevaluation metadata for split 'test'", id="cub-missing-metadata"),
+    pytest.param(lambda root: OpenImagesDataset(make_tree(root), metadata=root / META, split="val"),
+                 SettingError, "is the 'test' split but split='val'", id="openimages-setting"),
+    pytest.param(lambda root: OpenImagesDataset(make_tree(root), split="val"), MissingInputError,
+                 "no wsolevaluation OpenImages metadata for split 'val'", id="openimages-missing-metadata"),
+    pytest.param(lambda root: build_dataset("imagenet_segmentation", file=str(_gtsegs(root)), num_images=0),
+                 SettingError, "num_images must be >= 1", id="imagenet_segmentation-setting"),
+    pytest.param(lambda root: build_dataset("imagenet_segmentation", file=str(root / "nowhere.mat")),
+                 MissingInputError, "nowhere.mat does not exist", id="imagenet_segmentation-missing-file"),
+    pytest.param(lambda root: SyntheticShapes("val", num_images=0), SettingError, "num_images must be >= 1",
+                 id="synthetic-setting"),
+    pytest.param(lambda root: build_dataset("imagenett"), SettingError, "unknown dataset 'imagenett'",
+                 id="unknown-dataset"),
+    pytest.param(lambda root: EvalTransform((224, 224), (0.5,) * 3, (0.5,) * 3, resize="crop"), SettingError,
+                 "unknown preprocess.resize 'crop'", id="preprocess-setting"),
+]
+
+
+@pytest.mark.parametrize(("make", "kind", "match"), REFUSALS)
+def test_refusals_of_settings_and_paths_are_user_errors(tmp_path: Path, make, kind, match) -> None:
+    """What the user can fix is a `UserError` (one line from the commands, no traceback), of the
+    built-in kind a library caller catches: a ValueError, or FileNotFoundError for an absent path."""
+    with pytest.raises(kind, match=match) as caught:
+        make(tmp_path)
+    assert isinstance(caught.value, UserError)
+    assert isinstance(caught.value, FileNotFoundError if kind is MissingInputError else ValueError)
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(bytes(range(128, 256)) * 8)  # not UTF-8, not a format: a damaged or foreign file
+    return path
+
+
+def _cub_binary_index(root: Path) -> None:
+    _garbage(write_official(root) / "images.txt")
+    CubDataset(root)
+
+
+def _cub_non_finite_box(root: Path) -> None:
+    boxes = write_official(root) / "bounding_boxes.txt"
+    boxes.write_text(boxes.read_text().replace("4.0 3.0 15.0 11.0", "nan 3.0 inf 11.0"))
+    CubDataset(root)
+
+
+def _imagenet_binary_csv(root: Path) -> None:
+    _garbage(build_kaggle(root, ITEMS) / "LOC_val_solution.csv")
+    ImageNetVal(root)
+
+
+def _openimages_binary_labels(root: Path) -> None:
+    _garbage(make_tree(root) / META / "class_labels.txt")
+    OpenImagesDataset(root)
+
+
+def _gtsegs_binary(root: Path) -> None:
+    build_dataset("imagenet_segmentation", file=str(_garbage(root / "g.mat")))
+
+
+def _gtsegs_with_groups(root: Path) -> None:
+    path = root / "gtsegs_ijcv.mat"
+    with h5py.File(path, "w") as f:
+        f.create_group("value/img")
+        f.create_group("value/gt")
+    build_dataset("imagenet_segmentation", file=str(path))
+
+
+GARBAGE = [  # (damage a user file and load the dataset, the message naming the file)
+    pytest.param(_cub_binary_index, r"images\.txt:1: not UTF-8 text", id="cub-binary-index"),
+    pytest.param(_cub_non_finite_box, r"bounding_boxes\.txt:4: expected numbers, got \['nan', '3.0', 'inf'",
+                 id="cub-non-finite-box"),
+    pytest.param(_imagenet_binary_csv, r"LOC_val_solution\.csv:1: not UTF-8 text", id="imagenet-binary-csv"),
+    pytest.param(_openimages_binary_labels, r"class_labels\.txt:1: not UTF-8 text", id="openimages-binary-labels"),
+    pytest.param(_gtsegs_binary, r"g\.mat is not an HDF5 file", id="imagenet_segmentation-binary"),
+    pytest.param(_gtsegs_with_groups, r"gtsegs_ijcv\.mat: value/img is not an array",
+                 id="imagenet_segmentation-groups"),
+]
+
+
+@pytest.mark.parametrize(("load", "match"), GARBAGE)
+def test_garbage_index_files_are_input_errors_naming_the_file(tmp_path: Path, load, match) -> None:
+    """A damaged index or annotation file is an `InputFileError` naming it, never an unrelated
+    exception from the parser."""
+    with pytest.raises(InputFileError, match=match):
+        load(tmp_path)
+
+
+def test_annotation_xml_declaring_an_unknown_encoding_is_skipped_naming_it(tmp_path: Path) -> None:
+    """An XML declaration the parser cannot honour is that item's problem (a skip), not a crash."""
+    build_kaggle(tmp_path, ITEMS, csv=False)
+    xml = tmp_path / KAGGLE_XML_DIR / f"{ID2}.xml"
+    xml.write_text('<?xml version="1.0" encoding="bogus"?>' + xml.read_text())
+    ds = ImageNetVal(tmp_path)
+    assert [r.image_id for r in ds.records] == [ID1, ID3]
+    assert f"{ID2}.xml is not a readable ImageNet XML" in ds.skipped[0].reason
+    write_voc_xml(tmp_path, "a", [("dog", 1, 1, 10, 10)])
+    write_image(tmp_path, "a")
+    write_voc_xml(tmp_path, "b", [("dog", 1, 1, 10, 10)], size=("inf", 30))  # no usable size: noted
+    write_image(tmp_path, "b")
+    (voc_dir(tmp_path) / "Annotations" / "c.xml").write_text('<?xml version="1.0" encoding="bogus"?><annotation/>')
+    write_split(tmp_path, "Main", "val", ["a", "b", "c"])
+    voc = VocDataset(tmp_path)
+    assert [r.image_id for r in voc.records] == ["a", "b"] and "no image size in annotation" in voc.records[1].notes
+    assert voc.skipped[0].image_id == "c" and "c.xml: not valid XML" in voc.skipped[0].reason

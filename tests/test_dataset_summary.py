@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from test_imagenet import ITEMS, TABBY, Item, build, build_kaggle, write_jpeg  # miniature-tree helpers
+
 from wsol_bench.datasets.imagenet import ImageNetVal
 from wsol_bench.datasets.imagenet_annotations import read_wsol_metadata
 from wsol_bench.datasets.synthetic import SyntheticShapes
-
 from wsol_bench.report.dataset_summary import format_summary, group_key, summarize
 
 
@@ -205,7 +205,6 @@ def test_ground_truth_coverage_by_hand() -> None:
     cells there, image 2 none (rows 0..19 are cells 0..9; cells 8..9 x 8..15 are covered: 2x8),
     so the share is (64 + 16) / (256 + 10.5 * 10)."""
     from wsol_bench.datasets.base import Sample
-
     from wsol_bench.report.dataset_summary import COVERAGE_GRID, centre_share, ground_truth_coverage
 
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsol_bench.errors import InputFileError, MissingInputError
 from wsol_bench.regions.components import threshold_components
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.regions.rasterize import coverage_levels
@@ -103,3 +104,20 @@ def test_bad_input_is_refused(tmp_path):
                                                                          "segmentation": [[0, 0, 1, 1]]}]}))
     with pytest.raises(ValueError, match="bad.json"):
         read_coco_masks(bad)
+
+
+BAD_RLE = (b'{"images": [{"id": 0}], "annotations": [{"image_id": 0, "category_id": 1, '
+           b'"segmentation": {"size": [2, 2], "counts": "zz"}}]}')
+
+
+@pytest.mark.parametrize("content", [bytes(range(128, 256)) * 8, b"[1, 2]", b'{"images": [7], "annotations": []}',
+                                     BAD_RLE])
+def test_damaged_or_missing_coco_file_is_a_user_error_naming_it(tmp_path, content):
+    """A file that is not UTF-8 JSON, or whose entries are of the wrong kind, is an `InputFileError`
+    naming it; an absent one a `MissingInputError`."""
+    bad = tmp_path / "masks.json"
+    bad.write_bytes(content)
+    with pytest.raises(InputFileError, match="masks.json is not a COCO mask file"):
+        read_coco_masks(bad)
+    with pytest.raises(MissingInputError, match="nowhere.json does not exist"):
+        read_coco_masks(tmp_path / "nowhere.json")

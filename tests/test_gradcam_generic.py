@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_vit
+
 from wsol_bench.methods import get_explainer
 
 

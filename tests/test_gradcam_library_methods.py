@@ -15,12 +15,12 @@ import torch
 import yaml
 from conftest import make_vit
 from torch import nn
+
+from wsol_bench.config.methods import check_method_params
 from wsol_bench.methods import available, get_explainer
 from wsol_bench.methods.base import MissingLibraryError
 from wsol_bench.methods.capture import UnsupportedModelError
 from wsol_bench.methods.registry import explainer_class
-
-from wsol_bench.config.methods import check_method_params
 from wsol_bench.regions.heatmaps import to_heatmaps
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from wsol_bench.datasets.image_io import ImageReadError, read_palette_indices, read_rgb
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import inclusive_to_continuous
 from wsol_bench.datasets.imagenet import ImageNetVal, detect_layout, fit_boxes_to_image
@@ -22,6 +23,7 @@ from wsol_bench.datasets.imagenet_annotations import (
     sanitize_box_sets,
     sanitize_boxes,
 )
+from wsol_bench.errors import InputFileError
 
 TENCH, TABBY, TISSUE = "n01440764", "n02123045", "n15075141"  # classes 0, 281, 999 of ImageNet-1k
 REPO = Path(__file__).resolve().parents[1]
@@ -65,10 +67,10 @@ def write_jpeg(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RG
 
 def write_xml(path: Path, image_id: str, size: tuple[int, int], objects: list[tuple[str, list]]) -> Path:
     """An annotation file in the ILSVRC2012 bbox format."""
-    parts = [f"<annotation>\n\t<folder>val</folder>\n\t<filename>{image_id}</filename>\n"
+    parts = [(f"<annotation>\n\t<folder>val</folder>\n\t<filename>{image_id}</filename>\n"
              "\t<source>\n\t\t<database>ILSVRC_2012</database>\n\t</source>\n"
              f"\t<size>\n\t\t<width>{size[0]}</width>\n\t\t<height>{size[1]}</height>\n"
-             "\t\t<depth>3</depth>\n\t</size>\n\t<segmented>0</segmented>\n"]
+             "\t\t<depth>3</depth>\n\t</size>\n\t<segmented>0</segmented>\n")]
     for wnid, (x0, y0, x1, y1) in objects:
         parts.append(f"\t<object>\n\t\t<name>{wnid}</name>\n\t\t<pose>Unspecified</pose>\n"
                      "\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t\t<bndbox>\n"
@@ -549,7 +551,7 @@ def test_csv_header_is_checked(tmp_path: Path) -> None:
 def test_every_problem_skipped_means_an_error(tmp_path: Path) -> None:
     build_kaggle(tmp_path, ITEMS)
     (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
-    with pytest.raises(FileNotFoundError, match=r"no usable item.*3 skipped.*no annotation for this image"):
+    with pytest.raises(InputFileError, match=r"no usable item.*3 skipped.*no annotation for this image"):
         ImageNetVal(tmp_path)
 
 

@@ -2,12 +2,10 @@
 (MATLAB v7.3: `value/img` references to images stored [3, W, H], `value/gt` references to [1, 1]
 cells of references to masks stored [W, H]), with non-square images so that a transposition
 error shows; bad entries are skipped with their reason; and experiment=chefer_segmentation runs
-end to end through the CLI on such a file with a random ViT."""
+end to end through the command on such a file with a random ViT."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,9 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CommandResult
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
+
 from wsol_bench.datasets import build_dataset
 from wsol_bench.datasets.base import EvalTransform, SkippedSample, resize_mask
 
@@ -135,18 +135,19 @@ def test_preset_composes_chefers_protocol():
     assert cfg.method.transformer_attribution.params.start_layer == 1
 
 
-def _cli(tmp_path: Path, path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wsol_bench", "experiment=chefer_segmentation",
-                           f"dataset.params.file={path}", "model.name=vit_tiny_patch16_224", "model.pretrained=false",
-                           "++model.kwargs.num_classes=10", "++model.kwargs.img_size=64", "preprocess.input_size=[64,64]",
-                           "progress=false", "gallery_images=0", f"store.root={tmp_path / 'cache'}",
-                           f"hydra.run.dir={tmp_path / 'run'}", *extra],
-                          capture_output=True, text=True, timeout=600)
+def _cli(command, tmp_path: Path, path: Path, *extra: str) -> CommandResult:
+    """`wsol-bench experiment=chefer_segmentation ...`, in this process through the command's entry point."""
+    return command("wsol-bench", ["experiment=chefer_segmentation", f"dataset.params.file={path}",
+                                  "model.name=vit_tiny_patch16_224", "model.pretrained=false",
+                                  "++model.kwargs.num_classes=10", "++model.kwargs.img_size=64",
+                                  "preprocess.input_size=[64,64]", "progress=false", "gallery_images=0",
+                                  f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+                                  *extra], tmp_path)
 
 
-def test_preset_runs_end_to_end(gtsegs, tmp_path: Path):
+def test_preset_runs_end_to_end(gtsegs, tmp_path: Path, command):
     path, _ = gtsegs
-    proc = _cli(tmp_path, path)
+    proc = _cli(command, tmp_path, path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     table = pd.read_csv(run / "segmentation.csv")
@@ -164,8 +165,8 @@ def test_preset_runs_end_to_end(gtsegs, tmp_path: Path):
     assert sorted(skipped["image_id"]) == ["imagenet_seg_000001", "imagenet_seg_000003"]
 
 
-def test_label_free_dataset_refuses_target_label(gtsegs, tmp_path: Path):
+def test_label_free_dataset_refuses_target_label(gtsegs, tmp_path: Path, command):
     path, _ = gtsegs
-    proc = _cli(tmp_path, path, "target=label", "method=[raw_attention]")
+    proc = _cli(command, tmp_path, path, "target=label", "method=[raw_attention]")
     assert proc.returncode != 0
     assert "has no class labels, so target=label cannot be computed" in proc.stderr

@@ -7,24 +7,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import make_vit
+from conftest import forked_command, make_vit
 from hydra import compose, initialize_config_module
-from wsol_bench.methods import Explainer
-from wsol_bench.methods.registry import _REGISTRY
 
 from wsol_bench.cli.report import main as report_main
+from wsol_bench.methods import Explainer
+from wsol_bench.methods.registry import _REGISTRY
 from wsol_bench.report.manifest import MANIFEST, incompleteness
 from wsol_bench.run.runner import run
-
-SCRIPT = Path(sys.executable).parent / "wsol-bench"
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
@@ -32,11 +28,6 @@ def compose_cfg(tmp_path: Path, *overrides: str):
         return compose(config_name="config", overrides=[
             "method=[agcam,center]", "dataset.params.num_images=6", "batch_size=3", "store.shard_size=3",
             "gallery_images=0", "progress=false", f"store.root={tmp_path / 'cache'}", "run_name=test", *overrides])
-
-
-def bench(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # -- what a method returns ---------------------------------------------------------------------
@@ -88,8 +79,8 @@ def test_non_finite_logits_are_an_error_naming_the_cause():
         _REGISTRY["center"](model)(torch.rand(2, 3, 32, 32))
 
 
-def test_a_zero_std_is_refused_before_any_work(tmp_path):
-    proc = bench(["preprocess.std=[0,0,0]", "progress=false", f"store.root={tmp_path / 'c'}",
+def test_a_zero_std_is_refused_before_any_work(tmp_path, command):
+    proc = command("wsol-bench", ["preprocess.std=[0,0,0]", "progress=false", f"store.root={tmp_path / 'c'}",
                   "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 2 and "preprocess.std=[0.0, 0.0, 0.0] holds a 0" in proc.stderr
     assert not (tmp_path / "c").exists() and "Traceback" not in proc.stderr
@@ -109,41 +100,42 @@ def test_a_zero_std_is_refused_before_any_work(tmp_path):
     ("metric.thresholds=x", "metric.thresholds"),
     ("dataset.params.num_images=many", "dataset.params.num_images"),
     ("device=tpu", "device='tpu' is not a device; valid: cpu, cuda, cuda:N"),
-    ("preprocess.input_size=[100,100]", "preprocess.input_size=[100, 100] does not fit wsol_synthetic_vit, "
-                                        "which takes 224x224 images"),
+    ("preprocess.input_size=[100,100]", ("preprocess.input_size=[100, 100] does not fit wsol_synthetic_vit, "
+                                         "which takes 224x224 images")),
     ("sweep=grid sweep.thresholds=[0.2,1.2]", "sweep.thresholds=[0.2, 1.2] holds [1.2]"),
 ])
-def test_bad_settings_are_one_line_errors_naming_the_setting(tmp_path, override, message):
-    proc = bench([*override.split(), "progress=false", f"store.root={tmp_path / 'c'}", "hydra.run.dir=run"],
-                 tmp_path)
+def test_bad_settings_are_one_line_errors_naming_the_setting(tmp_path, command, override, message):
+    proc = command("wsol-bench", [*override.split(), "progress=false", f"store.root={tmp_path / 'c'}",
+                                  "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsol-bench: error: ") and message in lines[0], lines
     assert not (tmp_path / "c").exists()  # refused before any model pass
 
 
-def test_cuda_without_cuda_is_named(tmp_path):
+def test_cuda_without_cuda_is_named(tmp_path, command):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = bench(["device=cuda", "progress=false", "hydra.run.dir=run"], tmp_path)
+    proc = command("wsol-bench", ["device=cuda", "progress=false", "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 2 and "device=cuda: CUDA is not available on this machine; use device=cpu" in proc.stderr
 
 
-def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+def test_a_file_that_is_not_safetensors_is_named(tmp_path, command):
     fake = tmp_path / "weights.safetensors"
     fake.write_text("not a tensor file")
-    proc = bench([f"model.checkpoint={fake}", "progress=false", f"store.root={tmp_path / 'c'}",
-                  "hydra.run.dir=run"], tmp_path)
+    proc = command("wsol-bench", [f"model.checkpoint={fake}", "progress=false",
+                                  f"store.root={tmp_path / 'c'}", "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 2 and f"checkpoint {fake} is not a readable safetensors file" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
+def test_file_system_errors_are_one_line_naming_the_path(tmp_path, command):
     """A folder that cannot be written (here /sys, refused even to root) for the run or the cache."""
     for override, path in (("hydra.run.dir=/sys/wsol_bench_run", "/sys/wsol_bench_run"),
                            ("store.root=/sys/wsol_bench_cache", "/sys/wsol_bench_cache")):
-        proc = bench([override, "method=[center]", "dataset.params.num_images=2", "progress=false",
-                      "hydra.run.dir=run" if "store" in override else "store.root=c"], tmp_path)
+        other = "hydra.run.dir=run" if "store" in override else "store.root=c"
+        proc = command("wsol-bench", [override, "method=[center]", "dataset.params.num_images=2",
+                                      "progress=false", other], tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and f"cannot write {path}" in lines[0], proc.stderr
 
@@ -208,7 +200,7 @@ def test_stale_maps_of_changed_images_are_never_scored(tmp_path):
 def test_flipped_bytes_in_a_shard_are_recomputed_to_the_same_numbers(tmp_path, caplog):
     cfg = compose_cfg(tmp_path, "faithfulness=abpc")
     run(cfg, tmp_path / "first")
-    shard = sorted((tmp_path / "cache").rglob("shard_000001.pt"))[0]
+    shard = min((tmp_path / "cache").rglob("shard_000001.pt"))
     raw = bytearray(shard.read_bytes())
     middle = len(raw) // 2
     raw[middle:middle + 16] = bytes(b ^ 0x5A for b in raw[middle:middle + 16])
@@ -289,35 +281,49 @@ def test_report_refuses_edited_inputs(tmp_path, capsys):
 # -- kill -9 at random moments ---------------------------------------------------------------------
 
 
-def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(tmp_path):
-    """Three seeded kill times during explanation, faithfulness and scoring; each rerun into the
-    same folder resumes from the cache, and the final outputs and the faithfulness cache equal
-    those of an uninterrupted run."""
-    common = ["method=[agcam,center]", "dataset.params.num_images=12", "batch_size=2", "store.shard_size=2",
-              "gallery_images=0", "progress=false", "faithfulness=abpc", "sweep=grid",
+def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(tmp_path, command):
+    """Three kills (SIGKILL) of real runs at seeded points: while the first shards are explained
+    and scored (ABPC), half way, and while the outputs are written; each rerun into the same
+    folder resumes from the cache, and the final outputs and the faithfulness cache equal those
+    of an uninterrupted run."""
+    common = ["method=[agcam,center]", "dataset.params.num_images=8", "batch_size=2", "store.shard_size=2",
+              "gallery_images=0", "progress=false", "faithfulness=abpc", "faithfulness.steps=5", "sweep=grid",
               "sweep.thresholds=[0.2,0.5,0.8]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = bench([*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"], tmp_path)
+    straight = command("wsol-bench", [*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"],
+                       tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    cache, killed = tmp_path / "cache", tmp_path / "killed"
+
+    def shards() -> int:  # map shards (4 shards x 2 methods x 2 target policies) and ABPC rows (x 2 methods)
+        return len(list(cache.rglob("shard_*.*")))
+
+    def writing() -> bool:  # the pass is over: the run writes its outputs into its staging folder
+        return any(killed.glob(".incomplete-*/maps.json"))
+
     rng = random.Random(7)
-    args = [str(SCRIPT), *common, f"store.root={tmp_path / 'cache'}", "hydra.run.dir=killed"]
-    for _ in range(3):
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 9.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    final = bench([*common, f"store.root={tmp_path / 'cache'}", "hydra.run.dir=killed"], tmp_path)
+    first, middle = rng.randint(1, 6), rng.randint(10, 18)  # of the 24 shards
+    # kill once these many shards are stored, and once the outputs are being written
+    for reached in (lambda: shards() >= first, lambda: shards() >= middle, writing):
+        child = forked_command("wsol-bench", [*common, f"store.root={cache}", "hydra.run.dir=killed"],
+                               tmp_path)
+        deadline = time.monotonic() + 300  # a hang guard: the whole run takes seconds
+        while child.is_alive() and not reached() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(60)
+        assert child.exitcode in (0, -signal.SIGKILL), child.exitcode  # killed, or done before the kill
+    final = command("wsol-bench", [*common, f"store.root={cache}", "hydra.run.dir=killed"], tmp_path)
     assert final.returncode == 0, final.stderr[-2000:]
     for name in ("records.csv", "faithfulness.csv", "sweep.csv", "wsoleval.csv", "table_box.csv", "table.csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name),
-                                      pd.read_csv(tmp_path / "straight" / name), obj=name)
-    assert not list((tmp_path / "killed").glob(".incomplete-*"))
+        pd.testing.assert_frame_equal(pd.read_csv(killed / name), pd.read_csv(tmp_path / "straight" / name),
+                                      obj=name)
+    assert not list(killed.glob(".incomplete-*"))
 
     def faithfulness_cache(root: Path) -> dict[str, pd.DataFrame]:
         return {f"{p.parent.parent.name[:0]}{p.parent.name}/{p.name}": pd.read_csv(p)
                 for p in sorted(root.rglob("faithfulness_*/shard_*.csv"))}
 
-    cached, fresh = faithfulness_cache(tmp_path / "cache"), faithfulness_cache(tmp_path / "fresh")
+    cached, fresh = faithfulness_cache(cache), faithfulness_cache(tmp_path / "fresh")
     assert sorted(cached) == sorted(fresh) and cached
     for name in cached:
         pd.testing.assert_frame_equal(cached[name], fresh[name], obj=name)
@@ -344,13 +350,13 @@ def np_rng(seed: int):
     return np.random.default_rng(seed)
 
 
-def voc_cfg(tmp_path: Path, root: Path, cache: str):
+def voc_cfg(tmp_path: Path, root: Path, cache: str, *overrides: str):
     with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
         return compose(config_name="config", overrides=[
             "dataset=voc", f"dataset.params.root={root}", "model.name=vit_tiny_patch16_224", "model.pretrained=false",
             "++model.kwargs={img_size:32,patch_size:8,embed_dim:24,depth:2,num_heads:3,num_classes:20}",
             "preprocess.input_size=[32,32]", "method=[agcam]", "metric.image_filter=all", "gallery_images=0",
-            "progress=false", "run_name=test", f"store.root={tmp_path / cache}"])
+            "progress=false", "run_name=test", f"store.root={tmp_path / cache}", *overrides])
 
 
 def test_swapped_or_replaced_images_are_explained_again(tmp_path):
@@ -376,19 +382,21 @@ def test_swapped_or_replaced_images_are_explained_again(tmp_path):
         assert not warm.equals(first) and warm.equals(fresh)
 
 
-def test_method_entries_added_on_the_command_line_are_checked(tmp_path):
+def test_method_entries_added_on_the_command_line_are_checked(tmp_path, command):
     """A second configuration of a method can be added ad hoc; a malformed entry is named."""
-    ok = bench(["method=[center]", "+method.agcam_mean={name:agcam,params:{head_fusion:mean}}",
-                "dataset.params.num_images=2", "progress=false", f"store.root={tmp_path / 'c'}",
-                "hydra.run.dir=run", "gallery_images=0"], tmp_path)
+    ok = command("wsol-bench", ["method=[center]",
+                                "+method.agcam_mean={name:agcam,params:{head_fusion:mean}}",
+                                "dataset.params.num_images=2", "progress=false",
+                                f"store.root={tmp_path / 'c'}", "hydra.run.dir=run", "gallery_images=0"],
+                 tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert set(pd.read_csv(tmp_path / "run" / "records.csv")["method"]) == {"center", "agcam_mean"}
     for entry, message in (("+method.bad={nme:agcam}", "method.bad must be {name: <explainer>"),
                            ("+method.bad={name:agcam,parms:{}}", "unknown key method.bad.parms"),
                            ("+method.bad={name:agcam,params:{head_fusoin:mean}}",
                             "method 'agcam' takes no parameter 'head_fusoin'")):
-        proc = bench(["method=[center]", entry, "progress=false", f"store.root={tmp_path / 'd'}",
-                      "hydra.run.dir=bad"], tmp_path)
+        proc = command("wsol-bench", ["method=[center]", entry, "progress=false",
+                                      f"store.root={tmp_path / 'd'}", "hydra.run.dir=bad"], tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, (entry, proc.stderr[-1000:])
 
 

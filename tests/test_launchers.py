@@ -1,22 +1,23 @@
 """`wsol-bench -m` through Hydra's launcher plugins (the `cluster` extra): joblib runs a sweep's
 jobs in parallel local processes, submitit submits one job per run (SLURM; its local executor
-here). Each job must be a complete run folder with the numbers a plain run gives."""
+here). Each job must be a complete run folder with the numbers a plain run gives. The sweeps
+start in this process (the launchers start the jobs' processes as they would from the command);
+the plain runs they are compared with run in this process too."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CommandResult, command_in_process
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from wsol_bench.report.run_folder import check_run
+from wsol_bench.run.runner import run as run_benchmark
 
-SCRIPT = Path(sys.executable).parent / "wsol-bench"
 # a run of a few seconds: 4 synthetic images, no progress bars, no gallery figure
 # every image counts, so each table holds the 4 images whatever the shipped model predicts
 TINY = ["dataset.params.num_images=4", "metric.image_filter=all", "progress=false", "gallery_images=0"]
@@ -30,10 +31,21 @@ def _need(launcher: str) -> None:
         pytest.importorskip(module, reason=f"{module} is not installed (the cluster extra)")
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    # without the debug switches, so user errors take their one-line form
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WSOL_BENCH_DEBUG")}
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def _run(args: list[str], cwd: Path) -> CommandResult:
+    """`wsol-bench args` (a sweep) in this process, without the debug switches, so user errors
+    take their one-line form. The jobs' processes get one intra-op thread each: two jobs (or
+    tasks) at a time share the cores with the other test process."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        return command_in_process("wsol-bench", args, cwd)
+
+
+def _plain_run(overrides: list[str], out: Path) -> Path:
+    """The same run without a launcher, in this process: its run folder `out`."""
+    with initialize_config_module(config_module="wsol_bench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*overrides, "run_name=quickstart"])
+    run_benchmark(cfg, out)
+    return out
 
 
 def _job_folders(sweep: Path) -> list[str]:
@@ -70,10 +82,9 @@ def test_joblib_runs_the_jobs_in_parallel_with_the_numbers_of_a_plain_run(tmp_pa
         folder = Path(json.loads((job / "maps.json").read_text())[method]["folder"])
         assert folder.parent == (tmp_path / "cache").resolve()  # the store every job shares
 
-    plain = tmp_path / "plain"  # its own store: the maps are explained again, not read back
-    proc = _run(["method=[random]", *TINY, f"store.root={tmp_path / 'cache_plain'}", f"hydra.run.dir={plain}"],
-                tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its own store: the maps are explained again, not read back
+    plain = _plain_run(["method=[random]", *TINY, f"store.root={tmp_path / 'cache_plain'}"],
+                       tmp_path / "plain")
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "1_quickstart" / "table_box.csv"),
                                   pd.read_csv(plain / "table_box.csv"), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "1_quickstart" / "records.csv"),
@@ -107,7 +118,7 @@ def test_submitit_local_runs_each_job_as_a_submitit_job(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def joblib_sweep_with_a_bad_job(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def joblib_sweep_with_a_bad_job(tmp_path_factory) -> tuple[CommandResult, Path]:
     """A joblib sweep whose job 0 is refused (batch_size=0) while job 1 is a valid run."""
     _need("joblib")
     tmp = tmp_path_factory.mktemp("joblib_bad")
@@ -171,8 +182,6 @@ def test_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path):
     job = sweep / "0_quickstart"
     assert check_run(job) == []
     assert json.loads((job / "run.json").read_text())["ranks"] == 2
-    plain = tmp_path / "plain"
-    proc = _run([*run, f"store.root={tmp_path / 'cache_plain'}", f"hydra.run.dir={plain}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = _plain_run([*run, f"store.root={tmp_path / 'cache_plain'}"], tmp_path / "plain")
     for name in ("records.csv", "table.csv", "table_box.csv"):
         assert (job / name).read_bytes() == (plain / name).read_bytes(), name

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+
 from wsol_bench.methods import available, get_explainer
 from wsol_bench.methods.capture import UnsupportedModelError
-
 from wsol_bench.models import disable_fused_attention
 
 SMALL = {"embed_dim": 24, "depth": 2, "num_heads": 3, "num_classes": 5}

@@ -90,12 +90,17 @@ def test_data_config_reads_the_pretrained_config():
 
 
 def test_shipped_model_is_registered_with_timm_on_import():
-    """A fresh process: `import wsol_bench` is enough for timm to build the shipped model with its
-    packaged weights."""
+    """A fresh process: `import wsol_bench.models` is enough for timm to build the shipped model
+    with its packaged weights, and neither `import wsol_bench` nor the commands' modules and
+    config tree load torch or timm (the commands answer --help and refusals before they load)."""
     import subprocess
     import sys
 
-    code = ("import timm, wsol_bench, torch; from safetensors.torch import load_file; "
+    light = ("import sys, wsol_bench, wsol_bench.cli.bench, wsol_bench.cli.train, wsol_bench.conf; "
+             "print('torch' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    code = ("import timm, wsol_bench.models, torch; from safetensors.torch import load_file; "
             "m = timm.create_model('wsol_synthetic_vit', pretrained=True); "
             "sd = load_file(str(wsol_bench.models.shipped_weights_path())); "
             "print(all(torch.equal(m.state_dict()[k], v) for k, v in sd.items()), m.num_classes)")

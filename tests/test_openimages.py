@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from omegaconf import MISSING
 from PIL import Image
+
+from wsol_bench.config.datasets import DATASET_SCHEMAS, OpenImagesParams
 from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import IGNORE_INDEX
 from wsol_bench.datasets.openimages import OpenImagesDataset, binarize_mask
-
-from wsol_bench.config.datasets import DATASET_SCHEMAS, OpenImagesParams
 
 W, H = 40, 30  # image size of the tiny tree (width, height)
 META = Path("metadata") / "OpenImages" / "test"
@@ -150,6 +150,51 @@ def test_masks_equal_the_reference_get_mask(tree):
         np.testing.assert_array_equal(ours, reference, err_msg=sample.image_id)
         checked += 1
     assert checked == 4
+
+
+def test_masks_at_a_size_where_the_nearest_rules_differ_equal_get_mask(tmp_path):
+    """36x36 images (OpenCV and torch's nearest rules pick different source columns at output
+    column 168): two instance masks, one of them ending at the differing column, an ignore box
+    and a second image, each equal to a step-by-step transcription of wsolevaluation's get_mask
+    (cv2 greyscale read as float32, INTER_NEAREST to 224, > 0.5 per instance, union, ignore
+    minus foreground, foreground 1 and ignore 255)."""
+    cv2 = pytest.importorskip("cv2")
+    root, size = tmp_path / "OpenImages", (36, 36)
+    ids = ["test/0aaa/c1.jpg", "test/0aaa/c2.jpg"]
+    rng = np.random.default_rng(1)
+    for image_id in ids:
+        _png(root / image_id, rng.integers(0, 256, (*size, 3)), "RGB")
+    _png(root / "test/0aaa/c1_m0aaa_1.png", _rect(3, 20, 27, 36, size=size))  # columns 27-35
+    _png(root / "test/0aaa/c1_m0aaa_2.png", _rect(22, 33, 1, 9, 200, size=size))
+    _png(root / "test/0aaa/c1_ignore.png", _rect(0, 36, 20, 30, size=size))
+    _png(root / "test/0aaa/c2_m0aaa_1.png", _rect(10, 26, 26, 31, size=size))
+    meta = root / META
+    meta.mkdir(parents=True)
+    (meta / "image_ids.txt").write_text("\n".join(ids))
+    (meta / "class_labels.txt").write_text("".join(f"{i},0\n" for i in ids))
+    (meta / "localization.txt").write_text(
+        "test/0aaa/c1.jpg,test/0aaa/c1_m0aaa_1.png,test/0aaa/c1_ignore.png\n"
+        "test/0aaa/c1.jpg,test/0aaa/c1_m0aaa_2.png,\n"
+        "test/0aaa/c2.jpg,test/0aaa/c2_m0aaa_1.png,\n")
+    ds = OpenImagesDataset(root, transform=EvalTransform((224, 224), (0.5,) * 3, (0.5,) * 3))
+
+    def load_mask_image(relative):  # evaluation.py: float32 greyscale, then cv2.resize
+        return cv2.resize(np.float32(cv2.imread(str(root / relative), cv2.IMREAD_GRAYSCALE)), (224, 224),
+                          interpolation=cv2.INTER_NEAREST)
+
+    def get_mask(mask_paths, ignore_path):
+        instances = np.stack([load_mask_image(m) > 0.5 for m in mask_paths], axis=0).any(axis=0)
+        ignore_box = load_mask_image(ignore_path) > 0.5 if ignore_path else np.zeros_like(instances)
+        ignore = np.logical_and(ignore_box, np.logical_not(instances))
+        return instances.astype(np.uint8) + 255 * ignore.astype(np.uint8)
+
+    items = _items(ds)
+    for image_id, sample in items.items():  # class 0: the suite's label + 1 is get_mask's 1
+        reference = get_mask(ds.mask_paths[image_id], ds.ignore_paths[image_id])
+        np.testing.assert_array_equal(sample.mask.numpy(), reference, err_msg=image_id)
+    # output column 168 reads source column 26 (ignore box) in OpenCV, 27 (object) in torch's rule
+    c1 = items["test/0aaa/c1.jpg"].mask
+    assert c1[50, 168] == IGNORE_INDEX and c1[50, 169] == 1
 
 
 def test_skip_reasons_name_the_file(tree):

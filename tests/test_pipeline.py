@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_vit
+
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
-
 from wsol_bench.report.tables import localization_table
 from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.scorers.records import LocalizationRecords

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_vit
+
 from wsol_bench.datasets import EvalTransform, build_dataset
 from wsol_bench.methods import Explainer, get_explainer
-
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.scorers.records import LocalizationRecords
@@ -113,7 +113,7 @@ def test_float16_store_halves_the_maps_and_rescoring_reads_what_was_scored(setup
 def test_a_float32_shard_is_not_read_as_a_float16_store(setup, tmp_path):
     model, ds = setup
     explainers = {"pixel": UpsampledRollout(model)}
-    _, stores = _records(ds, explainers, tmp_path, {"pixel": SIZE})
+    _, _stores = _records(ds, explainers, tmp_path, {"pixel": SIZE})
     half = MapStore(tmp_path / "cache", {"method": "pixel"}, 4, grid=SIZE, dtype="float16")
     from wsol_bench.run.store import InvalidShard
     with pytest.raises(InvalidShard, match="dtype torch.float32, expected float16"):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wsol_bench.datasets.base import Sample
 
+from wsol_bench.datasets.base import Sample
 from wsol_bench.metrics.localization import ground_truth, localization_scores, metric_columns
 from wsol_bench.metrics.pixel import EPS, PIXEL_METRICS, confusion_counts, pixel_scores
 

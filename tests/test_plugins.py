@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_vit
+
 from wsol_bench.methods import registry
 
 PLUGIN = textwrap.dedent('''
@@ -157,39 +156,43 @@ def _builtin_methods(plus: list[str]) -> list[str]:
     return sorted(shipped + plus)
 
 
-def test_broken_plugins_do_not_break_the_cli(broken_plugins, tmp_path):
+@pytest.fixture
+def installed(monkeypatch, forget_plugin_modules):
+    """`installed(folder)`: the distributions in `folder` are installed, and the explainer
+    registry is as a new process has it (no plugin loaded yet), so the command in this process
+    finds them by itself as `wsol-bench` started with `folder` on PYTHONPATH does."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    return lambda folder: monkeypatch.syspath_prepend(str(folder))
+
+
+def test_broken_plugins_do_not_break_the_cli(broken_plugins, tmp_path, installed, command):
     """--help still works and lists the working plugin's method config."""
-    env = {**os.environ, "PYTHONPATH": str(broken_plugins)}
-    script = Path(sys.executable).parent / "wsol-bench"
-    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    installed(broken_plugins)
+    proc = command("wsol-bench", ["--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"method: {', '.join(_builtin_methods(['token_norm']))}" in proc.stdout
 
 
 @pytest.mark.parametrize("searchpath", [[], ["hydra.searchpath=[pkg://token_norm_plugin.conf]"]],
                          ids=["discovered", "hydra.searchpath"])
-def test_plugin_runs_in_the_cli_and_tables(plugin_dir, tmp_path, searchpath):
+def test_plugin_runs_in_the_cli_and_tables(plugin_dir, tmp_path, searchpath, installed, command):
     """The CLI finds the plugin's YAML by itself (the search path plugin), or through the
     hydra.searchpath flag as before, and puts the method in the table."""
-    env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
-    script = Path(sys.executable).parent / "wsol-bench"
-    proc = subprocess.run(
-        [str(script), "method=[center,token_norm]", *searchpath,
-         "dataset.params.num_images=8", "progress=false", "hydra.run.dir=run"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    installed(plugin_dir)
+    proc = command("wsol-bench", ["method=[center,token_norm]", *searchpath, "dataset.params.num_images=8",
+                                  "progress=false", "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert list(table["method"]) == ["center", "token_norm"]
     assert "token_norm" in proc.stdout
 
 
-def test_unknown_method_lists_plugin_methods(plugin_dir, tmp_path):
+def test_unknown_method_lists_plugin_methods(plugin_dir, tmp_path, installed, command):
     """The one-line error for an unknown method lists the plugin's method too."""
-    env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
-    script = Path(sys.executable).parent / "wsol-bench"
-    proc = subprocess.run([str(script), "method=[center,token_nrom]"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    installed(plugin_dir)
+    proc = command("wsol-bench", ["method=[center,token_nrom]"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("wsol-bench: error: unknown method 'token_nrom'; valid: "
                                    f"{', '.join(_builtin_methods(['token_norm']))}")

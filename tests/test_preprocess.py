@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
+
 from wsol_bench.datasets.base import EvalTransform, Sample, resize_image, resize_mask
 from wsol_bench.datasets.image_io import read_rgb
 
@@ -76,7 +77,7 @@ def test_timm_resize_truncates_the_longer_side() -> None:
     assert T.Resize(256)(pil).size == (298, 256)
     assert torch.equal(out.image, reference)
     # the box followed the image: scaled by 298 / 300 and 256 / 257, shifted by the crop offset
-    left, top = int(round((298 - 224) / 2.0)), int(round((256 - 224) / 2.0))
+    left, top = round((298 - 224) / 2.0), round((256 - 224) / 2.0)
     expected = [100 * 298 / 300 - left, 50 * 256 / 257 - top, 200 * 298 / 300 - left, 150 * 256 / 257 - top]
     assert out.boxes[0].tolist() == pytest.approx(expected, abs=1e-4)
 
@@ -105,3 +106,23 @@ def test_bad_interpolation_and_bad_image_are_named() -> None:
         resize_image(image, (5, 5), "cubic-ish")
     with pytest.raises(ValueError, match="uint8"):
         resize_image(image.float(), (5, 5))
+
+
+def test_mask_resize_is_opencv_inter_nearest_for_every_source_length() -> None:
+    """Every source length 1..2048 resized to 224 (rows and columns) takes exactly OpenCV's
+    INTER_NEAREST source pixels; torch's nearest rule, which the suite used before, differs from
+    it for hundreds of lengths (36: output column 168 reads source 26 in OpenCV, 27 in torch)."""
+    cv2 = pytest.importorskip("cv2")
+    differ = 0
+    for length in range(1, 2049):
+        values = (np.arange(length, dtype=np.int64) % 251).astype(np.uint8)  # neighbours always differ
+        rows, cols = np.repeat(values[:, None], 2, 1), np.repeat(values[None, :], 2, 0)
+        for mask, size in ((rows, (224, 2)), (cols, (2, 224))):
+            ours = resize_mask(torch.from_numpy(mask), size).numpy()
+            assert np.array_equal(ours, cv2.resize(mask, size[::-1], interpolation=cv2.INTER_NEAREST)), length
+        torch_rule = torch.nn.functional.interpolate(torch.from_numpy(cols)[None, None].float(), size=(2, 224),
+                                                     mode="nearest")[0, 0].to(torch.uint8).numpy()
+        differ += not np.array_equal(torch_rule, resize_mask(torch.from_numpy(cols), (2, 224)).numpy())
+    assert differ > 100  # the test can tell the two rules apart
+    column = resize_mask(torch.from_numpy(np.tile(np.arange(36, dtype=np.uint8), (36, 1))), (224, 224))[:, 168]
+    assert (column == 26).all()

@@ -5,6 +5,7 @@ and the gallery rebuild."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from test_tables import assert_matches_csv, parse_latex, parse_markdown, records_frame
 
 from wsol_bench.cli.report import compare_tables, config_differences, main, rebuild_gallery
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError, UserError
 from wsol_bench.files import write_json
 from wsol_bench.report.manifest import MANIFEST, IncompleteRun, manifest_payload
 from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL
@@ -225,6 +227,75 @@ def test_bad_run_folders_give_clear_errors(tmp_path, capsys):
     assert "records.csv is missing" in capsys.readouterr().out
     assert main([str(folder), "--allow-incomplete"]) == 2
     assert f"{folder / 'records.csv'} not found" in capsys.readouterr().err
+
+
+def _records_without(folder: Path, prefix: str) -> None:
+    """Drop the records' columns that start with `prefix`; the folder stays a complete run."""
+    records = pd.read_csv(folder / "records.csv")
+    records.drop(columns=[c for c in records if c.startswith(prefix)]).to_csv(folder / "records.csv", index=False)
+    mark_complete(folder)
+
+
+def test_run_folder_refusals_are_user_errors(tmp_path):
+    """What the user can fix (a folder, a file of it, a setting, an argument) is a `UserError`
+    of the most specific kind, which the commands print as one line."""
+    with pytest.raises(MissingInputError, match="run folder .*missing does not exist"):
+        read_run(tmp_path / "missing")
+    folder = hand_run(tmp_path / "run", "synthetic", "wsol_synthetic_vit")
+    (folder / "config.yaml").unlink()
+    with pytest.raises(IncompleteRun, match="config.yaml is missing") as caught:
+        read_run(folder)
+    assert isinstance(caught.value, UserError)
+    with pytest.raises(MissingInputError, match="config.yaml not found"):
+        read_run(folder, allow_incomplete=True)
+    columns = hand_run(tmp_path / "columns", "synthetic", "wsol_synthetic_vit")
+    _records_without(columns, "correct")
+    with pytest.raises(InputFileError, match=re.escape(f"{columns / 'records.csv'} lacks column(s) ['correct']")):
+        run_tables(columns)
+    setting = hand_run(tmp_path / "setting", "synthetic", "wsol_synthetic_vit",
+                       metric={"image_filter": "most", "thresholds": [0.5]})
+    with pytest.raises(SettingError, match=r"unknown image filter 'most' \(metric.image_filter\)"):
+        run_tables(setting)
+    boxes_only = hand_run(tmp_path / "boxes", "synthetic", "wsol_synthetic_vit")
+    _records_without(boxes_only, "mask_")
+    with pytest.raises(SettingError, match="no mask table"):
+        combined_table([boxes_only], "mask")
+
+
+GARBAGE_FILES = [  # (file of a run folder, content a damaged or foreign file has)
+    pytest.param("records.csv", bytes(range(128, 256)) * 8, id="records-binary"),
+    pytest.param("records.csv", b'image_id,method\n"im0,agcam\n', id="records-unclosed-quote"),
+    pytest.param("records.csv", b"", id="records-empty"),
+    pytest.param("config.yaml", bytes(range(128, 256)) * 8, id="config-binary"),
+    pytest.param("config.yaml", b"metric: [correct\n", id="config-bad-yaml"),
+    pytest.param("config.yaml", b"- metric\n- dataset\n", id="config-list"),
+]
+
+
+@pytest.mark.parametrize(("name", "content"), GARBAGE_FILES)
+def test_garbage_run_folder_file_is_an_input_error_naming_it(tmp_path, capsys, name, content):
+    """A damaged file of a run folder is refused naming it (exit code 2, one line), never an
+    exception from the parser."""
+    folder = hand_run(tmp_path / "run", "synthetic", "wsol_synthetic_vit")
+    (folder / name).write_bytes(content)
+    mark_complete(folder)
+    with pytest.raises(InputFileError, match=re.escape(str(folder / name))):
+        read_run(folder)
+    assert main([str(folder)]) == 2
+    assert f"error: {folder / name}" in capsys.readouterr().err
+
+
+def test_damaged_manifest_and_tables_on_disk_are_named(tmp_path):
+    """A run.json whose inputs are no mapping makes the folder incomplete; a table on disk that
+    is no CSV is a difference that names it."""
+    folder = hand_run(tmp_path / "run", "synthetic", "wsol_synthetic_vit")
+    write_run_tables(folder)
+    (folder / "table_box.csv").write_bytes(bytes(range(128, 256)) * 8)
+    lines = check_run(folder)
+    assert len(lines) == 1 and lines[0].startswith(f"{folder / 'table_box.csv'} is not a readable CSV table")
+    write_json(folder / MANIFEST, {"format": 1, "complete": True, "inputs": ["records.csv"]})
+    with pytest.raises(IncompleteRun, match="run.json is damaged"):
+        read_run(folder)
 
 
 @pytest.fixture(scope="module")

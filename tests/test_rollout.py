@@ -29,13 +29,13 @@ def _attentions(model, images):
     return recorded, logits
 
 
-def reference_rollout(model, images, head="mean", discard=None):
-    """R = a^L ... a^1, a = rownorm((fused + I) / 2); map = R[:, 0, P:] on the grid."""
+def reference_rollout(model, images, head="mean", discard=None, start_layer=0):
+    """R = a^L ... a^(start_layer+1), a = rownorm((fused + I) / 2); map = R[:, 0, P:] on the grid."""
     attentions, logits = _attentions(model, images)
     b, _, n, _ = attentions[0].shape
     eye = torch.eye(n)
     r = eye.repeat(b, 1, 1)
-    for att in attentions:
+    for att in attentions[start_layer:]:
         if head == "mean":
             fused = att.mean(1)
         elif head == "max":
@@ -145,10 +145,29 @@ def test_rollout_with_discard_matches_reference(tiny_vit):
     assert not torch.allclose(out, plain)
 
 
+def test_start_layer_rolls_out_from_that_block(tiny_vit):
+    """start_layer=1 is Chefer et al.'s compute_rollout_attention(start_layer=1): the product of
+    rownorm(mean_h A^l + I) over blocks 1..L-1 only; start_layer=0 is every block (the default)."""
+    images = _images()
+    explainer = get_explainer("rollout", tiny_vit, start_layer=1)
+    expected, _ = reference_rollout(tiny_vit, images, start_layer=1)
+    _close(explainer(images, None).maps, expected)
+    attentions, _ = _attentions(tiny_vit, images)  # their formula: A + I, rows normalised, block 1 first
+    joint = None
+    for att in attentions[1:]:
+        a = att.mean(1) + torch.eye(att.shape[-1])
+        a = a / a.sum(-1, keepdim=True)
+        joint = a if joint is None else a.bmm(joint)
+    _close(explainer(images, None).maps, joint[:, 0, 1:].reshape(3, 4, 4))
+    assert not torch.allclose(explainer(images, None).maps, get_explainer("rollout", tiny_vit)(images, None).maps)
+
+
 @pytest.mark.parametrize("params", [{"head_fusion": "median"}, {"discard_ratio": 1.0},
-                                    {"discard_ratio": -0.1}])
+                                    {"discard_ratio": -0.1}, {"start_layer": 3}, {"start_layer": -1},
+                                    {"start_layer": 0.5}])
 def test_invalid_parameters_raise(tiny_vit, params):
-    """Unknown head fusion and a discard ratio outside [0, 1) raise ValueError."""
+    """Unknown head fusion, a discard ratio outside [0, 1) and a start layer that is not a block
+    of the model (3 blocks) raise ValueError."""
     with pytest.raises(ValueError):
         get_explainer("rollout", tiny_vit, **params)
 

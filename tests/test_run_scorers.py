@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from wsol_bench.datasets import build_dataset
 
+from wsol_bench.datasets import build_dataset
 from wsol_bench.metrics.faithfulness import FaithfulnessSettings, score_batch
 from wsol_bench.models import load_model
 from wsol_bench.regions.heatmaps import to_heatmaps
@@ -38,7 +38,7 @@ def full_run(tmp_path_factory):
 
 
 def test_sweep_at_a_threshold_equals_the_records_at_it(full_run):
-    cfg, tmp = full_run
+    _, tmp = full_run
     records = pd.read_csv(tmp / "run" / "records.csv")
     sweep = pd.read_csv(tmp / "run" / "sweep.csv")
     assert sorted(sweep["threshold"].round(2).unique()) == [round(t, 2) for t in np.arange(0, 1, 0.01)]
@@ -51,7 +51,7 @@ def test_sweep_at_a_threshold_equals_the_records_at_it(full_run):
 
 
 def test_wsoleval_summary_is_consistent_with_the_sweep(full_run):
-    cfg, tmp = full_run
+    _, tmp = full_run
     wsol = pd.read_csv(tmp / "run" / "wsoleval.csv").set_index("method")
     assert list(wsol.index) == ["agcam", "center"] and (wsol["n_images"] == N).all()
     for method in wsol.index:
@@ -86,7 +86,7 @@ def test_faithfulness_rows_equal_a_direct_call_on_ground_truth_maps(full_run):
 def test_rescoring_passes_no_image_through_the_model(full_run, monkeypatch):
     """Same settings, other thresholds and chunk size: every map and faithfulness row comes
     from the cache (the chunk size changes speed, not numbers, so it is not in the key)."""
-    cfg, tmp = full_run
+    _, tmp = full_run
     import wsol_bench.run.maps as maps
 
     def no_model(*args, **kwargs):
@@ -107,7 +107,7 @@ def test_exported_coco_masks_decode_to_the_scored_masks(full_run, tmp_path):
     from wsol_bench.metrics.pixel import pixel_scores
     from wsol_bench.report.export import read_coco_masks
 
-    cfg, tmp = full_run
+    _, tmp = full_run
     again = _cfg(tmp, "export_masks=true", "metric.thresholds=[0.5]")
     run(again, tmp / "exported")
     folder = tmp / "exported" / "masks"

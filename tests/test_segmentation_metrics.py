@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from wsol_bench.datasets.base import Sample
 
+from wsol_bench.datasets.base import Sample
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.segmentation import (
     CheferSegmentation,

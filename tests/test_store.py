@@ -3,22 +3,20 @@ atomic, and a run killed half way resumes to the result of an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import forked_command
 from hydra import compose, initialize_config_module
 
 from wsol_bench.run.maps import build_transform, store_settings
 from wsol_bench.run.store import InvalidShard, MapStore, Shard, settings_key
-
-SCRIPT = Path(sys.executable).parent / "wsol-bench"
 
 
 def _cfg(*overrides: str):
@@ -149,36 +147,29 @@ def test_a_shard_of_another_store_or_grid_is_refused(tmp_path):
         other.load(0, 3)  # the dataset shrank: shard 0 now covers 3 items, the stored one 4
 
 
-def _bench(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(SCRIPT), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, command):
     """SIGKILL a real run after some shards, rerun it: only the missing shards are explained
     and records equal an uninterrupted run's."""
-    common = ["method=[agcam,center]", "dataset.params.num_images=40", "batch_size=4", "store.shard_size=4",
+    common = ["method=[agcam,center]", "dataset.params.num_images=20", "batch_size=4", "store.shard_size=4",
               "gallery_images=0", "progress=false"]
     cache = tmp_path / "cache"
-    proc = _bench([*common, f"store.root={cache}", "hydra.run.dir=killed"], tmp_path)
-    deadline = time.time() + 300
-    while len(list(cache.rglob("shard_*.pt"))) < 6 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    child = forked_command("wsol-bench", [*common, f"store.root={cache}", "hydra.run.dir=killed"], tmp_path)
+    deadline = time.monotonic() + 300  # a hang guard: the whole run takes seconds
+    while len(list(cache.rglob("shard_*.pt"))) < 4 and child.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(60)
     done = len(list(cache.rglob("shard_*.pt")))
-    assert 0 < done < 20, f"kill landed after {done} of 20 shards"
-    resumed = _bench([*common, f"store.root={cache}", "hydra.run.dir=resumed"], tmp_path)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    straight = _bench([*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"], tmp_path)
-    _, err = straight.communicate(timeout=600)
-    assert straight.returncode == 0, err[-3000:]
+    assert child.exitcode == -signal.SIGKILL and 0 < done < 10, f"kill landed after {done} of 10 shards"
+    resumed = command("wsol-bench", [*common, f"store.root={cache}", "hydra.run.dir=resumed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = command("wsol-bench", [*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"],
+                       tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     a = pd.read_csv(tmp_path / "resumed" / "records.csv")
     b = pd.read_csv(tmp_path / "straight" / "records.csv")
     pd.testing.assert_frame_equal(a, b)
-    assert len(list(cache.glob("*/shard_*.pt"))) == 20  # 10 shards x 2 methods, nothing twice
+    assert len(list(cache.glob("*/shard_*.pt"))) == 10  # 5 shards x 2 methods, nothing twice
     maps_a = torch.cat([torch.load(p, weights_only=True)["maps"] for p in sorted(cache.glob("*/shard_*.pt"))])
     maps_b = torch.cat([torch.load(p, weights_only=True)["maps"]
                         for p in sorted((tmp_path / "fresh").glob("*/shard_*.pt"))])
@@ -225,3 +216,36 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         store.save(shard)
     assert not store.shard_path(0).exists()
     assert [p.name for p in store.folder.iterdir()] == ["settings.json"]  # no .tmp left behind
+
+
+def test_rescoring_with_an_all_skipped_shard_builds_no_model(tmp_path, monkeypatch, caplog):
+    """A shard whose images are all unreadable is stored with the store's map shape, for a grid
+    method (agcam) and a pixel method (saliency): a re-scoring run over every stored map never
+    loads the model (loading raises here), warns of no invalid shard and gives the same records."""
+    from test_integrity import voc_cfg, voc_tree
+    from test_voc import voc_dir, write_split
+
+    import wsol_bench.run.maps as maps
+    from wsol_bench.run.runner import run
+
+    root, ids = tmp_path / "voc", ["2008_000001", "2008_000002", "2008_000004"]
+    voc_tree(root, ids)
+    write_split(root, "Main", "val", ids)
+    for image_id in ids[:2]:  # shard 0 (two images a shard) has nothing to explain
+        (voc_dir(root) / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"not a jpeg")
+    overrides = ["method=[agcam,saliency]", "store.shard_size=2"]
+    cfg = voc_cfg(tmp_path, root, "cache", *overrides)
+    run(cfg, tmp_path / "first")
+    where = json.loads((tmp_path / "first" / "maps.json").read_text())
+    assert {m: len(list(Path(e["folder"]).glob("shard_*.pt"))) for m, e in where.items()} == {"agcam": 2, "saliency": 2}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a re-scoring run loaded the model")
+
+    monkeypatch.setattr(maps, "load_model", no_model)
+    caplog.clear()
+    run(voc_cfg(tmp_path, root, "cache", *overrides), tmp_path / "again")
+    assert "recomputed" not in caplog.text and "expected" not in caplog.text
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "first" / "records.csv"),
+                                  pd.read_csv(tmp_path / "again" / "records.csv"))
+    assert len(pd.read_csv(tmp_path / "again" / "skipped.csv")) == 2

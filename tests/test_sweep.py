@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 from skimage.measure import label as label_components
-from wsol_bench.datasets.base import Sample
 
+from wsol_bench.datasets.base import Sample
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.metrics.localization import ground_truth, localization_scores
@@ -46,7 +46,7 @@ def _mixed_heatmaps(height: int = 20, width: int = 18) -> torch.Tensor:
 
 def test_default_thresholds_are_wsolevaluation_grid():
     assert len(DEFAULT_THRESHOLDS) == 100
-    assert DEFAULT_THRESHOLDS == tuple(np.arange(0, 1, 0.01).tolist())
+    assert tuple(np.arange(0, 1, 0.01).tolist()) == DEFAULT_THRESHOLDS
 
 
 def test_components_equal_per_threshold_labelling():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from wsol_bench.datasets import EvalTransform, available, build_dataset
 from wsol_bench.datasets.synthetic import CLASS_NAMES, SyntheticShapes, mask_boxes, render_scene
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ import pytest
 import timm
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples, registry
-from wsol_bench.datasets.base import normalize_image
 
 from wsol_bench.cli import train as train_cli
-from wsol_bench.models import load_model
+from wsol_bench.datasets import EvalTransform, Sample, SkippedSample, build_dataset, collate_samples, registry
+from wsol_bench.datasets.base import normalize_image
+from wsol_bench.errors import InputFileError, MissingInputError, UserError
+from wsol_bench.models import ModelLoadError, load_model
 from wsol_bench.train import recipe as train_recipe
 from wsol_bench.train.data import (
     CachedBatches,
@@ -30,7 +33,7 @@ from wsol_bench.train.data import (
     dihedral,
     normalize_batch,
 )
-from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images
+from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images, read_cache
 from wsol_bench.train.trainer import Recipe, Trainer, autocast_dtype, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,8 +306,62 @@ def test_resume_with_other_settings_is_refused(straight_run):
     _, extra, tmp, _ = straight_run
     with pytest.raises(ValueError, match=r"train.lr: 0.0005 -> 0.002"):
         train_recipe.train_from_config(make_cfg(tmp, *extra, "train.lr=2e-3"), tmp / "out")
-    with pytest.raises(FileNotFoundError, match="resume=true"):
+    with pytest.raises(MissingInputError, match="resume=true"):
         train_recipe.train_from_config(make_cfg(tmp, *extra, "resume=true"), tmp / "empty")
+
+
+class _Opaque:
+    """An arbitrary Python object: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+def _write_bad_checkpoint(path: Path, kind: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "garbage":
+        path.write_bytes(b"not a torch file\n" * 8)
+    elif kind == "pickle":  # the keys of a real checkpoint, and a Python object
+        torch.save({"format": 1, "fingerprint": {}, "state": _Opaque()}, path)
+    else:  # another program's checkpoint: a plain state dict
+        torch.save(tiny_vit(6).state_dict(), path)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "pickle", "state_dict"])
+def test_resume_refuses_an_unreadable_checkpoint_in_one_line(tmp_path, kind):
+    """A file the trainer cannot resume from is a UserError naming it and the fix, not a
+    traceback (resume=auto and resume=true alike)."""
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    _write_bad_checkpoint(ckpt, kind)
+    for resume in ("auto", "true"):
+        with pytest.raises(UserError) as info:
+            train_recipe.resume_if_asked(OmegaConf.create({"resume": resume}), None, {}, ckpt)
+        message = str(info.value)
+        assert str(ckpt) in message and "resume=false" in message and "\n" not in message, message
+        assert isinstance(info.value, ModelLoadError if kind != "state_dict" else InputFileError)
+    if kind == "pickle":
+        assert "_Opaque" in message
+
+
+def test_train_from_config_refuses_a_garbage_checkpoint(tmp_path):
+    """The function the command calls: a damaged checkpoint in out_dir ends in one line."""
+    out = tmp_path / "out"
+    _write_bad_checkpoint(out / "checkpoint.pt", "garbage")
+    cfg = make_cfg(tmp_path, "train.cache=false", "train.train_params.num_images=16",
+                   "train.val_params.num_images=4")
+    start = re.escape(f"cannot read checkpoint {out / 'checkpoint.pt'} ")
+    with pytest.raises(ModelLoadError, match=rf"^{start}.*resume=false"):
+        train_recipe.train_from_config(cfg, out)
+
+
+def test_damaged_image_cache_is_refused_naming_the_folder(tmp_path):
+    spec = DatasetSpec("synthetic", {"split": "val", "num_images": 2, "image_size": 32})
+    cache = cached_images(spec, (32, 32), "bilinear", cache_dir=tmp_path, workers=0)
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert read_cache(folder, (32, 32)).labels.tolist() == cache.labels.tolist()
+    with pytest.raises(InputFileError, match="not the 2 uint8 3x16x16 images"):
+        read_cache(folder, (16, 16))
+    (folder / "labels.npy").write_bytes(b"\x93NUMPY cut short")
+    start = re.escape(f"image cache {folder} is unreadable ")
+    with pytest.raises(InputFileError, match=rf"^{start}.*delete that folder"):
+        cached_images(spec, (32, 32), "bilinear", cache_dir=tmp_path, workers=0)
 
 
 def test_load_model_reproduces_the_logged_val_accuracy(straight_run):

@@ -9,9 +9,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import wsol_bench.methods.transformer_attribution as ta
 import yaml
 from conftest import make_vit
+
+import wsol_bench.methods.transformer_attribution as ta
 from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
 from wsol_bench.methods.registry import available, get_explainer
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from wsol_bench.datasets import EvalTransform, SkippedSample, build_dataset
 from wsol_bench.datasets.voc import SEVERAL_CLASSES, VOC_CLASSES, VocDataset, voc_box_to_xyxy
+from wsol_bench.errors import InputFileError
 
 W, H = 40, 30  # every test image is 40 wide, 30 high
 TO_224 = EvalTransform((224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -201,7 +203,7 @@ def test_corrupt_or_missing_image_gives_a_skipped_sample(detection_root: Path):
 
 def test_a_split_without_any_usable_image_is_an_error(detection_root: Path):
     write_split(detection_root, "Main", "val", ["2008_000003", "2008_000404"])
-    with pytest.raises(FileNotFoundError, match="no usable item.*2 skipped.*objects of several classes"):
+    with pytest.raises(InputFileError, match="no usable item.*2 skipped.*objects of several classes"):
         VocDataset(detection_root)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from test_sweep import skimage_boxes
-from wsol_bench.datasets.base import Sample
 
+from wsol_bench.datasets.base import Sample
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.box_accuracy import BoxAccuracy, best_ious, inclusive_iou
 from wsol_bench.metrics.pxap import PxAP

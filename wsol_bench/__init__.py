@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
+# Importing the package stays light (no torch, no timm), so the commands answer --help and refuse
+# bad settings at once; `import wsol_bench.models` registers the shipped model with timm.
 
 _PACKAGE = Path(__file__).resolve().parent
 # Subpackages that an install places inside wsol_bench but that a source checkout keeps at its
@@ -32,7 +34,3 @@ class _CheckoutLayout(importlib.abc.MetaPathFinder):
 
 if not (_PACKAGE / "methods").is_dir() and (_PACKAGE.parent / "methods" / "__init__.py").is_file():
     sys.meta_path.append(_CheckoutLayout())
-
-# Registers the shipped model with timm: after `import wsol_bench`,
-# timm.create_model("wsol_synthetic_vit", pretrained=True) builds it with its packaged weights.
-from wsol_bench.models import shipped as _shipped  # noqa: E402, F401

@@ -7,15 +7,19 @@ import os
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import torch
+
+from wsol_bench.errors import SettingError
 
 PACKAGES = ("wsol-bench", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas",
             "scipy", "torchmetrics", "pycocotools", "opencv-python-headless", "safetensors", "pillow")
 
 
 def environment(device: str) -> dict:
-    """Package versions, Python, platform and the device a run used."""
+    """Package versions, Python, platform, the device a run used and whether its wsol-bench code
+    ran from an installed copy or from a source checkout (an editable install included)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -26,10 +30,17 @@ def environment(device: str) -> dict:
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "device": str(dev),
             "torch_threads": torch.get_num_threads(), "cpu_cores": available_cores(),
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-            "packages": versions}
+            "packages": versions, "wsol_bench_code": code_origin()}
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def code_origin() -> str:
+    """"checkout" when this package runs from a source checkout (its methods/ and pyproject.toml
+    beside it), else "installed"; no path, so run folders stay free of machine paths."""
+    root = Path(__file__).resolve().parent.parent
+    return "checkout" if (root / "methods").is_dir() and (root / "pyproject.toml").is_file() else "installed"
 
 
 def package_version() -> str:
@@ -44,22 +55,23 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def check_device(name: str) -> torch.device:
-    """The torch device `name` names, if this machine has it; otherwise a ValueError naming the
+    """The torch device `name` names, if this machine has it; otherwise a SettingError naming the
     `device` setting and the valid values."""
     try:
         device = torch.device(str(name))
     except RuntimeError:
-        raise ValueError(f"device={name!r} is not a device; valid: cpu, cuda, cuda:N (mps on Apple)") from None
+        raise SettingError(f"device={name!r} is not a device; valid: cpu, cuda, cuda:N (mps on "
+                           "Apple)") from None
     if device.type not in DEVICE_TYPES:
-        raise ValueError(f"device={name!r} is not supported; valid: cpu, cuda, cuda:N (mps on Apple)")
+        raise SettingError(f"device={name!r} is not supported; valid: cpu, cuda, cuda:N (mps on Apple)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+            raise SettingError(f"device={name}: CUDA is not available on this machine; use device=cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise SettingError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name}: MPS is not available on this machine; use device=cpu")
+        raise SettingError(f"device={name}: MPS is not available on this machine; use device=cpu")
     return device
 
 

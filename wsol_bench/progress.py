@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from wsol_bench.errors import SettingError
+
 
 def progress_enabled(setting: bool | str | None) -> bool:
     """true / false as given; auto (or null) draws bars only when stderr is a terminal, so the
@@ -12,4 +14,4 @@ def progress_enabled(setting: bool | str | None) -> bool:
         return sys.stderr.isatty()
     if isinstance(setting, bool):
         return setting
-    raise ValueError(f"progress={setting!r} is not a valid setting; use true, false or auto")
+    raise SettingError(f"progress={setting!r} is not a valid setting; use true, false or auto")

@@ -40,7 +40,7 @@ def conf_package(module: str) -> str | None:
         name = f"{package}.conf"
         importlib.import_module(name)
         return name
-    except Exception:  # any failure of a third-party package must not stop the command
+    except Exception:  # any failure of a third-party package must not stop the command  # noqa: BLE001
         return None
 
 

@@ -1,8 +1,11 @@
-"""The `wsol-bench` command (Hydra). With no arguments it runs the quickstart preset."""
+"""The `wsol-bench` command (Hydra). With no arguments it runs the quickstart preset.
+
+Only Hydra and the config schemas are imported before the configuration is composed and
+checked, so `--help`, `--cfg job` and every refusal of a setting answer before torch and timm
+load (the run imports them once there is work to do)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from datetime import datetime
@@ -10,62 +13,31 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
-from wsol_bench.config.errors import UserError, file_system_line, run_app
+from wsol_bench.cli.errors import job_refusals, run_command
+from wsol_bench.config.checks import check_settings
 from wsol_bench.config.keys import check_known_keys
 from wsol_bench.config.resolvers import START_VARIABLE
-from wsol_bench.methods.base import MissingLibraryError
-from wsol_bench.methods.capture import UnsupportedModelError
-from wsol_bench.methods.registry import PluginImportError
-from wsol_bench.models import ModelLoadError
-from wsol_bench.regions.contours import MissingDependencyError
-from wsol_bench.run.distributed import Ranks, join, leave
-from wsol_bench.run.store import InvalidShard
-
-log = logging.getLogger("wsol_bench")
-# Errors caused by the user's settings or files: print the message, not a traceback.
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, MissingDependencyError, MissingLibraryError, PluginImportError,
-               InvalidShard, ValueError, FileNotFoundError, KeyError)
-
-
-def _refuse(line: str) -> None:
-    """End the job with the one-line user error `line`. A job of a multirun sweep raises it, so
-    Hydra's run_job records it in the job's result and the launcher (joblib, submitit) finishes
-    the other jobs; run_app prints it after the sweep. A single run exits at once."""
-    log.error("%s", line)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise UserError(line)
-    print(f"wsol-bench: error: {line}", file=sys.stderr)
-    sys.exit(2)
 
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from wsol_bench.run.runner import run
-
-    try:
+    with job_refusals("wsol-bench"):
         check_known_keys(cfg)  # keys added with +key=value, which Hydra lets past the schema
+        check_settings(cfg)  # every check that needs no library: refused before torch loads
+        from wsol_bench.run.runner import run  # torch, timm and the explainers: there is work to do
+
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MissingMandatoryValue as exc:
-        if os.environ.get("WSOL_BENCH_DEBUG"):
-            raise
-        key = getattr(exc, "full_key", None) or "a setting"
-        _refuse(f"{key} is required by this preset and has no value; give it on the "
-                f"command line, e.g. {key}=/path/to/it")
-    except USER_ERRORS as exc:
-        if os.environ.get("WSOL_BENCH_DEBUG"):
-            raise
-        _refuse(str(exc))
-    except OSError as exc:  # a full disk, a read-only or forbidden folder: name the path
-        if os.environ.get("WSOL_BENCH_DEBUG") or not exc.filename:
-            raise
-        _refuse(file_system_line(exc))
 
 
-def _agree_on_the_run(ranks: Ranks) -> None:
+def _launched_as_ranks() -> bool:
+    """Whether a launcher started this process as one rank of several (torchrun sets WORLD_SIZE,
+    a submitit job SUBMITIT_EXECUTOR); only then torch is imported before the configuration."""
+    return "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
+
+
+def _agree_on_the_run(ranks) -> None:
     """Before Hydra starts on the ranks of a torchrun launch: every rank names the run folder by
     rank 0's start time, and only rank 0 writes Hydra's files there (the others log to
     wsol-bench.rank<r>.log)."""
@@ -75,23 +47,27 @@ def _agree_on_the_run(ranks: Ranks) -> None:
         sys.exit(2)
     os.environ[START_VARIABLE] = ranks.broadcast(datetime.now().isoformat())
     if not ranks.main:
-        sys.argv += ["hydra.output_subdir=null",
-                     f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/"
-                     f"wsol-bench.rank{ranks.rank}.log"]
+        log_file = f"${{hydra.runtime.output_dir}}/wsol-bench.rank{ranks.rank}.log"
+        sys.argv += ["hydra.output_subdir=null", f"hydra.job_logging.handlers.file.filename={log_file}"]
 
 
 def main() -> None:
-    """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors). Under
+    """Console entry point (set WSOL_BENCH_DEBUG=1 for the traceback of a refusal). Under
     torchrun every rank runs it; they join one process group first."""
+    if not _launched_as_ranks():
+        sys.exit(run_command("wsol-bench", _main, "config"))
     import torch
+
+    from wsol_bench.run.distributed import join, leave
 
     ranks = join("cuda" if torch.cuda.is_available() else "cpu")
     if ranks.distributed:
         _agree_on_the_run(ranks)
     try:
-        run_app(_main, "wsol-bench", "config")
+        code = run_command("wsol-bench", _main, "config")
     finally:
         leave()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

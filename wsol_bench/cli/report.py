@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsol_bench.config.errors import FILE_SYSTEM_ERRORS, file_system_line
+from wsol_bench.cli.errors import run_command
 from wsol_bench.report.compare import (
     DEFAULT_TOLERANCE,
     compare_tables,
@@ -102,32 +102,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_report(args: argparse.Namespace) -> int:
+    """Do what the parsed command line asks; returns 0, or 1 when a check failed."""
+    if args.check:
+        failed = False
+        for run_dir in args.runs:
+            lines = check_run(run_dir, args.allow_incomplete)
+            failed |= bool(lines)
+            print(f"{run_dir}: " + ("tables DIFFER from its records:\n  " + "\n  ".join(lines) if lines
+                                    else "tables match its records"))
+        return 1 if failed else 0
+    if len(args.runs) == 1:
+        report_one(args.runs[0], args.out, gallery=not args.no_gallery, allow_incomplete=args.allow_incomplete)
+    else:
+        report_many(args.runs, args.out, args.tolerance, args.combined, args.allow_incomplete)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns (and exits with) 0, 1 (check failed) or 2 (bad input)."""
+    """Console entry point; returns (and exits with) 0, 1 (check failed, or a bug) or 2 (bad input)."""
     args = parse_args(argv)
-    try:
-        if args.check:
-            failed = False
-            for run_dir in args.runs:
-                lines = check_run(run_dir, args.allow_incomplete)
-                failed |= bool(lines)
-                print(f"{run_dir}: " + ("tables DIFFER from its records:\n  " + "\n  ".join(lines) if lines
-                                        else "tables match its records"))
-            code = 1 if failed else 0
-        elif len(args.runs) == 1:
-            report_one(args.runs[0], args.out, gallery=not args.no_gallery, allow_incomplete=args.allow_incomplete)
-            code = 0
-        else:
-            report_many(args.runs, args.out, args.tolerance, args.combined, args.allow_incomplete)
-            code = 0
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"wsol-bench-report: error: {exc}", file=sys.stderr)
-        code = 2
-    except OSError as exc:
-        if exc.errno not in FILE_SYSTEM_ERRORS:
-            raise
-        print(f"wsol-bench-report: error: {file_system_line(exc)}", file=sys.stderr)
-        code = 2
+    code = run_command("wsol-bench-report", lambda: run_report(args))
     if argv is None:
         sys.exit(code)
     return code

@@ -8,8 +8,6 @@ architecture from scratch, on any dataset of the suite.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -17,30 +15,25 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsol_bench.config.errors import run_app
+from wsol_bench.cli.errors import job_refusals, run_command
+from wsol_bench.config.checks import check_trainer_settings
 from wsol_bench.config.keys import check_known_keys
-from wsol_bench.train.recipe import USER_ERRORS, train_from_config
-
-log = logging.getLogger("wsol_bench.train")
 
 
 @hydra.main(config_path="pkg://wsol_bench.conf", config_name="trainer", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with job_refusals("wsol-bench-train"):
         check_known_keys(cfg)  # keys added with +key=value, which Hydra lets past the schema
+        check_trainer_settings(cfg)  # every check that needs no library: refused before torch loads
+        from wsol_bench.train.recipe import train_from_config  # torch and timm: there is work to do
+
         train_from_config(cfg, out_dir)
-    except USER_ERRORS as exc:
-        if os.environ.get("WSOL_BENCH_DEBUG"):
-            raise
-        log.error("%s", exc)
-        print(f"wsol-bench-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:
-    """Console entry point (set WSOL_BENCH_DEBUG=1 for tracebacks of user errors)."""
-    run_app(_main, "wsol-bench-train", "trainer")
+    """Console entry point (set WSOL_BENCH_DEBUG=1 for the traceback of a refusal)."""
+    sys.exit(run_command("wsol-bench-train", _main, "trainer"))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,11 @@
 """Hydra's refusals of a configuration (a typo'd key, a wrong type, an unknown group option) as
-one line on stderr and exit code 2, like every other user error of the commands.
-
-Hydra reports composition errors itself, over several lines and with exit code 1, before the
-task function runs, so the commands' own error handling never sees them. With the documented
-HYDRA_FULL_ERROR=1 Hydra raises its errors instead of printing them: `run_app` sets it around
-the call and turns the composition errors into one line. Any other exception keeps its full
-traceback."""
+one line that names the offending key, override or option (the commands print it as every other
+refusal, wsol_bench.cli.errors)."""
 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from hydra.errors import (
     ConfigCompositionException,
@@ -25,15 +17,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 CONFIG_MODULE = "wsol_bench.conf"  # the config tree of both commands
 COMPOSE_ERRORS = (ConfigCompositionException, OverrideParseException, SearchPathException)
-FULL_ERROR = "HYDRA_FULL_ERROR"
-DEBUG = "WSOL_BENCH_DEBUG"
 APPEND_HINT = "To append to your config use"  # Hydra's advice after a key a dict node lacks
-
-
-class UserError(Exception):
-    """A job refused for the user's settings or files: raised, not sys.exit, so Hydra's run_job
-    records it in the job's result and a launcher finishes the sweep's other jobs; run_app
-    prints it as one line with exit code 2."""
 
 
 def _squash(text: str) -> str:
@@ -74,7 +58,7 @@ def group_options(group: str, config_name: str | None = None, overrides: Sequenc
             return options()
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):  # Hydra has let go of it
             return options()
-    except Exception:  # the message is still useful without the list
+    except Exception:  # the message is still useful without the list  # noqa: BLE001
         return []
 
 
@@ -117,46 +101,6 @@ def _untyped_key_line(err: OmegaConfBaseException, append: str, config_name: str
         and len(err.parent_node) == 0
     options = group_options(group, config_name, argv) if unselected else []
     if options:
-        return f"{key}: no {group} is selected; choose one first, e.g. {group}={options[0]} (valid: " \
-               f"{', '.join(options)})"
+        return (f"{key}: no {group} is selected; choose one first, e.g. {group}={options[0]} (valid: "
+                f"{', '.join(options)})")
     return f"unknown key {key}; add it with {append}"
-
-
-# full disk, quota, read-only file system, permissions: the user's machine, not a bug
-FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def file_system_line(exc: OSError) -> str:
-    """`cannot write <path>: <reason>` for a file-system error."""
-    where = exc.filename or "a file"
-    hint = " (free some space or choose a writable folder)" if exc.errno in FILE_SYSTEM_ERRORS else ""
-    return f"cannot write {where}: {exc.strerror or exc}{hint}"
-
-
-def run_app(app: Callable[[], None], prog: str, config_name: str) -> None:
-    """Run the @hydra.main function `app` (primary config `config_name`); a configuration Hydra
-    cannot compose ends the command with `<prog>: error: <one line>` and exit code 2. With
-    HYDRA_FULL_ERROR=1 or WSOL_BENCH_DEBUG=1 set by the user it is raised with its traceback."""
-    before = os.environ.get(FULL_ERROR)
-    wants_traceback = before == "1" or bool(os.environ.get(DEBUG))
-    os.environ[FULL_ERROR] = "1"  # Hydra raises composition errors instead of printing them
-    try:
-        app()
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except COMPOSE_ERRORS as exc:
-        if wants_traceback:
-            raise
-        print(f"{prog}: error: {one_line(exc, config_name, sys.argv[1:])}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:  # raised outside the task (Hydra creating the run folder) or not caught there
-        if wants_traceback or not exc.filename:
-            raise
-        print(f"{prog}: error: {file_system_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if before is None:
-            os.environ.pop(FULL_ERROR, None)
-        else:
-            os.environ[FULL_ERROR] = before

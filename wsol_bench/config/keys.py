@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from wsol_bench.errors import SettingError
+
 
 def typed_nodes(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig, type]]:
     """(dotted prefix, node, dataclass) for `node` and every node below it typed by a schema;
@@ -36,13 +38,13 @@ def removed_keys(cfg: DictConfig) -> list[str]:
 
 
 def check_known_keys(cfg: DictConfig) -> None:
-    """Raise ValueError naming the first key the schema does not declare (and the valid ones),
+    """Raise SettingError naming the first key the schema does not declare (and the valid ones),
     or the first declared key that was deleted."""
     found = unknown_keys(cfg)
     if found:
         key, schema = found[0]
         valid = ", ".join(f.name for f in dataclasses.fields(schema))
-        raise ValueError(f"unknown key {key}; valid keys here: {valid}")
+        raise SettingError(f"unknown key {key}; valid keys here: {valid}")
     removed = removed_keys(cfg)
     if removed:
-        raise ValueError(f"{removed[0]} cannot be deleted: the command needs a value for it")
+        raise SettingError(f"{removed[0]} cannot be deleted: the command needs a value for it")

@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from wsol_bench.errors import SettingError
+
 
 def constructor_params(cls: type) -> list[str] | None:
     """Keyword arguments `cls(model, ...)` accepts after the model; None when it takes any
@@ -21,7 +23,7 @@ def constructor_params(cls: type) -> list[str] | None:
 
 
 def check_method_params(name: str, params: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the method, the unknown keys and the valid ones when `params`
+    """Raise SettingError naming the method, the unknown keys and the valid ones when `params`
     holds a key explainer `name`'s constructor does not take (plugins are loaded first)."""
     from wsol_bench.methods.registry import explainer_class
 
@@ -29,13 +31,13 @@ def check_method_params(name: str, params: Mapping[str, Any]) -> None:
     valid = constructor_params(cls)
     unknown = sorted(set(params) - set(valid)) if valid is not None else []
     if unknown:
-        raise ValueError(f"method {name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+        raise SettingError(f"method {name!r} takes no parameter {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(valid) or 'none'}")
 
 
 def check_method_entries(methods: Mapping[str, Any]) -> None:
     """Every entry of `method` must be {name: <explainer>, params: {...}} (MethodConfig); an
-    entry of another shape is a ValueError naming its key."""
+    entry of another shape is a SettingError naming its key."""
     from dataclasses import fields
 
     from wsol_bench.config.groups import MethodConfig
@@ -43,9 +45,9 @@ def check_method_entries(methods: Mapping[str, Any]) -> None:
     allowed = {f.name for f in fields(MethodConfig)}
     for key, entry in methods.items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-            raise ValueError(f"method.{key} must be {{name: <explainer>, params: {{...}}}}, got {entry!r}")
+            raise SettingError(f"method.{key} must be {{name: <explainer>, params: {{...}}}}, got {entry!r}")
         extra = sorted(set(entry) - allowed)
         if extra:
-            raise ValueError(f"unknown key method.{key}.{extra[0]}; valid keys here: {', '.join(sorted(allowed))}")
+            raise SettingError(f"unknown key method.{key}.{extra[0]}; valid keys here: {', '.join(sorted(allowed))}")
         if not isinstance(entry.get("params", {}) or {}, Mapping):
-            raise ValueError(f"method.{key}.params must be a mapping of the explainer's parameters")
+            raise SettingError(f"method.{key}.params must be a mapping of the explainer's parameters")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torchmetrics import Metric
 
+from wsol_bench.errors import InputFileError, SettingError
 from wsol_bench.files import atomic_write_text
 
 METRIC_CLASSES: dict[str, type[RunMetric]] = {}
@@ -50,8 +51,8 @@ class RunMetric(Metric):
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Add another state of the same metric and settings into this one."""
         if isinstance(incoming_state, RunMetric) and incoming_state.settings() != self.settings():
-            raise ValueError(f"cannot merge {type(self).__name__} states with different settings: "
-                             f"{incoming_state.settings()} vs {self.settings()}")
+            raise SettingError(f"cannot merge {type(self).__name__} states with different settings: "
+                               f"{incoming_state.settings()} vs {self.settings()}")
         super().merge_state(incoming_state)
         self._computed = None
         self._restored = True
@@ -81,12 +82,13 @@ class RunMetric(Metric):
 
         cls = METRIC_CLASSES.get(entry.get("class", ""))
         if cls is None:
-            raise ValueError(f"unknown metric class {entry.get('class')!r} in a state file; known: "
-                             f"{', '.join(sorted(METRIC_CLASSES))}")
+            raise InputFileError(f"unknown metric class {entry.get('class')!r} in a state file; known: "
+                                 f"{', '.join(sorted(METRIC_CLASSES))}")
         metric = cls(**entry["settings"])
         defaults = metric.metric_state
         if set(entry["state"]) != set(defaults):
-            raise ValueError(f"{cls.__name__} state holds {sorted(entry['state'])}, expected {sorted(defaults)}")
+            raise InputFileError(f"{cls.__name__} state holds {sorted(entry['state'])}, expected "
+                                 f"{sorted(defaults)}")
         metric.merge_state({name: torch.tensor(value, dtype=defaults[name].dtype)
                             for name, value in entry["state"].items()})
         metric._restored = True
@@ -119,10 +121,15 @@ def load_states(path: str | Path) -> dict[str, dict[str, RunMetric]]:
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"metric state file {path} is unreadable ({exc}); rerun the benchmark into this "
-                         "folder to write it again") from exc
+        raise InputFileError(f"metric state file {path} is unreadable ({exc}); rerun the benchmark into this "
+                             "folder to write it again") from exc
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-        raise ValueError(f"metric state file {path} has format {payload.get('format') if isinstance(payload, dict) else '?'}, "
-                         f"expected {STATE_FORMAT}; rerun the benchmark into this folder")
-    return {method: {name: RunMetric.from_json(entry) for name, entry in named.items()}
-            for method, named in payload["methods"].items()}
+        found = payload.get("format") if isinstance(payload, dict) else "?"
+        raise InputFileError(f"metric state file {path} has format {found}, expected {STATE_FORMAT}; rerun "
+                             "the benchmark into this folder")
+    try:
+        return {method: {name: RunMetric.from_json(entry) for name, entry in named.items()}
+                for method, named in payload["methods"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:  # an edited entry
+        raise InputFileError(f"metric state file {path} is damaged ({type(exc).__name__}: {exc}); rerun the "
+                             "benchmark into this folder to write it again") from exc

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.regions.components import ThresholdComponents
 from wsol_bench.regions.engine import check_source, find_regions
@@ -47,7 +48,7 @@ def best_ious(regions: ThresholdComponents, gt_boxes: Sequence[torch.Tensor]) ->
     {"iou_v1": [B, T] of the largest region's box, "iou_v2": [B, T] of any region's box}."""
     batch, levels = regions.num_images, len(regions.thresholds)
     if len(gt_boxes) != batch:
-        raise ValueError(f"{batch} heatmaps need {batch} GT box lists, got {len(gt_boxes)}")
+        raise SettingError(f"{batch} heatmaps need {batch} GT box lists, got {len(gt_boxes)}")
     gt, has_gt = _padded_boxes(gt_boxes, batch)
     height, width = regions.size
     pred = regions.boxes.copy()
@@ -82,8 +83,9 @@ class BoxAccuracy(RunMetric):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
         if 50 not in self.iou_thresholds or len(set(self.iou_thresholds)) != len(self.iou_thresholds):
-            raise ValueError(f"iou_thresholds {self.iou_thresholds} must be distinct percentages that "
-                             "include 50 (MaxBoxAcc v1, GT-known and Top-1 Loc use IoU 50), e.g. (30, 50, 70)")
+            raise SettingError(f"iou_thresholds {self.iou_thresholds} must be distinct percentages that "
+                               "include 50 (MaxBoxAcc v1, GT-known and Top-1 Loc use IoU 50), e.g. "
+                               "(30, 50, 70)")
         shape = (len(self.iou_thresholds), len(self.thresholds))
         for name in COUNTS:
             self.add_state(name, torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum", persistent=True)
@@ -102,14 +104,14 @@ class BoxAccuracy(RunMetric):
         correctly, bool [B]."""
         regions = heatmaps if isinstance(heatmaps, ThresholdComponents) else self.regions(heatmaps)
         if regions.thresholds != self.thresholds:
-            raise ValueError("the regions were found at other thresholds than this BoxAccuracy's")
+            raise SettingError("the regions were found at other thresholds than this BoxAccuracy's")
         if regions.source != self.boxes:
-            raise ValueError(f"these regions come from {regions.source!r} but this BoxAccuracy scores "
-                             f"boxes={self.boxes!r}; build them with BoxAccuracy.regions")
+            raise SettingError(f"these regions come from {regions.source!r} but this BoxAccuracy scores "
+                               f"boxes={self.boxes!r}; build them with BoxAccuracy.regions")
         correct = np.asarray(torch.as_tensor(correct).cpu(), dtype=bool).reshape(-1)
         if correct.shape != (regions.num_images,):
-            raise ValueError(f"{regions.num_images} heatmaps need {regions.num_images} correct flags, "
-                             f"got {correct.shape[0]}")
+            raise SettingError(f"{regions.num_images} heatmaps need {regions.num_images} correct flags, "
+                               f"got {correct.shape[0]}")
         ious = best_ious(regions, gt_boxes)
         for d, delta in enumerate(self.iou_thresholds):
             for version in ("v1", "v2"):

@@ -14,6 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from wsol_bench.errors import SettingError
+
 CHUNK_BITS = 40
 CHUNKS = 3
 MAX_VALUES = 1 << 23  # chunk sums stay below 2^63
@@ -23,7 +25,7 @@ def fixed_point_chunks(values: np.ndarray) -> np.ndarray:
     """float64 values in [0, 1], any shape [...] -> int64 chunks [..., CHUNKS], most significant first."""
     rest = np.asarray(values, dtype=np.float64)
     if rest.size and not (np.isfinite(rest).all() and rest.min() >= 0 and rest.max() <= 1):
-        raise ValueError("exact sums take scores in [0, 1]; got values outside it (or NaN)")
+        raise SettingError("exact sums take scores in [0, 1]; got values outside it (or NaN)")
     chunks = []
     for _ in range(CHUNKS):
         rest = np.ldexp(rest, CHUNK_BITS)  # exact: a power-of-two scaling

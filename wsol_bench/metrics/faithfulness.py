@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.faithfulness_settings import (  # noqa: F401  (re-exported: one import for users)
     CURVES,
     DEFAULT_INTEGRAL,
@@ -82,7 +83,7 @@ def removal_window(curve: str, count: int, num_pixels: int) -> tuple[int, int]:
         return num_pixels - count, num_pixels
     if curve == "insertion":  # `count` most relevant revealed, the rest at the baseline
         return count, num_pixels
-    raise ValueError(f"unknown perturbation curve {curve!r}")
+    raise SettingError(f"unknown perturbation curve {curve!r}")
 
 
 def area_under_curve(curves: torch.Tensor, rule: str) -> torch.Tensor:
@@ -92,7 +93,7 @@ def area_under_curve(curves: torch.Tensor, rule: str) -> torch.Tensor:
         return values.mean(-1)
     if rule == "trapezoid":
         return torch.trapezoid(values, dx=1.0 / (values.shape[-1] - 1), dim=-1)
-    raise ValueError(f"unknown integral {rule!r}; valid: {', '.join(INTEGRALS)}")
+    raise SettingError(f"unknown integral {rule!r}; valid: {', '.join(INTEGRALS)}")
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -113,8 +114,8 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 def _constant_fill(settings: FaithfulnessSettings, channels: int, device: torch.device) -> torch.Tensor:
     values = torch.as_tensor(settings.baseline, dtype=torch.float32, device=device).reshape(-1)
     if values.numel() not in (1, channels):
-        raise ValueError(f"faithfulness baseline has {values.numel()} values for {channels}-channel "
-                         "images; give one value or one per channel")
+        raise SettingError(f"faithfulness baseline has {values.numel()} values for {channels}-channel "
+                           "images; give one value or one per channel")
     return values.expand(channels).reshape(1, channels, 1, 1)
 
 
@@ -124,8 +125,8 @@ def constant_baseline_probs(model: nn.Module, image_shape: Sequence[int],
     """Softmax [C] of the fully removed input of a constant baseline: one image, the same for
     every image of a run, so a run computes it once and passes it to `score_batch`."""
     if settings.blurred:
-        raise ValueError("the blur baseline's fully removed input differs per image; there is no shared "
-                         "full-removal input (leave full_removal_probs=None)")
+        raise SettingError("the blur baseline's fully removed input differs per image; there is no shared "
+                           "full-removal input (leave full_removal_probs=None)")
     channels, height, width = (int(s) for s in image_shape)
     device = _model_device(model, torch.device("cpu"))
     image = _constant_fill(settings, channels, device).expand(1, channels, height, width).contiguous()
@@ -137,18 +138,18 @@ def constant_baseline_probs(model: nn.Module, image_shape: Sequence[int],
 def _check_inputs(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
                   targets: torch.Tensor) -> None:
     if model.training:
-        raise ValueError("faithfulness needs the model in eval mode (dropout and batch statistics would "
-                         "make each image depend on its batch); call model.eval()")
+        raise SettingError("faithfulness needs the model in eval mode (dropout and batch statistics would "
+                           "make each image depend on its batch); call model.eval()")
     if images.ndim != 4:
-        raise ValueError(f"faithfulness images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        raise SettingError(f"faithfulness images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if heatmaps.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}; "
-                         "upsample the maps to the input size first (heatmaps.to_heatmaps)")
+        raise SettingError(f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}; "
+                           "upsample the maps to the input size first (heatmaps.to_heatmaps)")
     if not torch.isfinite(heatmaps).all():
-        raise ValueError("heatmaps hold NaN or inf; build them with heatmaps.to_heatmaps, which maps "
-                         "degenerate maps to zeros")
+        raise SettingError("heatmaps hold NaN or inf; build them with heatmaps.to_heatmaps, which maps "
+                           "degenerate maps to zeros")
     if targets.shape != (images.shape[0],):
-        raise ValueError(f"{targets.numel()} targets for {images.shape[0]} images")
+        raise SettingError(f"{targets.numel()} targets for {images.shape[0]} images")
 
 
 def _plan_steps(settings: FaithfulnessSettings, num_pixels: int
@@ -192,8 +193,8 @@ def score_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, 
 
     largest_kernel = 2 * min(height, width) - 1  # reflect padding needs pad < image side
     if settings.blurred and settings.blur_kernel_size > largest_kernel:
-        raise ValueError(f"faithfulness blur_kernel_size {settings.blur_kernel_size} is too large for "
-                         f"{height}x{width} images; use at most {largest_kernel}")
+        raise SettingError(f"faithfulness blur_kernel_size {settings.blur_kernel_size} is too large for "
+                           f"{height}x{width} images; use at most {largest_kernel}")
     plan, shared = _plan_steps(settings, num_pixels)
 
     # The shared probabilities first: they tell the number of classes, so bad targets fail
@@ -202,20 +203,20 @@ def score_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, 
     if clean_logits is not None:
         clean_logits = clean_logits.to(device).float()
         if clean_logits.ndim != 2 or clean_logits.shape[0] != batch:
-            raise ValueError(f"clean_logits {tuple(clean_logits.shape)} must be [B={batch}, classes]")
+            raise SettingError(f"clean_logits {tuple(clean_logits.shape)} must be [B={batch}, classes]")
         num_classes = clean_logits.shape[1]
         _check_targets(targets, num_classes)
     if settings.blurred:
         if full_removal_probs is not None:
-            raise ValueError("full_removal_probs was given but the blur baseline's fully removed input "
-                             "differs per image; pass None")
+            raise SettingError("full_removal_probs was given but the blur baseline's fully removed input "
+                               "differs per image; pass None")
     else:
         if full_removal_probs is None:
             full_removal_probs = constant_baseline_probs(model, images.shape[1:], settings)
         full_removal_probs = full_removal_probs.to(device).float().reshape(-1)
         if num_classes is not None and full_removal_probs.numel() != num_classes:
-            raise ValueError(f"full_removal_probs has {full_removal_probs.numel()} classes, clean_logits "
-                             f"{num_classes}; compute both with the same model")
+            raise SettingError(f"full_removal_probs has {full_removal_probs.numel()} classes, clean_logits "
+                               f"{num_classes}; compute both with the same model")
         num_classes = full_removal_probs.numel()
         _check_targets(targets, num_classes)
 
@@ -274,8 +275,8 @@ def score_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, 
 def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
     bad = (targets < 0) | (targets >= num_classes)
     if bad.any():
-        raise ValueError(f"faithfulness target {int(targets[bad][0])} is out of range for a model with "
-                         f"{num_classes} classes")
+        raise SettingError(f"faithfulness target {int(targets[bad][0])} is out of range for a model with "
+                           f"{num_classes} classes")
 
 
 def row_columns(settings: FaithfulnessSettings) -> list[str]:
@@ -290,7 +291,7 @@ def faithfulness_rows(scores: dict[str, torch.Tensor]) -> list[dict[str, float]]
     mode), and each step as `<curve>_<ii>` (two-digit step index, e.g. morf_00..morf_10)."""
     curves = [name for name in ("morf", "lerf", "deletion", "insertion") if name in scores]
     if not curves:
-        raise ValueError(f"no perturbation curves in scores (keys: {sorted(scores)})")
+        raise SettingError(f"no perturbation curves in scores (keys: {sorted(scores)})")
     steps = scores[curves[0]].shape[1]
     width = max(2, len(str(steps - 1)))
     columns = [f"auc_{c}" for c in curves] + (["abpc"] if "abpc" in scores else [])

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("abpc", "deletion", "insertion")
-INTEGRALS = ("mean", "trapezoid")
+from wsol_bench.choices import FAITHFULNESS_INTEGRALS, FAITHFULNESS_MODES
+from wsol_bench.errors import SettingError
+
+MODES, INTEGRALS = FAITHFULNESS_MODES, FAITHFULNESS_INTEGRALS  # faithfulness.mode, faithfulness.integral
 CURVES = {"abpc": ("morf", "lerf"), "deletion": ("deletion",), "insertion": ("insertion",)}
 DEFAULT_INTEGRAL = {"abpc": "mean", "deletion": "trapezoid", "insertion": "trapezoid"}
 
@@ -41,27 +43,28 @@ class FaithfulnessSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"faithfulness mode {self.mode!r} is unknown; valid: {', '.join(MODES)}")
+            raise SettingError(f"faithfulness mode {self.mode!r} is unknown; valid: {', '.join(MODES)}")
         if int(self.steps) != self.steps or self.steps < 2:
-            raise ValueError(f"faithfulness steps must be an integer >= 2 (fractions 0..1), got {self.steps}")
+            raise SettingError(f"faithfulness steps must be an integer >= 2 (fractions 0..1), got "
+                               f"{self.steps}")
         if self.integral is not None and self.integral not in INTEGRALS:
-            raise ValueError(f"faithfulness integral {self.integral!r} is unknown; "
-                             f"valid: {', '.join(INTEGRALS)}")
+            raise SettingError(f"faithfulness integral {self.integral!r} is unknown; "
+                               f"valid: {', '.join(INTEGRALS)}")
         if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
-            raise ValueError(f"faithfulness batch_size must be a positive integer, got {self.batch_size}")
+            raise SettingError(f"faithfulness batch_size must be a positive integer, got {self.batch_size}")
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0 or self.blur_sigma <= 0:
-            raise ValueError("faithfulness blur_kernel_size must be odd and positive and blur_sigma "
-                             f"positive, got {self.blur_kernel_size} and {self.blur_sigma}")
+            raise SettingError("faithfulness blur_kernel_size must be odd and positive and blur_sigma "
+                               f"positive, got {self.blur_kernel_size} and {self.blur_sigma}")
         baseline = self.baseline
         if isinstance(baseline, str):
             if baseline != "blur":
-                raise ValueError(f"faithfulness baseline {baseline!r} is unknown; give a number (value "
-                                 "in the normalised input), one number per channel, or 'blur'")
+                raise SettingError(f"faithfulness baseline {baseline!r} is unknown; give a number (value "
+                                   "in the normalised input), one number per channel, or 'blur'")
         else:
             values = tuple(float(v) for v in baseline) if isinstance(baseline, Sequence) \
                 else (float(baseline),)
             if not values or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"faithfulness baseline must be finite numbers, got {baseline!r}")
+                raise SettingError(f"faithfulness baseline must be finite numbers, got {baseline!r}")
             object.__setattr__(self, "baseline", values[0] if len(values) == 1 else values)
 
     @property

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from wsol_bench.datasets.base import IGNORE_INDEX, Sample
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.pixel import PIXEL_METRICS, scores_from_counts
 from wsol_bench.regions.components import ThresholdComponents
 from wsol_bench.regions.engine import find_regions
@@ -39,8 +40,8 @@ def ground_truth(samples: list[Sample], size: tuple[int, int], protocol: str = "
         box_masks.append(ground_truth_box_mask(own, s.orig_size, size, protocol))
         if has_masks:
             if tuple(s.mask.shape) != tuple(size):
-                raise ValueError(f"{s.image_id}: mask {tuple(s.mask.shape)} is not at the evaluation "
-                                 f"size {tuple(size)}; apply the dataset transform first")
+                raise SettingError(f"{s.image_id}: mask {tuple(s.mask.shape)} is not at the evaluation "
+                                   f"size {tuple(size)}; apply the dataset transform first")
             seg.append(s.mask == s.label + 1)
             valid.append(s.mask != IGNORE_INDEX)
     return GroundTruth(
@@ -95,7 +96,8 @@ def region_scores(regions: ThresholdComponents, gt: GroundTruth, protocol: str =
     check_protocol(protocol)
     expected = (regions.num_images, *regions.size)
     if tuple(gt.box_masks.shape) != expected:
-        raise ValueError(f"ground truth masks {tuple(gt.box_masks.shape)} do not match the heatmaps {expected}")
+        raise SettingError(f"ground truth masks {tuple(gt.box_masks.shape)} do not match the heatmaps "
+                           f"{expected}")
     cover = coverage_levels(regions, protocol)
     levels = len(regions.thresholds)
     scores = _prefixed("box_", nested_counts(cover, gt.box_masks.numpy(), None, levels))

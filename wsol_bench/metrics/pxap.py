@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.regions.components import heatmaps_as_numpy
 from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS, threshold_array
@@ -33,7 +34,7 @@ class PxAP(RunMetric):
         super().__init__(**kwargs)
         values = threshold_array(thresholds, np.float64)
         if values[0] < 0 or values[-1] >= 1:
-            raise ValueError(f"PxAP thresholds must lie in [0, 1) (1.0 is added as the last edge); got "
+            raise SettingError(f"PxAP thresholds must lie in [0, 1) (1.0 is added as the last edge); got "
                              f"{values[0]} .. {values[-1]}")
         self.thresholds = tuple(float(t) for t in thresholds)
         self.edges = np.append(values, 1.0)
@@ -48,13 +49,13 @@ class PxAP(RunMetric):
         [B, H, W] (False on ignore pixels), or None when every pixel counts."""
         heat = heatmaps_as_numpy(heatmaps)
         if heat.size and (heat.min() < 0 or heat.max() > 1):
-            raise ValueError("PxAP needs heatmaps in [0, 1]; normalise them with "
-                             "wsol_bench.regions.heatmaps.to_heatmaps")
+            raise SettingError("PxAP needs heatmaps in [0, 1]; normalise them with "
+                               "wsol_bench.regions.heatmaps.to_heatmaps")
         target = np.asarray(torch.as_tensor(gt_masks).cpu(), dtype=bool)
         keep = np.ones_like(target) if valid is None else np.asarray(torch.as_tensor(valid).cpu(), dtype=bool)
         if target.shape != heat.shape or keep.shape != heat.shape:
-            raise ValueError(f"gt_masks {target.shape} and valid {keep.shape} must match heatmaps "
-                             f"{heat.shape}")
+            raise SettingError(f"gt_masks {target.shape} and valid {keep.shape} must match heatmaps "
+                               f"{heat.shape}")
         bins = np.searchsorted(self.edges, heat.astype(np.float64), side="right")
         size = len(self.edges) + 1
         self.positive += torch.from_numpy(np.bincount(bins[target & keep], minlength=size))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.exact_sum import CHUNKS, exact_mean, fixed_point_chunks
 
@@ -49,7 +50,7 @@ def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
     positive = np.asarray(positive, dtype=bool).ravel()
     scores = np.asarray(scores).ravel()
     if positive.shape != scores.shape:
-        raise ValueError(f"average_precision: {positive.shape} labels for {scores.shape} scores")
+        raise SettingError(f"average_precision: {positive.shape} labels for {scores.shape} scores")
     if not positive.any():
         return 0.0
     order = np.argsort(scores, kind="mergesort")[::-1]
@@ -79,7 +80,8 @@ def image_segmentation_counts(heatmap: np.ndarray, gt: np.ndarray, valid: np.nda
     gt = np.asarray(gt, dtype=bool)
     keep = np.ones_like(gt) if valid is None else np.asarray(valid, dtype=bool)
     if gt.shape != np.shape(heatmap) or keep.shape != gt.shape:
-        raise ValueError(f"mask {gt.shape} and valid {keep.shape} must match the heatmap {np.shape(heatmap)}")
+        raise SettingError(f"mask {gt.shape} and valid {keep.shape} must match the heatmap "
+                           f"{np.shape(heatmap)}")
     pred = mean_threshold_prediction(heatmap, degenerate)
     fg, bg = gt & keep, ~gt & keep
     pred_fg, pred_bg = pred & keep, ~pred & keep

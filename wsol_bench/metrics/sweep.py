@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.exact_sum import CHUNKS, MAX_VALUES, exact_mean, fixed_point_chunks
 from wsol_bench.regions.thresholds import threshold_array
@@ -43,7 +44,7 @@ class SweepMeans(RunMetric):
         correct = np.asarray(torch.as_tensor(correct).cpu(), dtype=bool).reshape(-1)
         for f, keep in enumerate((np.ones_like(correct), correct)):
             if int(self.images[f]) + int(keep.sum()) > MAX_VALUES:
-                raise ValueError(f"a sweep holds at most {MAX_VALUES} images per process; split the run")
+                raise SettingError(f"a sweep holds at most {MAX_VALUES} images per process; split the run")
             for c, column in enumerate(self.columns):
                 self.sums[f, c] += torch.from_numpy(fixed_point_chunks(scores[column][:, keep]).sum(1))
             self.boxes[f] += torch.from_numpy(np.asarray(scores["n_pred_boxes"])[:, keep].sum(1).astype(np.int64))

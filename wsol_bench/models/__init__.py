@@ -14,6 +14,7 @@ from wsol_bench.models.loading import (
     architecture_data_config,
     data_config,
     load_model,
+    load_weights_only,
     map_grid,
     patch_grid,
     pretrained_file,
@@ -21,8 +22,9 @@ from wsol_bench.models.loading import (
 )
 
 __all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "data_config",
-           "disable_fused_attention", "fused_attention", "load_model", "map_grid", "patch_grid", "pretrained_file",
-           "read_checkpoint", "shipped", "shipped_weights_path", "switch_off_fused"]
+           "disable_fused_attention", "fused_attention", "load_model", "load_weights_only", "map_grid",
+           "patch_grid", "pretrained_file", "read_checkpoint", "shipped", "shipped_weights_path",
+           "switch_off_fused"]
 
 
 def shipped_weights_path(name: str = "wsol_synthetic_vit"):

@@ -8,8 +8,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from wsol_bench.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """The model lacks a structure an explainer relies on; the message names it."""
 
 

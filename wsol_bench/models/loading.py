@@ -17,10 +17,11 @@ import timm
 import torch
 from torch import nn
 
+from wsol_bench.errors import UserError
 from wsol_bench.models.attention import disable_fused_attention
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be built or its weights could not be loaded; the message says why
     and what to do."""
 
@@ -41,7 +42,7 @@ def pretrained_file(name: str) -> Path | None:
     if it names one (the shipped model's packaged weights); None for downloads."""
     try:
         cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # not a registered model or tag
+    except Exception:  # not a registered model or tag  # noqa: BLE001
         return None
     file = getattr(cfg, "file", None) if cfg is not None else None
     return Path(file) if file else None
@@ -61,6 +62,27 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def _load_failure(exc: Exception) -> str:
+    # torch's weights_only refusal spans many lines of advice on loading the file unsafely; the
+    # cause is the line after "WeightsUnpickler error:" (e.g. "Unsupported global: GLOBAL x.Y")
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip().split("\n\n")[0].split(". ")[0]
+    return " ".join(text.split())
+
+
+def load_weights_only(path: Path, fix: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU. A file it cannot read (damaged,
+    truncated, not a torch file, or a pickle of arbitrary Python objects, which weights_only
+    refuses) is a ModelLoadError naming the file, the cause in one line, and `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle with arbitrary objects, truncated files, ...
+        raise ModelLoadError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                             f"{_load_failure(exc)}. {fix}") from exc
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """State dict from a .safetensors file or a .pth/.pt file (loaded with weights_only=True);
     a {"state_dict": ...} or {"model": ...} wrapper is unwrapped and prefixes stripped."""
@@ -72,15 +94,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         try:
             state = load_file(str(path))
-        except Exception as exc:  # not a safetensors file, truncated, damaged header
+        except Exception as exc:  # not a safetensors file, truncated, damaged header  # noqa: BLE001
             raise ModelLoadError(f"checkpoint {path} is not a readable safetensors file ({exc}); pass the "
                                  "file the trainer wrote, or a .pth state dict") from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle with arbitrary objects, truncated files, ...
-            raise ModelLoadError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
-                                 f"{exc}. Re-save it as a plain state dict or safetensors.") from exc
+        state = load_weights_only(path, "Re-save it as a plain state dict or safetensors.")
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
                 state = state[wrapper]
@@ -98,6 +116,9 @@ def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
 def _create(name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
+    except TypeError as exc:  # an argument the architecture does not take, or of the wrong type
+        raise ModelLoadError(f"cannot build model {name!r} with the arguments {kwargs} ({exc}); fix "
+                             "model.kwargs (the architecture's own arguments, e.g. img_size, depth)") from exc
     except RuntimeError as exc:
         if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
             raise ModelLoadError(f"unknown model {name!r}: {exc}. Valid: wsol_synthetic_vit (shipped) or any "

@@ -29,6 +29,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from wsol_bench.errors import SettingError
 from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS, threshold_array
 
 
@@ -80,10 +81,11 @@ def heatmaps_as_numpy(heatmaps: torch.Tensor | np.ndarray) -> np.ndarray:
     """[B, H, W] finite float heatmaps as a numpy array (no copy when already on the CPU)."""
     array = heatmaps.detach().cpu().numpy() if isinstance(heatmaps, torch.Tensor) else np.asarray(heatmaps)
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"heatmaps must be a float [B, H, W] array, got {array.dtype} {tuple(array.shape)}")
+        raise SettingError(f"heatmaps must be a float [B, H, W] array, got {array.dtype} "
+                           f"{tuple(array.shape)}")
     if not np.isfinite(array).all():
-        raise ValueError("heatmaps hold NaN or inf; build them with wsol_bench.regions.heatmaps.to_heatmaps, "
-                         "which turns degenerate maps into zeros")
+        raise SettingError("heatmaps hold NaN or inf; build them with "
+                           "wsol_bench.regions.heatmaps.to_heatmaps, which turns degenerate maps into zeros")
     return array
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from wsol_bench.errors import MissingLibraryError, SettingError
 from wsol_bench.regions.components import ThresholdComponents, heatmaps_as_numpy
 from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS, threshold_array
 
@@ -28,16 +29,12 @@ INSTALL_HINT = ("pip install opencv-python-headless (it comes with wsol-bench; r
                 "with the float variant: sweep.boxes=components")
 
 
-class MissingDependencyError(ImportError):
-    """An optional package a setting needs is not installed; the message names the install command."""
-
-
 def require_cv2():
-    """OpenCV, or a MissingDependencyError that names the install command and the alternative."""
+    """OpenCV, or a MissingLibraryError that names the install command and the alternative."""
     try:
         import cv2
     except ImportError as exc:
-        raise MissingDependencyError(f"sweep.boxes=opencv (wsolevaluation's exact boxes) needs OpenCV: "
+        raise MissingLibraryError(f"sweep.boxes=opencv (wsolevaluation's exact boxes) needs OpenCV: "
                                      f"{INSTALL_HINT}") from exc
     return cv2
 
@@ -45,8 +42,8 @@ def require_cv2():
 def uint8_heatmaps(heatmaps: np.ndarray) -> np.ndarray:
     """wsolevaluation's uint8 copy of [B, H, W] heatmaps in [0, 1]: (h * 255) truncated, in float64."""
     if heatmaps.size and (heatmaps.min() < 0 or heatmaps.max() > 1):
-        raise ValueError("wsolevaluation's boxes need heatmaps in [0, 1]; normalise them with "
-                         "wsol_bench.regions.heatmaps.to_heatmaps")
+        raise SettingError("wsolevaluation's boxes need heatmaps in [0, 1]; normalise them with "
+                           "wsol_bench.regions.heatmaps.to_heatmaps")
     return (heatmaps.astype(np.float64) * 255).astype(np.uint8)
 
 

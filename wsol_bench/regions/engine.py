@@ -8,20 +8,22 @@ from collections.abc import Sequence
 
 import torch
 
+from wsol_bench.choices import SWEEP_BOXES
+from wsol_bench.errors import SettingError
 from wsol_bench.regions.components import ThresholdComponents, threshold_components
 from wsol_bench.regions.contours import opencv_components
 from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS
 
 # opencv: wsolevaluation's own contours of the uint8 heatmap, holes included. components:
 # 8-connected pixel sets of the float heatmap > t (AG-CAM; wsolevaluation's float variant).
-SOURCES = ("opencv", "components")
+SOURCES = SWEEP_BOXES  # sweep.boxes
 
 
 def check_source(source: str) -> str:
-    """`source` if it is a known region source, else a ValueError naming the valid ones."""
+    """`source` if it is a known region source, else a SettingError naming the valid ones."""
     if source not in SOURCES:
-        raise ValueError(f"unknown sweep.boxes {source!r}; valid: {', '.join(SOURCES)} (opencv: "
-                         "wsolevaluation's exact contours; components: the float 8-connected variant)")
+        raise SettingError(f"unknown sweep.boxes {source!r}; valid: {', '.join(SOURCES)} (opencv: "
+                           "wsolevaluation's exact contours; components: the float 8-connected variant)")
     return source
 
 

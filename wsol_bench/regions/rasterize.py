@@ -22,18 +22,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from wsol_bench.choices import BOX_PROTOCOLS
 from wsol_bench.datasets.base import Sample, boxes_to_mask
+from wsol_bench.errors import SettingError
 from wsol_bench.regions.components import ThresholdComponents
 
-PROTOCOLS = ("agcam", "exact")
+PROTOCOLS = BOX_PROTOCOLS  # metric.box_protocol
 # How far a predicted box is filled beyond its continuous right/bottom edge, per protocol.
 _FILL_BEYOND = {"agcam": 1, "exact": 0}
 
 
 def check_protocol(protocol: str) -> str:
-    """`protocol` if it is a known rasterisation protocol, else a ValueError naming the valid ones."""
+    """`protocol` if it is a known rasterisation protocol, else a SettingError naming the valid ones."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown box protocol {protocol!r} (metric.box_protocol); valid: {', '.join(PROTOCOLS)}")
+        raise SettingError(f"unknown box protocol {protocol!r} (metric.box_protocol); valid: "
+                           f"{', '.join(PROTOCOLS)}")
     return protocol
 
 

@@ -163,10 +163,10 @@ def _group_lines(counts: dict[str, int], examples: dict[str, list[str]]) -> list
 def format_summary(summary: dict[str, Any]) -> str:
     """`summarize`'s result as a readable text block."""
     of = f" of {summary['num_classes']:,}" if summary.get("num_classes") else ""
-    lines = [f"{summary['dataset']}: {summary['images']:,} images, {summary['boxes']:,} boxes, "
-             f"{summary['classes_present']:,}{of} classes present",
-             f"  boxes per image: max {summary['max_boxes_per_image']}; "
-             f"{summary['multi_box_images']:,} images with more than one box",
+    lines = [(f"{summary['dataset']}: {summary['images']:,} images, {summary['boxes']:,} boxes, "
+              f"{summary['classes_present']:,}{of} classes present"),
+             (f"  boxes per image: max {summary['max_boxes_per_image']}; "
+              f"{summary['multi_box_images']:,} images with more than one box"),
              f"  skipped by the index: {summary['skipped_at_index']:,}"]
     lines += _group_lines(summary["skipped_reasons"], summary["skipped_examples"])
     if summary["checked_images"]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from wsol_bench.errors import InputFileError, MissingInputError
 from wsol_bench.files import atomic_write_text
 from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.rasterize import union_masks
@@ -109,12 +110,16 @@ def read_coco_masks(path: str | Path) -> list[CocoMask]:
     """Read a file written by `write_coco_masks` (or any COCO file with RLE segmentations), in
     annotation order."""
     path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"COCO mask file {path} does not exist")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
         keys = {image["id"]: image.get("file_name", str(image["id"])) for image in document["images"]}
         return [CocoMask(image_key=keys[a["image_id"]], category_id=int(a["category_id"]),
                          score=float(a.get("score", 1.0)), mask=decode_mask(a["segmentation"]))
                 for a in document["annotations"]]
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a COCO mask file with RLE segmentations ({error!r}); "
-                         "write it with wsol_bench.report.export.write_coco_masks") from error
+    # ValueError: not UTF-8 or not JSON, or a value of the wrong kind; AttributeError: an entry that is
+    # no mapping
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise InputFileError(f"{path} is not a COCO mask file with RLE segmentations ({error!r}); "
+                             "write it with wsol_bench.report.export.write_coco_masks") from error

@@ -12,13 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wsol_bench.errors import UserError
+
 MANIFEST = "run.json"
 FORMAT = 1
 # the files the tables are built from: a report checks them against the manifest
 INPUTS = ("config.yaml", "records.csv", "faithfulness.csv", "states/sweep.json")
 
 
-class IncompleteRun(ValueError):
+class IncompleteRun(UserError, ValueError):
     """A run folder that is not a complete run; the message says why and what to do."""
 
 
@@ -55,6 +57,8 @@ def incompleteness(folder: Path) -> str | None:
     if manifest.get("format") != FORMAT or not manifest.get("complete"):
         return f"its {MANIFEST} does not mark it complete"
     recorded = manifest.get("inputs", {})
+    if not isinstance(recorded, dict):
+        return f"its {MANIFEST} is damaged (its inputs are not a mapping of file names to sha256)"
     for name in INPUTS:
         path = folder / name
         if name not in recorded:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
 from wsol_bench.files import atomic_write
 from wsol_bench.metrics.base import RunMetric, load_states
 from wsol_bench.report.manifest import IncompleteRun, check_complete
@@ -70,18 +72,28 @@ class RunFolder:
         return f"{self.setting('dataset.name', '?')}/{self.setting('dataset.split', '?')}"
 
 
+def read_table(path: Path, **options) -> pd.DataFrame:
+    """One CSV file of a run folder; a file that is no CSV table (binary, not UTF-8, empty, an
+    unclosed quote) is an `InputFileError` naming it."""
+    try:
+        return pd.read_csv(path, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path} is not a readable CSV table ({exc}); restore the file, or rerun the "
+                             "benchmark into this folder") from exc
+
+
 def _read_csv(path: Path, optional: bool, partial: bool = False) -> pd.DataFrame | None:
     """A CSV of the run folder; with `partial`, rows a killed writer left unfinished (too few
     or too many fields) are dropped with a warning instead of breaking the read."""
     if not path.is_file():
         if optional:
             return None
-        raise FileNotFoundError(f"{path} not found: tables are rebuilt from a run's records; run "
+        raise MissingInputError(f"{path} not found: tables are rebuilt from a run's records; run "
                                 "`wsol-bench` to make a run folder (folders made before records.csv "
                                 "existed cannot be rebuilt)")
     if not partial:
-        return pd.read_csv(path)
-    frame = pd.read_csv(path, on_bad_lines="skip")
+        return read_table(path)
+    frame = read_table(path, on_bad_lines="skip")
     finished = _finished_rows(frame)
     if not finished.all():
         log.warning("%s: %d unfinished row(s) dropped", path, int((~finished).sum()))
@@ -106,8 +118,8 @@ def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) 
         return
     other = sorted(set(frame["dataset"].astype(str)) - {dataset})
     if other:
-        raise ValueError(f"{path} holds rows of dataset(s) {other} but the run's config.yaml says "
-                         f"dataset.name={dataset}; the file belongs to another run")
+        raise InputFileError(f"{path} holds rows of dataset(s) {other} but the run's config.yaml says "
+                             f"dataset.name={dataset}; the file belongs to another run")
 
 
 def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
@@ -115,18 +127,14 @@ def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
     complete run (run.json, inputs unchanged); `allow_incomplete` reads what is there."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"run folder {path} does not exist")
+        raise MissingInputError(f"run folder {path} does not exist")
     if not allow_incomplete:
         check_complete(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a run folder needs the config it ran with "
+        raise MissingInputError(f"{config_path} not found: a run folder needs the config it ran with "
                                 "(metric.image_filter decides which images the table averages)")
-    loaded = OmegaConf.load(config_path)
-    try:
-        config = OmegaConf.to_container(loaded, resolve=True)
-    except OmegaConfBaseException:  # a hand-edited config with interpolations it cannot resolve outside Hydra
-        config = OmegaConf.to_container(loaded, resolve=False)
+    config = _read_config(config_path)
     run = RunFolder(path, config, _read_csv(path / "records.csv", optional=False, partial=allow_incomplete),
                     _read_csv(path / "faithfulness.csv", optional=True, partial=allow_incomplete),
                     _read_csv(path / "wsoleval.csv", optional=True))
@@ -136,9 +144,27 @@ def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
                         ("wsoleval.csv", run.wsoleval)):
         _check_dataset(frame, path / name, run.setting("dataset.name"))
     if run.setting("metric.image_filter") is None:
-        raise ValueError(f"{config_path} has no metric.image_filter; add `image_filter: correct` "
-                         "(the paper) or `all` under metric")
+        raise InputFileError(f"{config_path} has no metric.image_filter; add `image_filter: correct` "
+                             "(the paper) or `all` under metric")
     return run
+
+
+def _read_config(path: Path) -> dict:
+    """The run's config.yaml as a plain dict; a file that is no YAML mapping is an
+    `InputFileError` naming it."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as exc:
+        raise InputFileError(f"{path} is not a readable YAML config ({exc}); restore the file the run "
+                             "wrote, or rerun the benchmark into this folder") from exc
+    try:
+        config = OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException:  # a hand-edited config with interpolations it cannot resolve outside Hydra
+        config = OmegaConf.to_container(loaded, resolve=False)
+    if not isinstance(config, dict):
+        raise InputFileError(f"{path} holds a {type(config).__name__}, not a config (a YAML mapping); restore "
+                             "the file the run wrote, or rerun the benchmark into this folder")
+    return config
 
 
 def _rebuild_sweep_tables(run: RunFolder, states: dict[str, dict[str, RunMetric]]) -> None:
@@ -161,7 +187,7 @@ def _caption(run: RunFolder, variant: str, faith: bool, wsol: bool) -> str:
                      "percent, mean over all images (n_images_abpc).")
     if wsol:
         # wsoleval.csv files written before the OpenCV mode have no `boxes` column: float components
-        written = run.wsoleval["boxes"] if "boxes" in run.wsoleval else []
+        written = run.wsoleval.get("boxes", [])
         boxes = ", ".join(sorted(set(written))) or "components"
         source = ("its own OpenCV contours" if boxes == "opencv"
                   else f"the float variant sweep.boxes={boxes}, not the published procedure")
@@ -224,7 +250,8 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     ("box", "mask" when the records have masks) with ABPC, MaxBoxAccV2 and published numbers
     where available. Each paper table carries `attrs["caption"]` and `attrs["notes"]`."""
     run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
-    localization = localization_table(run.records, run.setting("metric.image_filter"))
+    localization = localization_table(run.records, run.setting("metric.image_filter"),
+                                      str(run.path / "records.csv"))
     faith = faithfulness_summary(run.faithfulness, str(run.path / "faithfulness.csv")) \
         if run.faithfulness is not None else None
     wsol = wsoleval_summary(run.wsoleval, str(run.path / "wsoleval.csv")) if run.wsoleval is not None else None
@@ -309,17 +336,25 @@ def check_run(run_dir: str | Path, allow_incomplete: bool = False) -> list[str]:
     on_disk = path / "table.csv"
     if not on_disk.is_file():
         return [f"{on_disk} is missing"]
-    lines = frame_differences(tables["localization"].reset_index(), pd.read_csv(on_disk), on_disk.name)
+    lines = _disk_differences(tables["localization"].reset_index(), on_disk)
     for variant in VARIANTS:
         file = path / f"table_{variant}.csv"
         if variant in tables and file.is_file():
-            lines += frame_differences(tables[variant], pd.read_csv(file), file.name)
+            lines += _disk_differences(tables[variant], file)
     for name in SWEEP_TABLES:
         file = path / f"{name}.csv"
         if name in tables:
-            lines += (frame_differences(tables[name], pd.read_csv(file), file.name) if file.is_file()
-                      else [f"{file} is missing"])
+            lines += _disk_differences(tables[name], file) if file.is_file() else [f"{file} is missing"]
     return lines
+
+
+def _disk_differences(expected: pd.DataFrame, file: Path) -> list[str]:
+    """`frame_differences` against the table in `file`; a file that is no CSV table differs."""
+    try:
+        actual = read_table(file)
+    except InputFileError as exc:
+        return [str(exc)]
+    return frame_differences(expected, actual, file.name)
 
 
 def combined_table(run_dirs: list[str | Path | RunFolder], variant: str = "box",
@@ -332,7 +367,7 @@ def combined_table(run_dirs: list[str | Path | RunFolder], variant: str = "box",
         run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
         tables = run_tables(run)
         if variant not in tables:
-            raise ValueError(f"{run.path}: no {variant} table (the records have no {variant}_* columns)")
+            raise SettingError(f"{run.path}: no {variant} table (the records have no {variant}_* columns)")
         label = run.dataset_label
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:  # two runs on one dataset: keep their blocks apart

@@ -12,10 +12,12 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 
+from wsol_bench.choices import IMAGE_FILTERS
+from wsol_bench.errors import InputFileError, SettingError
 from wsol_bench.metrics.pixel import PIXEL_METRICS
 from wsol_bench.report.paper_numbers import PublishedNumber
 
-FILTERS = ("correct", "all")
+FILTERS = IMAGE_FILTERS  # metric.image_filter
 PAPER_NAMES = {"pixel_acc": "Pixel Acc", "iou": "IoU", "dice": "Dice", "precision": "Precision",
                "recall": "Recall"}
 FAITH_NAMES = {"abpc": "ABPC", "auc_morf": "AUC MoRF", "auc_lerf": "AUC LeRF"}
@@ -30,21 +32,23 @@ ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float roundin
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str) -> None:
-    """Raise a ValueError naming `source` and the columns it lacks."""
+    """Raise an `InputFileError` naming `source` and the columns it lacks."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{source} lacks column(s) {missing}; it has {list(frame.columns)}. "
-                         "Was it written by another version of wsol-bench? Re-run the benchmark.")
+        raise InputFileError(f"{source} lacks column(s) {missing}; it has {list(frame.columns)}. "
+                             "Was it written by another version of wsol-bench? Re-run the benchmark.")
     if frame.empty:
-        raise ValueError(f"{source} has no rows; re-run the benchmark")
+        raise InputFileError(f"{source} has no rows; re-run the benchmark")
 
 
-def localization_table(records: pd.DataFrame, image_filter: str = "correct") -> pd.DataFrame:
+def localization_table(records: pd.DataFrame, image_filter: str = "correct", source: str = "records"
+                       ) -> pd.DataFrame:
     """Mean of every per-image metric in percent, per (method, threshold), over the images
-    the filter keeps ("correct": correctly classified only, as the paper; "all")."""
+    the filter keeps ("correct": correctly classified only, as the paper; "all"). `source`
+    names the records in errors (the file they were read from)."""
     if image_filter not in FILTERS:
-        raise ValueError(f"unknown image filter {image_filter!r} (metric.image_filter); valid: {FILTERS}")
-    require_columns(records, ["method", "threshold", "correct", "degenerate"], "records")
+        raise SettingError(f"unknown image filter {image_filter!r} (metric.image_filter); valid: {FILTERS}")
+    require_columns(records, ["method", "threshold", "correct", "degenerate"], source)
     kept = records[records["correct"] == 1] if image_filter == "correct" else records
     metric_cols = [c for c in records.columns if c.split("_", 1)[-1] in PIXEL_METRICS
                    and c.split("_", 1)[0] in ("box", "mask")]
@@ -70,20 +74,20 @@ def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness
     duplicated = faithfulness.duplicated(["image_id", "method"], keep=False)
     if duplicated.any():
         example = faithfulness.loc[duplicated, ["image_id", "method"]].iloc[0].tolist()
-        raise ValueError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
-                         f"e.g. {example}; it must hold one row per image and method")
+        raise InputFileError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
+                             f"e.g. {example}; it must hold one row per image and method")
     scores = faithfulness[list(FAITH_NAMES)]
     degenerate = faithfulness["degenerate"] == 1 if "degenerate" in faithfulness else False
     unscored = scores.isna().any(axis=1) & ~degenerate  # a degenerate map has no curve, on purpose
     if unscored.any():
         bad = faithfulness.loc[unscored, "image_id"].tolist()
-        raise ValueError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
-                         "re-run the faithfulness evaluation for those images")
+        raise InputFileError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
+                             "re-run the faithfulness evaluation for those images")
     gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
     if (gap > ABPC_TOLERANCE).any():
         bad = faithfulness.loc[gap > ABPC_TOLERANCE, "image_id"].tolist()
-        raise ValueError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
-                         "the file is inconsistent (docs/protocol.md 5)")
+        raise InputFileError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
+                             "the file is inconsistent (docs/protocol.md 5)")
     grouped = faithfulness.groupby("method", sort=False)
     summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
     summary["n_images_abpc"] = grouped["abpc"].count()  # the images with a score (degenerate maps have none)
@@ -96,8 +100,8 @@ def wsoleval_summary(wsoleval: pd.DataFrame, source: str = "wsoleval.csv") -> pd
     require_columns(wsoleval, ["method", "n_images", "maxboxacc_v2"], source)
     if wsoleval["method"].duplicated().any():
         repeated = sorted(set(wsoleval.loc[wsoleval["method"].duplicated(), "method"]))
-        raise ValueError(f"{source}: methods {repeated} appear more than once; it must hold one row "
-                         "per method")
+        raise InputFileError(f"{source}: methods {repeated} appear more than once; it must hold one row "
+                             "per method")
     summary = wsoleval.set_index("method")
     columns = ["maxboxacc_v2"] + (["pxap"] if "pxap" in summary and summary["pxap"].notna().any() else [])
     out = summary[columns].astype(float).rename(columns=WSOL_NAMES)

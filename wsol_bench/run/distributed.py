@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wsol_bench.errors import SettingError
+
 # Every rank waits at the end of the pass for the slowest one; a large dataset's block can take
 # hours, longer than torch.distributed's default wait of 30 minutes.
 TIMEOUT = timedelta(hours=12)
@@ -65,6 +67,9 @@ class Ranks:
         return box[0]
 
 
+ONE_PROCESS = Ranks()  # a run that is not data-parallel (Ranks is frozen: one shared value)
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -105,15 +110,15 @@ def join(device: str = "cpu") -> Ranks:
     if not (dist.is_available() and dist.is_initialized()):
         export_submitit_environment()
         if launched_world_size() < 2:
-            return Ranks()
+            return ONE_PROCESS
         if not dist.is_available():
-            raise RuntimeError("this torch build has no torch.distributed; run one process")
+            raise SettingError("this torch build has no torch.distributed; run one process")
         dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
     if ranks.distributed and torch.device(device).type == "cuda":
         if torch.device(device).index is not None:
-            raise ValueError(f"device={device} with {ranks.world} ranks: each rank takes the GPU of its local "
-                             "rank; give device=cuda")
+            raise SettingError(f"device={device} with {ranks.world} ranks: each rank takes the GPU of its "
+                               "local rank; give device=cuda")
         torch.cuda.set_device(ranks.local_rank)
     return ranks
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wsol_bench.config.checks import check_checkpoint, check_std
 from wsol_bench.datasets import EvalTransform
 from wsol_bench.datasets.base import RESAMPLER
 from wsol_bench.environment import package_version, precision_key
@@ -30,9 +31,7 @@ def build_transform(cfg: DictConfig) -> EvalTransform:
     value the config sets taking precedence."""
     dc = architecture_data_config(cfg.model.name, **as_dict(cfg.model.kwargs))
     pre = cfg.preprocess
-    if pre.std is not None and any(float(s) == 0 for s in pre.std):
-        raise ValueError(f"preprocess.std={list(pre.std)} holds a 0: normalising divides by it; give the "
-                         "model's std (or null for its own)")
+    check_std(pre.std)
     size = tuple(pre.input_size) if pre.input_size is not None else tuple(dc.input_size[1:])
     return EvalTransform(size=size, mean=pre.mean if pre.mean is not None else dc.mean,
                          std=pre.std if pre.std is not None else dc.std,
@@ -47,10 +46,8 @@ def model_identity(mcfg: DictConfig, seed: int) -> dict:
     content (checkpoint or shipped file digest, or the timm pretrained tag)."""
     ident = {"name": mcfg.name, "kwargs": as_dict(mcfg.kwargs)}
     if mcfg.checkpoint is not None:
+        check_checkpoint(mcfg.checkpoint)
         path = Path(mcfg.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.checkpoint={mcfg.checkpoint} does not exist; pass the path "
-                                    "of a .safetensors or .pth file")
         ident["weights"] = f"sha256:{file_digest(path)}"
     elif mcfg.pretrained and pretrained_file(mcfg.name) is not None:  # a local file, e.g. the shipped model's
         ident["weights"] = f"sha256:{file_digest(pretrained_file(mcfg.name))}"
@@ -120,18 +117,17 @@ class LazyModel:
 
 def map_stores(cfg: DictConfig, dataset, transform: EvalTransform, policies: list[str]) -> dict[str, dict[str, MapStore]]:
     """{target policy: {method: store}} of every configured method, for each of `policies`."""
-    if not cfg.method:
-        raise ValueError("no method selected; e.g. method=[agcam,rollout]")
     grid = map_grid(cfg.model.name, transform.size, **as_dict(cfg.model.kwargs))
     data = data_fingerprint(dataset)
     dtype = str(cfg.store.get("dtype", "float32"))
 
-    def shape(key: str) -> tuple[int, int]:  # pixel maps have the input size
-        return tuple(transform.size) if explainer_class(cfg.method[key].name).resolution == "pixel" else grid
+    def store(key: str, policy: str) -> MapStore:
+        cls = explainer_class(cfg.method[key].name)
+        shape = tuple(transform.size) if cls.resolution == "pixel" else grid  # pixel maps have the input size
+        return MapStore(cfg.store.root, store_settings(cfg, transform, key, policy, data), int(cfg.store.shard_size),
+                        grid=shape, dtype=dtype, class_specific=bool(cls.class_specific))
 
-    return {policy: {key: MapStore(cfg.store.root, store_settings(cfg, transform, key, policy, data),
-                                   int(cfg.store.shard_size), grid=shape(key), dtype=dtype) for key in cfg.method}
-            for policy in policies}
+    return {policy: {key: store(key, policy) for key in cfg.method} for policy in policies}
 
 
 def log_missing(stores: dict[str, dict[str, MapStore]], shards: range, root: str) -> int:

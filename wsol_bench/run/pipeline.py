@@ -15,26 +15,28 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from wsol_bench.choices import TARGET_POLICIES
 from wsol_bench.datasets.base import Batch, Sample, collate_samples
+from wsol_bench.errors import SettingError
 from wsol_bench.methods.base import Explainer
 from wsol_bench.run.batch import BatchJob, BatchTruth, MethodBatch
 from wsol_bench.run.scorers.base import Scorer
 from wsol_bench.run.scoring_pool import ScoringPool
 from wsol_bench.run.store import InvalidShard, MapStore, Shard
 
-TARGET_POLICIES = ("predicted", "label")
 log = logging.getLogger("wsol_bench")
 
 
 def explain_targets(batch: Batch, policy: str) -> torch.Tensor | None:
     """Targets handed to the explainer: the ground-truth labels, or None (predicted class)."""
     if policy not in TARGET_POLICIES:
-        raise ValueError(f"unknown target policy {policy!r}; valid: {TARGET_POLICIES}")
+        raise SettingError(f"unknown target policy {policy!r}; valid: {TARGET_POLICIES}")
     return batch.labels if policy == "label" else None
 
 
@@ -114,21 +116,26 @@ class PassReport:
 
 
 class _ShardParts:
-    """The maps, logits and targets of one method explained batch by batch within a shard."""
+    """The maps, logits and targets of one method explained batch by batch within a shard, and
+    whether its explanations said they depend on the target class."""
 
     def __init__(self) -> None:
         self.maps: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
+        self.class_specific: bool | None = None
 
-    def shard(self, index: int, grid, positions: list[int], ids: list[str], skipped, target_source: str,
-              class_specific: bool) -> Shard:
+    def shard(self, index: int, store: MapStore, positions: list[int], ids: list[str], skipped,
+              target_source: str) -> Shard:
+        """The shard to store. An empty one (every item skipped) takes its map shape and class
+        specificity from the store's settings: no explainer is built for it."""
+        specific = store.class_specific if self.class_specific is None else self.class_specific
         return Shard(index=index,
-                     maps=torch.cat(self.maps) if self.maps else torch.zeros(0, *grid),
+                     maps=torch.cat(self.maps) if self.maps else torch.zeros(0, *(store.grid or (0, 0))),
                      logits=torch.cat(self.logits) if self.logits else torch.zeros(0, 0),
                      targets=torch.cat(self.targets) if self.targets else torch.zeros(0, dtype=torch.long),
                      positions=torch.tensor(positions, dtype=torch.long), image_ids=ids, skipped=skipped,
-                     target_source=target_source, class_specific=class_specific)
+                     target_source=target_source, class_specific=specific)
 
 
 def stored_shard(store: MapStore, index: int, num_items: int) -> Shard | None:
@@ -181,7 +188,7 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
             part = state.parts[(policy, m)]
             predicted = got.get(("predicted", m)) if policy == "label" else None
             if predicted is not None:
-                maps, logits_rows, targets = _label_maps_from_predicted(explainer(m), batch, predicted)
+                maps, logits_rows, targets = _label_maps_from_predicted(partial(explainer, m), batch, predicted)
                 source, specific = "given", predicted[4]
             else:
                 explained = explainer(m)(batch.images, explain_targets(batch, policy), logits=logits)
@@ -192,12 +199,13 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
             part.maps.append(stores[policy][m].round_maps(maps.detach().float().cpu()))
             part.logits.append(logits_rows.detach().float().cpu())
             part.targets.append(targets.detach().cpu())
+            part.class_specific = specific
             seconds[f"explaining/{m}"] += time.perf_counter() - start
             got[(policy, m)] = (part.maps[-1], part.logits[-1], part.targets[-1], source, specific)
     return got
 
 
-def _label_maps_from_predicted(explainer: Explainer, batch: Batch, predicted: MapRows
+def _label_maps_from_predicted(explainer: Callable[[], Explainer], batch: Batch, predicted: MapRows
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch's ground-truth-class maps, logits and targets from its predicted-class maps: a map
     of a method that is not class-specific, or of an image whose predicted class is its label,
@@ -207,22 +215,22 @@ def _label_maps_from_predicted(explainer: Explainer, batch: Batch, predicted: Ma
     maps, logits = maps.clone(), logits.clone()
     need = (targets != labels).nonzero()[:, 0] if specific else torch.zeros(0, dtype=torch.long)
     if len(need):
-        explained = explainer(batch.images[need], labels[need])
+        explained = explainer()(batch.images[need], labels[need])  # built only when an image needs it
         maps[need] = explained.maps.detach().float().cpu()
         logits[need] = explained.logits.detach().float().cpu()
     return maps, logits, labels.clone()
 
 
 def _finish_shard(state: _ShardState, stores: dict[str, dict[str, MapStore]], here: Sequence[Scorer],
-                  explainer: Callable[[str], Explainer], report: PassReport) -> None:
-    """Tell the main-process scorers the shard is complete and store what was explained."""
+                  report: PassReport) -> None:
+    """Tell the main-process scorers the shard is complete and store what was explained (a
+    shard whose items were all skipped too, without building an explainer)."""
     for scorer in here:
         scorer.end_shard(state.index)
     for (policy, m), part in state.parts.items():
-        made = explainer(m)
-        stores[policy][m].save(part.shard(state.index, getattr(made, "grid", (0, 0)), state.positions, state.ids,
-                                          state.skipped, "given" if policy == "label" else "predicted",
-                                          bool(made.class_specific)))
+        store = stores[policy][m]
+        store.save(part.shard(state.index, store, state.positions, state.ids, state.skipped,
+                              "given" if policy == "label" else "predicted"))
         report.explained[(policy, m)] += 1
     report.skipped += state.skipped
 
@@ -240,7 +248,7 @@ def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, sc
     `scoring_workers` processes (0: here); the others take each batch here.
     """
     if target_policy not in TARGET_POLICIES:
-        raise ValueError(f"unknown target policy {target_policy!r}; valid: {TARGET_POLICIES}")
+        raise SettingError(f"unknown target policy {target_policy!r}; valid: {TARGET_POLICIES}")
     unknown = set(stores) - set(TARGET_POLICIES)
     if unknown or target_policy not in stores:
         raise ValueError(f"stores must be keyed by target policy {TARGET_POLICIES}, got {sorted(stores)}")
@@ -263,7 +271,7 @@ def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, sc
             index, pb = next(batches, (None, None))
             report.seconds["loading"] += clock() - start
             if state is not None and index != state.index:  # the shard is complete
-                _finish_shard(state, stores, here, explainer, report)
+                _finish_shard(state, stores, here, report)
                 state = None
             if pb is None:
                 break

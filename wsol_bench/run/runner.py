@@ -17,16 +17,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wsol_bench.config.methods import check_method_entries, check_method_params
+from wsol_bench.config.checks import check_settings
+from wsol_bench.config.methods import check_method_params
 from wsol_bench.datasets import build_dataset
 from wsol_bench.environment import available_cores, check_device, environment, set_tf32
+from wsol_bench.errors import SettingError
 from wsol_bench.files import atomic_write_text, write_json
 from wsol_bench.progress import progress_enabled
-from wsol_bench.regions.thresholds import check_thresholds
 from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.report.figures import coverage_figure
 from wsol_bench.report.run_folder import format_run_tables, run_tables, write_run_tables
-from wsol_bench.run.distributed import Ranks, join
+from wsol_bench.run.distributed import ONE_PROCESS, Ranks, join
 from wsol_bench.run.folder import staged_run
 from wsol_bench.run.gallery import write_gallery
 from wsol_bench.run.maps import Explainers, LazyModel, as_dict, build_transform, log_missing, map_stores
@@ -34,7 +35,6 @@ from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.scorers import RunContext, build_scorers
 
 log = logging.getLogger("wsol_bench")
-MODES = ("run", "summary")
 RANKS_FOLDER = "ranks"  # inside rank 0's staging folder: the other ranks' outputs until merged
 
 
@@ -79,26 +79,20 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict | None:
     return result["localization"]
 
 
-def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = Ranks(),
+def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_PROCESS,
              stage: Path | None = None) -> dict | None:
     """The run itself, this rank writing into `out_dir` (rank 0: the staging folder `stage`;
     rank r: stage/ranks/r); returns rank 0's tables (or the dataset summary), and puts the
     record counts per method and the seconds per stage into `summary` (run.json)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
-    progress = progress_enabled(cfg.progress) and ranks.main  # a bad value fails here, before any work
-    check_counts(cfg)
+    check_settings(cfg)  # the command checked these already; a caller of this function may not have
+    progress = progress_enabled(cfg.progress) and ranks.main
+    if cfg.mode == "run":
+        for m in cfg.method.values():  # a misspelt parameter fails now, not when its maps are missing
+            check_method_params(m.name, as_dict(m.get("params")))
     out_dir.mkdir(parents=True, exist_ok=True)
     if ranks.main:
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_json(out_dir / "environment.json", {**environment(cfg.device), "ranks": ranks.world})
-    if cfg.mode == "run":
-        check_thresholds(cfg.metric.thresholds, "metric.thresholds")
-        if not cfg.method:
-            raise ValueError("no method selected; e.g. method=[agcam,rollout]")
-        check_method_entries(cfg.method)
-        for m in cfg.method.values():  # a misspelt parameter fails now, not when its maps are missing
-            check_method_params(m.name, as_dict(m.get("params")))
 
     transform = build_transform(cfg)
     dcfg = cfg.dataset
@@ -203,17 +197,8 @@ def check_label_needs(cfg: DictConfig, dataset) -> None:
                                              ("metric.image_filter=correct", cfg.metric.image_filter == "correct"))
              if needed]
     if asked:
-        raise ValueError(f"dataset {cfg.dataset.name} has no class labels, so {', '.join(asked)} cannot be "
+        raise SettingError(f"dataset {cfg.dataset.name} has no class labels, so {', '.join(asked)} cannot be "
                          "computed; use target=predicted, no faithfulness, metric.image_filter=all")
-
-
-def check_counts(cfg: DictConfig) -> None:
-    """Counts the typed config cannot bound: a ValueError naming the setting and its range."""
-    for key, low in (("batch_size", 1), ("num_workers", 0), ("scoring_workers", 0), ("gallery_images", 0),
-                     ("store.shard_size", 1)):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and int(value) < low:
-            raise ValueError(f"{key}={value} must be at least {low}")
 
 
 def write_data_report(out_dir: Path, skipped: list[tuple[str, str]], notes: dict[str, int], total: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from wsol_bench.errors import SettingError
 from wsol_bench.run.batch import BatchJob
 from wsol_bench.run.scorers.base import Scorer
 
@@ -59,7 +60,7 @@ class ScoringPool:
 
     def __init__(self, scorers: Sequence[Scorer], workers: int = 0) -> None:
         if workers < 0:
-            raise ValueError(f"scoring_workers={workers} must be at least 0")
+            raise SettingError(f"scoring_workers={workers} must be at least 0")
         self.scorers = [s for s in scorers if s.kernel is not None]
         self.kernels = [s.kernel for s in self.scorers]
         self.workers = workers if self.scorers else 0

@@ -30,13 +30,15 @@ from typing import Any
 
 import torch
 
+from wsol_bench import choices
+from wsol_bench.errors import SettingError, UserError
 from wsol_bench.files import atomic_write, atomic_write_text
 
 SHARD_FORMAT = 2  # bump when the payload layout changes, so old caches are not misread
 log = logging.getLogger("wsol_bench")
 
 
-class InvalidShard(Exception):
+class InvalidShard(UserError):
     """A stored shard that must not be used; the message says why."""
 
 
@@ -117,7 +119,7 @@ class Shard:
         return torch.tensor(rows, dtype=torch.long)
 
 
-MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MAP_DTYPES = {name: getattr(torch, name) for name in choices.MAP_DTYPES}  # store.dtype
 
 
 class MapStore:
@@ -125,12 +127,13 @@ class MapStore:
     policy) setting."""
 
     def __init__(self, root: str | Path, settings: dict[str, Any], shard_size: int,
-                 grid: tuple[int, int] | None = None, dtype: str = "float32") -> None:
+                 grid: tuple[int, int] | None = None, dtype: str = "float32", class_specific: bool = True) -> None:
         if shard_size < 1:
-            raise ValueError(f"store.shard_size must be >= 1, got {shard_size}")
+            raise SettingError(f"store.shard_size must be >= 1, got {shard_size}")
         if dtype not in MAP_DTYPES:
-            raise ValueError(f"store.dtype={dtype!r} is not supported; valid: {', '.join(MAP_DTYPES)}")
+            raise SettingError(f"store.dtype={dtype!r} is not supported; valid: {', '.join(MAP_DTYPES)}")
         self.grid = grid  # the map grid every shard must have, when known
+        self.class_specific = class_specific  # whether the method's maps depend on the target class
         self.map_dtype = MAP_DTYPES[dtype]  # how maps are kept on disk
         self._validated: dict[int, tuple[int, int]] = {}  # shard index -> (size, mtime) of a checked file
         self.settings = settings
@@ -204,7 +207,7 @@ class MapStore:
         except FileNotFoundError:
             raise InvalidShard(f"map shard {path} is missing; run the explanation again (it computes only "
                                "the missing shards)") from None
-        except Exception as exc:  # truncated, zero bytes, not a torch file, pickled objects
+        except Exception as exc:  # truncated, zero bytes, not a torch file, pickled objects  # noqa: BLE001
             raise InvalidShard(f"map shard {path} is unreadable ({type(exc).__name__}: {exc})") from None
         problem = self._problem(payload, index, num_items)
         if problem:

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
+from wsol_bench.errors import SettingError
 from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images, class_label
 
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
@@ -103,8 +104,8 @@ def dihedral(images: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
     """Apply one of the 8 symmetries of the square to each image: bit 2 of `ops[i]` flips
     horizontally, bits 0-1 rotate by that many quarter turns."""
     if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"train.augment=dihedral needs square inputs, got {tuple(images.shape[-2:])}; "
-                         "use train.augment=hflip or a square preprocess.input_size")
+        raise SettingError(f"train.augment=dihedral needs square inputs, got {tuple(images.shape[-2:])}; "
+                           "use train.augment=hflip or a square preprocess.input_size")
     out = images.clone()
     ops = ops.cpu()
     for op in ops.unique().tolist():
@@ -123,7 +124,8 @@ def augment_batch(name: str, images: torch.Tensor, generator: torch.Generator) -
         return torch.where(flip[:, None, None, None], images.flip(-1), images)
     if name == "dihedral":
         return dihedral(images, torch.randint(0, 8, (len(images),), generator=generator))
-    raise ValueError(f"unknown train.augment={name!r}; valid: {', '.join(BATCH_AUGMENTS + SAMPLE_AUGMENTS)}")
+    raise SettingError(f"unknown train.augment={name!r}; valid: "
+                       f"{', '.join(BATCH_AUGMENTS + SAMPLE_AUGMENTS)}")
 
 
 def normalize_batch(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -214,10 +216,10 @@ def build_split(spec: DatasetSpec, which: str) -> Dataset:
     try:
         dataset = spec.build()
     except TypeError as exc:
-        raise ValueError(f"dataset {spec.name!r} rejects its parameters {spec.params} ({exc}); fix "
-                         f"dataset.params or train.{which}_params") from exc
+        raise SettingError(f"dataset {spec.name!r} rejects its parameters {spec.params} ({exc}); fix "
+                           f"dataset.params or train.{which}_params") from exc
     if not isinstance(getattr(dataset, "num_classes", None), int):  # a setting's value is wrong, not a type
-        raise ValueError(  # noqa: TRY004
+        raise SettingError(
             f"dataset {spec.name!r} has no class labels (no integer num_classes); the trainer needs a "
             "classification dataset: choose another dataset.name")
     return dataset
@@ -245,8 +247,8 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
     train_spec, val_spec = split_spec(cfg, "train"), split_spec(cfg, "val")
     train_ds, val_ds = build_split(train_spec, "train"), build_split(val_spec, "val")
     if train_ds.num_classes != val_ds.num_classes:
-        raise ValueError(f"train split has {train_ds.num_classes} classes but val split "
-                         f"{val_ds.num_classes}; check train.train_params / train.val_params")
+        raise SettingError(f"train split has {train_ds.num_classes} classes but val split "
+                           f"{val_ds.num_classes}; check train.train_params / train.val_params")
     splits = (("train", train_spec, train_ds), ("val", val_spec, val_ds))
     facts: dict[str, Any] = {f"{w}_dataset": {"name": s.name, "params": s.params, "images": len(d)}
                              for w, s, d in splits}

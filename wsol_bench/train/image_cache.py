@@ -14,7 +14,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm import tqdm
 import wsol_bench.datasets as dataset_package
 from wsol_bench.datasets import Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import resize_sample
+from wsol_bench.errors import InputFileError, SettingError, UserError
 
 log = logging.getLogger("wsol_bench.train.recipe")
 CACHE_FORMAT = 1
@@ -50,8 +51,8 @@ def class_label(sample: Sample) -> int:
     classification dataset)."""
     label = sample.label
     if label is None or isinstance(label, bool) or int(label) != label or int(label) < 0:
-        raise ValueError(f"image {sample.image_id} has no class label (label={label!r}); the trainer needs a "
-                         "dataset whose samples carry a class index >= 0: choose another dataset.name")
+        raise SettingError(f"image {sample.image_id} has no class label (label={label!r}); the trainer needs "
+                           "a dataset whose samples carry a class index >= 0: choose another dataset.name")
     return int(label)
 
 
@@ -108,8 +109,8 @@ def _decode_chunk(indices: list[int]) -> tuple[list[int], np.ndarray, np.ndarray
             continue
         label = class_label(sample)
         if sample.image.dtype != torch.uint8:
-            raise ValueError(f"image {sample.image_id} is {sample.image.dtype}, not uint8; the image cache "
-                             "expects decoded images (set train.cache=false for this dataset)")
+            raise SettingError(f"image {sample.image_id} is {sample.image.dtype}, not uint8; the image cache "
+                               "expects decoded images (set train.cache=false for this dataset)")
         # Only the image is resized (no masks or boxes: training uses the label alone).
         bare = Sample(sample.image, label, torch.zeros(0, 4), sample.image_id, sample.orig_size)
         images[j] = resize_sample(bare, size, interpolation).image.numpy()
@@ -146,8 +147,8 @@ def _decode_all(spec: DatasetSpec, size: tuple[int, int], interpolation: str, wo
                 for result in pool.map(_decode_chunk, chunks):
                     store(result)
         except BrokenProcessPool as exc:
-            raise RuntimeError(f"an image decoding process died ({exc}); rerun with num_workers=0 to decode "
-                               "in this process and see the cause") from exc
+            raise UserError(f"an image decoding process died ({exc}); rerun with num_workers=0 to decode "
+                            "in this process and see the cause") from exc
     bar.close()
     return sorted(skipped, key=lambda s: s.image_id)
 
@@ -167,6 +168,27 @@ def _remove_abandoned(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_cache(folder: Path, size: tuple[int, int]) -> ImageCache:
+    """The split `cached_images` kept in `folder`, its images memory-mapped. A damaged cache
+    (truncated, edited, or not the arrays it wrote) is refused naming the folder to delete."""
+    fix = "delete that folder to decode the images again, or pass cache_dir=null"
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        labels = np.load(folder / "labels.npy")  # allow_pickle=False: a pickle payload is refused
+        skipped = [SkippedSample(i, r) for i, r in meta["skipped"]]
+        count = int(meta["count"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputFileError(f"image cache {folder} is unreadable ({type(exc).__name__}: {exc}); "
+                             f"{fix}") from exc
+    if images.dtype != np.uint8 or images.shape != (count, 3, *size) or labels.dtype != np.int64 \
+            or labels.shape != (count,):
+        raise InputFileError(f"image cache {folder} holds images {images.dtype} {images.shape} and labels "
+                             f"{labels.dtype} {labels.shape}, not the {count} uint8 3x{size[0]}x{size[1]} "
+                             f"images and int64 labels its meta.json lists; {fix}")
+    return ImageCache(images, labels, skipped)
+
+
 def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, *, cache_dir: Path | None,
                   workers: int, progress: bool = False) -> ImageCache:
     """All images of `spec` decoded once (in `workers` processes) and resized to `size`. With
@@ -174,10 +196,9 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
     the dataset code; a later call maps the file instead of decoding again."""
     folder = cache_dir / cache_key(spec, size, interpolation) if cache_dir is not None else None
     if folder is not None and (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
-        log.info("image cache hit: %s (%d images)", folder, meta["count"])
-        return ImageCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                          [SkippedSample(i, r) for i, r in meta["skipped"]])
+        cache = read_cache(folder, size)
+        log.info("image cache hit: %s (%d images)", folder, len(cache.labels))
+        return cache
     count = len(spec.build())
     start = time.perf_counter()
     labels = np.full(count, -1, dtype=np.int64)
@@ -192,8 +213,8 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(count, 3, *size))
     except OSError as exc:
-        raise ValueError(f"cannot write the image cache in cache_dir={cache_dir}: {exc}; pass a writable "
-                         "folder, or cache_dir=null to keep the images in memory only") from exc
+        raise SettingError(f"cannot write the image cache in cache_dir={cache_dir}: {exc}; pass a writable "
+                           "folder, or cache_dir=null to keep the images in memory only") from exc
     skipped = _decode_all(spec, size, interpolation, workers, images, labels, progress)
     images.flush()
     del images
@@ -207,5 +228,4 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     log.info("decoded %d images into %s in %.0f s", count, folder, seconds)
-    return ImageCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                      skipped, seconds)
+    return replace(read_cache(folder, size), seconds=seconds)

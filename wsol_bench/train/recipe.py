@@ -18,16 +18,30 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from wsol_bench.config.checks import check_resume
 from wsol_bench.environment import available_cores, check_device, environment
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError
 from wsol_bench.files import atomic_write, write_json
-from wsol_bench.methods.capture import UnsupportedModelError
-from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, read_checkpoint
+from wsol_bench.models import (
+    ModelLoadError,
+    architecture_data_config,
+    load_model,
+    load_weights_only,
+    read_checkpoint,
+)
 from wsol_bench.progress import progress_enabled
 from wsol_bench.train.data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
-from wsol_bench.train.trainer import CHECKPOINT, Recipe, Trainer, evaluate, save_atomic
+from wsol_bench.train.trainer import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEYS,
+    Recipe,
+    Trainer,
+    evaluate,
+    save_atomic,
+)
 
 log = logging.getLogger("wsol_bench.train.recipe")
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError, KeyError)
 DATA_KEYS = ("train_params", "val_params", "cache", "timm_augment", "reset_head")
 HEAD_MODULES = ("head", "head_dist")
 
@@ -52,9 +66,9 @@ def recipe_from(cfg: DictConfig) -> Recipe:
     recipe = Recipe(**{k: v for k, v in as_dict(cfg.train).items() if k not in DATA_KEYS})
     valid = BATCH_AUGMENTS + SAMPLE_AUGMENTS
     if recipe.augment not in valid:
-        raise ValueError(f"unknown train.augment={recipe.augment!r}; valid: {', '.join(valid)}")
+        raise SettingError(f"unknown train.augment={recipe.augment!r}; valid: {', '.join(valid)}")
     if recipe.augment == "timm" and cfg.train.get("cache", False):
-        raise ValueError("train.augment=timm crops the decoded originals; it needs train.cache=false")
+        raise SettingError("train.augment=timm crops the decoded originals; it needs train.cache=false")
     return recipe
 
 
@@ -73,8 +87,8 @@ def check_out_dir(path: Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"out_dir={path} is not a writable folder ({exc}); pass a writable "
-                         "out_dir=...") from exc
+        raise SettingError(f"out_dir={path} is not a writable folder ({exc}); pass a writable "
+                           "out_dir=...") from exc
     return path
 
 
@@ -89,8 +103,8 @@ def build_training_model(mcfg: DictConfig, num_classes: int, reset_head: bool,
     if dynamic_size:
         kwargs["dynamic_img_size"] = True
     if kwargs.pop("num_classes", num_classes) != num_classes:
-        raise ValueError(f"model.kwargs.num_classes={mcfg.kwargs.num_classes} differs from the dataset's "
-                         f"{num_classes} classes; remove it (the head always matches the dataset)")
+        raise SettingError(f"model.kwargs.num_classes={mcfg.kwargs.num_classes} differs from the dataset's "
+                           f"{num_classes} classes; remove it (the head always matches the dataset)")
     checkpoint = mcfg.checkpoint
     if checkpoint is None and mcfg.pretrained:
         return load_model(name, pretrained=True, num_classes=num_classes, **kwargs)
@@ -147,23 +161,42 @@ def diff_keys(now: Any, before: Any, prefix: str = "") -> list[str]:
     return [] if now == before else [f"{prefix[:-1]}: {before!r} -> {now!r}"]
 
 
+def _restart_hint(ckpt: Path) -> str:
+    return (f"pass resume=false to start again in out_dir={ckpt.parent} (its {ckpt.name} is replaced after "
+            "the first epoch), or another out_dir")
+
+
+def read_resume_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """The payload `Trainer.checkpoint` wrote to `ckpt`, read with weights_only=True. A file that
+    is not one (damaged, another program's, a pickle of Python objects) is refused naming it."""
+    hint = _restart_hint(ckpt)
+    payload = load_weights_only(ckpt, hint[0].upper() + hint[1:] + ".")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT \
+            or not set(CHECKPOINT_KEYS) <= set(payload):
+        raise InputFileError(f"checkpoint {ckpt} is not one wsol-bench-train writes (format "
+                             f"{CHECKPOINT_FORMAT} with {', '.join(CHECKPOINT_KEYS)}); {hint}")
+    return payload
+
+
 def resume_if_asked(cfg: DictConfig, trainer: Trainer, settings: dict[str, Any], ckpt: Path) -> None:
     """Continue from `ckpt` per `resume` (auto: when it exists; true: it must; false: never)."""
-    resume = str(cfg.resume).lower()
-    if resume not in ("auto", "true", "false"):
-        raise ValueError(f"resume={cfg.resume!r}; valid: auto, true, false")
+    resume = check_resume(cfg.resume)
     if resume == "true" and not ckpt.is_file():
-        raise FileNotFoundError(f"resume=true but out_dir={ckpt.parent} holds no {CHECKPOINT}; pass the "
+        raise MissingInputError(f"resume=true but out_dir={ckpt.parent} holds no {CHECKPOINT}; pass the "
                                 "folder of the run to continue as out_dir=...")
     if resume == "false" or not ckpt.is_file():
         return
-    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    payload = read_resume_checkpoint(ckpt)
     changed = diff_keys(settings, payload["fingerprint"])
     if changed:
-        raise ValueError(f"out_dir={ckpt.parent} holds a checkpoint of other settings "
-                         f"({'; '.join(changed[:6])}); resume with the same settings, or pass a new out_dir "
-                         "(or resume=false to restart)")
-    trainer.restore(payload)
+        raise SettingError(f"out_dir={ckpt.parent} holds a checkpoint of other settings "
+                           f"({'; '.join(changed[:6])}); resume with the same settings, or pass a new "
+                           "out_dir (or resume=false to restart)")
+    try:
+        trainer.restore(payload)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # entries of another shape or kind
+        raise InputFileError(f"checkpoint {ckpt} does not restore this run ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())}); {_restart_hint(ckpt)}") from exc
     log.info("resumed from %s after epoch %d (step %d)", ckpt, trainer.state.epoch, trainer.state.step)
 
 
@@ -182,13 +215,13 @@ def train_from_config(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     progress = progress_enabled(cfg.progress)
     data = make_data(cfg, recipe.batch_size, recipe.augment, pre, device, workers, progress)
     if data.steps == 0:
-        raise ValueError(f"fewer training images than train.batch_size={recipe.batch_size}; lower it or "
-                         "add images")
+        raise SettingError(f"fewer training images than train.batch_size={recipe.batch_size}; lower it or "
+                           "add images")
     reset_head = bool(cfg.train.get("reset_head", False))
     dynamic = recipe.epoch_sizes is not None and set(recipe.epoch_sizes) != {pre["size"][0]}
     if dynamic and pre["size"][0] != pre["size"][1]:
-        raise ValueError(f"train.epoch_sizes are square sides but the input size is {pre['size']}; "
-                         "set a square preprocess.input_size or train.epoch_sizes=null")
+        raise SettingError(f"train.epoch_sizes are square sides but the input size is {pre['size']}; "
+                           "set a square preprocess.input_size or train.epoch_sizes=null")
     model = prepare_for_training(build_training_model(cfg.model, data.num_classes, reset_head, dynamic),
                                  recipe.fused_attention)
     trainer = Trainer(model, recipe, data.steps, device, data.num_classes, int(cfg.seed))

@@ -21,12 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from wsol_bench.errors import InputFileError, SettingError
 from wsol_bench.files import atomic_write
 from wsol_bench.models import disable_fused_attention
 from wsol_bench.train.data import LabelledBatch, augment_batch
 
 log = logging.getLogger("wsol_bench.train.recipe")
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("fingerprint", "state", "model", "optimizer", "scheduler", "scaler", "rng", "order_rng",
+                   "augment_rng")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -57,19 +61,19 @@ class Recipe:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ValueError("train.lr must be > 0, and train.min_lr, train.warmup_epochs and "
-                             "train.weight_decay >= 0")
+            raise SettingError("train.lr must be > 0, and train.min_lr, train.warmup_epochs and "
+                               "train.weight_decay >= 0")
         if self.epoch_sizes is not None:
             given = self.epoch_sizes
             sizes = (int(given),) * int(self.epochs) if isinstance(given, int) else tuple(int(v) for v in given)
             if len(sizes) != int(self.epochs) or min(sizes) < 1:
-                raise ValueError(f"train.epoch_sizes needs one positive size, or a list with one per epoch "
-                                 f"({self.epochs}), got {given}")
+                raise SettingError(f"train.epoch_sizes needs one positive size, or a list with one per epoch "
+                                   f"({self.epochs}), got {given}")
             object.__setattr__(self, "epoch_sizes", sizes)
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown train.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
+            raise SettingError(f"unknown train.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -104,8 +108,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":  # CPU autocast supports bf16 (fast with AVX512-BF16 or AMX)
         return torch.bfloat16
     if device.type != "cuda":
-        raise ValueError(f"train.precision={precision} needs device=cuda; fp16 autocast is CUDA only "
-                         "(use train.precision=bf16, auto or fp32)")
+        raise SettingError(f"train.precision={precision} needs device=cuda; fp16 autocast is CUDA only "
+                           "(use train.precision=bf16, auto or fp32)")
     return torch.float16
 
 
@@ -198,7 +202,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def checkpoint(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimiser, schedule, scaler, RNGs."""
-        return {"format": 1, "fingerprint": fingerprint, "state": vars(self.state),
+        return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "state": vars(self.state),
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_states(),
@@ -277,15 +281,15 @@ class Trainer:
     def _read_loss(self, loss_sum: torch.Tensor, steps: int) -> float:
         mean = float(loss_sum) / steps
         if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss became {mean} by step {self.state.step}; lower train.lr "
-                                     "or use train.precision=fp32")
+            raise SettingError(f"training loss became {mean} by step {self.state.step}; lower train.lr "
+                               "or use train.precision=fp32")
         return mean
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad):
-            raise ValueError(f"training label {int(bad[0])} is outside 0..{self.num_classes - 1} (the "
-                             "dataset's num_classes); check the dataset's labels and dataset.name")
+            raise InputFileError(f"training label {int(bad[0])} is outside 0..{self.num_classes - 1} (the "
+                                 "dataset's num_classes); check the dataset's labels and dataset.name")
 
     def finish_epoch(self, stats: dict[str, Any], correct: int, counted: int,
                      val_skipped: int) -> dict[str, Any]:

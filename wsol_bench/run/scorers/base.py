@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import SettingError
 from wsol_bench.files import append_csv_bodies
 from wsol_bench.run.batch import MethodBatch
-from wsol_bench.run.distributed import Ranks
+from wsol_bench.run.distributed import ONE_PROCESS, Ranks
 from wsol_bench.run.store import MapStore
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -44,7 +45,7 @@ class RunContext:
     model: Callable[[], nn.Module]
     label_stores: dict[str, MapStore]
     methods: list[str]
-    ranks: Ranks = Ranks()
+    ranks: Ranks = ONE_PROCESS
 
 
 class Scorer:
@@ -102,7 +103,7 @@ def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
     """Class decorator: make a Scorer subclass part of every run that asks for it."""
     def wrap(cls: type[Scorer]) -> type[Scorer]:
         if name in SCORERS and SCORERS[name] is not cls:
-            raise ValueError(f"scorer name {name!r} is already registered by {SCORERS[name]}")
+            raise SettingError(f"scorer name {name!r} is already registered by {SCORERS[name]}")
         cls.name = name
         SCORERS[name] = cls
         return cls

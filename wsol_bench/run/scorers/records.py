@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from wsol_bench.errors import SettingError
 from wsol_bench.files import CsvRows, csv_text
 from wsol_bench.metrics.localization import localization_scores, metric_columns
 from wsol_bench.run.batch import MethodBatch
@@ -59,7 +60,7 @@ class LocalizationRecords(Scorer):
     def __init__(self, path: Path, thresholds: list[float], *, dataset_name: str, split: str,
                  box_protocol: str, has_masks: bool) -> None:
         if not thresholds:
-            raise ValueError("metric.thresholds is empty; give at least one threshold, e.g. [0.5]")
+            raise SettingError("metric.thresholds is empty; give at least one threshold, e.g. [0.5]")
         self.thresholds = [float(t) for t in thresholds]
         self.columns = metric_columns(has_masks)
         self.kernel = RecordRows(tuple(self.thresholds), box_protocol, tuple(self.columns), dataset_name, split)

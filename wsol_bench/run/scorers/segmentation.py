@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from wsol_bench.choices import SEGMENTATION_PROTOCOLS
+from wsol_bench.errors import SettingError
 from wsol_bench.files import CsvRows, atomic_write_text, csv_text
 from wsol_bench.metrics.base import save_states
 from wsol_bench.metrics.segmentation import CheferSegmentation, batch_counts
@@ -24,7 +26,7 @@ STATE_FILE = Path("states") / "segmentation.json"
 STATE_NAME = "chefer_segmentation"
 TABLE_FILE = "segmentation.csv"
 ROWS_FILE = "segmentation_records.csv"
-PROTOCOLS = ("chefer",)
+PROTOCOLS = SEGMENTATION_PROTOCOLS  # segmentation.protocol
 ROW_COLUMNS = ["image_id", "method", "prediction", "degenerate", "correct", "labelled", "intersection_background",
                "intersection_foreground", "union_background", "union_foreground", "ap"]
 TABLE_COLUMNS = ["method", "pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground", "images",
@@ -76,11 +78,12 @@ class SegmentationScorer(Scorer):
         if not node:
             return None
         if node.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown segmentation.protocol {node.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+            raise SettingError(f"unknown segmentation.protocol {node.protocol!r}; valid: "
+                               f"{', '.join(PROTOCOLS)}")
         if not context.has_masks:
-            raise ValueError(f"segmentation={node.protocol} scores maps against segmentation masks, and dataset "
-                             f"{context.dataset_name} has none; use a dataset with masks "
-                             "(imagenet_segmentation, voc_segmentation, openimages)")
+            raise SettingError(f"segmentation={node.protocol} scores maps against segmentation masks, and "
+                               f"dataset {context.dataset_name} has none; use a dataset with masks "
+                               "(imagenet_segmentation, voc_segmentation, openimages)")
         return cls(context.out_dir, methods=list(context.methods), per_image=bool(node.per_image))
 
     def add(self, method: str, part: tuple[dict[str, torch.Tensor], str]) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric, save_states
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.metrics.localization import metric_columns, region_scores
@@ -38,7 +39,7 @@ def sweep_thresholds(node: DictConfig) -> list[float]:
     if node.thresholds is not None:
         return check_thresholds(node.thresholds, "sweep.thresholds")
     if float(node.step) <= 0:
-        raise ValueError(f"sweep.step must be > 0, got {node.step}")
+        raise SettingError(f"sweep.step must be > 0, got {node.step}")
     grid = [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
     return check_thresholds(grid, f"sweep.start/stop/step (numpy.arange({node.start}, {node.stop}, {node.step}))")
 

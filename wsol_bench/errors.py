@@ -1,0 +1,33 @@
+"""The suite's one error model: every refusal of a user's settings, files or machine is a
+`UserError`, which the commands print as one line (exit code 2); any other exception raised
+by the suite's own code is a bug and keeps its traceback.
+
+The subclasses also derive from the built-in exception a Python caller would expect
+(`ValueError` for a bad value, `FileNotFoundError` for an absent path, `ImportError` for a
+missing library), so code that calls the library and catches those keeps working. This module
+imports nothing heavy: the commands use it before torch is loaded."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A refusal caused by the user's settings, files or machine; its message names the setting
+    or file and the fix, and the commands print it as one line."""
+
+
+class SettingError(UserError, ValueError):
+    """A configuration value or argument the suite cannot use (out of range, unknown name,
+    incompatible with another setting)."""
+
+
+class InputFileError(UserError, ValueError):
+    """A file or dataset the suite cannot read or use: unreadable, damaged, of the wrong kind or
+    layout; the message names the file."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the settings name that does not exist; the message names it."""
+
+
+class MissingLibraryError(UserError, ImportError):
+    """An optional library a setting needs is not installed; the message gives the install command."""
