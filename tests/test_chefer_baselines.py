@@ -123,20 +123,17 @@ def test_full_lrp_refuses_a_hybrid_stem_in_one_line():
         get_explainer("full_lrp", load_model("wsol_synthetic_vit", pretrained=True))
 
 
-def test_chefer_baselines_run_end_to_end_on_a_plain_vit(tmp_path):
-    """Through the CLI on a random plain ViT-Tiny at 64 px (the shipped model's convolution
+def test_chefer_baselines_run_end_to_end_on_a_plain_vit(tmp_path, command):
+    """Through the command on a random plain ViT-Tiny at 64 px (the shipped model's convolution
     stem has no pixel relevance rule): every baseline in table.csv."""
-    import subprocess
-    import sys
-
     import pandas as pd
 
-    proc = subprocess.run([sys.executable, "-m", "wsol_bench", "method=[raw_attention,attention_gradcam,lrp_last_layer,full_lrp]",
-                           "model.name=vit_tiny_patch16_224", "model.pretrained=false", "++model.kwargs.num_classes=6",
-                           "++model.kwargs.img_size=64", "preprocess.input_size=[64,64]", "metric.image_filter=all",
-                           "dataset.params.num_images=4", "progress=false", "gallery_images=2",
-                           f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=600)
+    proc = command("wsol-bench", ["method=[raw_attention,attention_gradcam,lrp_last_layer,full_lrp]",
+                                  "model.name=vit_tiny_patch16_224", "model.pretrained=false",
+                                  "++model.kwargs.num_classes=6", "++model.kwargs.img_size=64",
+                                  "preprocess.input_size=[64,64]", "metric.image_filter=all",
+                                  "dataset.params.num_images=4", "progress=false", "gallery_images=2",
+                                  f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert sorted(table["method"]) == ["attention_gradcam", "full_lrp", "lrp_last_layer", "raw_attention"]

@@ -238,12 +238,11 @@ def test_missing_library_is_one_line(monkeypatch):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, capture_output=True)
 
 
-def test_cli_end_to_end(tmp_path):
-    """gradcam_pp and eigencam on the shipped model through the CLI, one table."""
-    proc = subprocess.run([sys.executable, "-m", "wsol_bench", "method=[gradcam_pp,eigencam]",
-                           "dataset.params.num_images=4", "progress=false", "gallery_images=0",
-                           f"store.root={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"],
-                          check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_cli_end_to_end(tmp_path, command):
+    """gradcam_pp and eigencam on the shipped model through the command, one table."""
+    proc = command("wsol-bench", ["method=[gradcam_pp,eigencam]", "dataset.params.num_images=4", "progress=false",
+                                  "gallery_images=0", f"store.root={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"],
+                   tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "table.csv")
     assert {"gradcam_pp", "eigencam"} <= set(table["method"])

@@ -251,6 +251,49 @@ def test_a_new_run_replaces_every_file_of_the_previous_one(tmp_path):
     assert incompleteness(out) is None
 
 
+def _previous_run_with(out: Path, files) -> None:
+    """A previous run.json in `out` whose file list is `files` (as a hostile or damaged one)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({"format": 1, "complete": True, "files": files, "inputs": {}}))
+
+
+@pytest.mark.parametrize("listed", ["../victim.txt", "ABSOLUTE", ["config.yaml", 7]])
+def test_a_previous_run_json_never_makes_a_run_touch_files_outside_its_folder(tmp_path, command, listed):
+    """A run.json that lists a file outside the run folder (../ or an absolute path) or an entry
+    that is not a file name is refused in one line before any work: the victim file and the
+    run.json stay as they were."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "run"
+    files = [str(victim)] if listed == "ABSOLUTE" else [listed] if isinstance(listed, str) else listed
+    _previous_run_with(out, files)
+    before = (out / MANIFEST).read_text()
+    result = command("wsol-bench", ["method=[center]", "dataset.params.num_images=2", "progress=false",
+                                    f"store.root={tmp_path / 'c'}", f"hydra.run.dir={out}"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "run.json" in lines[0], result.stderr[-2000:]
+    assert victim.read_text() == "keep me" and (out / MANIFEST).read_text() == before
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_symlinked_subfolder_is_never_written_through(tmp_path):
+    """A run folder whose states/ is a link into another run: the new run is refused naming the
+    link, and the other run's states/sweep.json is untouched."""
+    from wsol_bench.errors import InputFileError
+
+    other = tmp_path / "other"
+    run(compose_cfg(tmp_path, "sweep=grid", "sweep.thresholds=[0.4]"), other)
+    kept = (other / "states" / "sweep.json").read_bytes()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "states").symlink_to(other / "states", target_is_directory=True)
+    with pytest.raises(InputFileError, match="states is a symbolic link"):
+        run(compose_cfg(tmp_path, "sweep=grid", "sweep.thresholds=[0.6]"), out)
+    assert (other / "states" / "sweep.json").read_bytes() == kept and not (out / MANIFEST).exists()
+
+
 def test_report_refuses_a_killed_runs_partial_records_unless_told(tmp_path, capsys):
     out = tmp_path / "run"
     run(compose_cfg(tmp_path), out)

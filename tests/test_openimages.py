@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,14 +247,13 @@ def test_real_metadata_counts(shared_data):
     assert len(ds.mask_paths["test/01226z/7af766bd43da900b.jpg"]) == 2
 
 
-def test_cli_writes_pxap(tree, tmp_path):
-    cmd = [sys.executable, "-m", "wsol_bench", "experiment=wsoleval_openimages", f"dataset.params.root={tree}",
+def test_cli_writes_pxap(tree, tmp_path, command):
+    args = ["experiment=wsoleval_openimages", f"dataset.params.root={tree}",
            "model=vit_base_orig", "model.name=vit_tiny_patch16_224", "model.pretrained=false",
            "++model.kwargs.num_classes=2", "method=[rollout,center]", "progress=false", "gallery_images=0",
            "batch_size=4", "num_workers=0", "scoring_workers=0", f"store.root={tmp_path}/cache",
            f"hydra.run.dir={tmp_path}/run"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                          timeout=300)
+    done = command("wsol-bench", args, Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(tmp_path / "run" / "wsoleval.csv")
     assert set(table["method"]) == {"rollout", "center"}

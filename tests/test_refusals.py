@@ -50,11 +50,12 @@ def test_explainer_refusals_are_user_errors(call, cls, text):
 @pytest.mark.parametrize("call,text", [
     (lambda: check_thresholds([0.5, 1.5], "metric.thresholds"), "metric.thresholds=[0.5, 1.5] holds [1.5]"),
     (lambda: check_thresholds(["high"], "sweep.thresholds"), "sweep.thresholds=['high']"),
+    (lambda: check_thresholds([0.5, 0.3, 0.5], "metric.thresholds"), "repeats [0.5]; give each threshold once"),
     (lambda: BoxAccuracy([0.5, 0.1], boxes="components"), "strictly increasing"),
     (lambda: BoxAccuracy(iou_thresholds=(30, 70), boxes="components"), "include 50"),
     (lambda: PxAP().update(torch.full((1, 4, 4), 2.0), torch.ones(1, 4, 4, dtype=torch.bool)), "[0, 1]"),
     (lambda: check_source("contours"), "unknown sweep.boxes 'contours'"),
-], ids=["threshold-range", "threshold-type", "threshold-order", "iou-thresholds", "pxap-heatmaps",
+], ids=["threshold-range", "threshold-type", "threshold-repeat", "threshold-order", "iou-thresholds", "pxap-heatmaps",
         "box-source"])
 def test_metric_and_threshold_refusals_are_setting_errors(call, text):
     error = _refusal(call)

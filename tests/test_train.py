@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -372,15 +370,13 @@ def test_load_model_reproduces_the_logged_val_accuracy(straight_run):
     assert record["final_val_acc"] == correct / 32
 
 
-def test_benchmark_cli_loads_the_trained_weights(tmp_path_factory, tmp_path):
+def test_benchmark_cli_loads_the_trained_weights(tmp_path_factory, tmp_path, command):
     """`wsol-bench` with the overrides the record gives runs on the trained file unchanged."""
     _, _, _, record = straight("cache", tmp_path_factory)
-    script = Path(sys.executable).parent / "wsol-bench"
-    args = [str(script), *record["benchmark_overrides"], "dataset.params.image_size=32",
-            "dataset.params.num_images=4", "method=[rollout]", "batch_size=4", "progress=false",
-            "gallery_images=0", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [*record["benchmark_overrides"], "dataset.params.image_size=32", "dataset.params.num_images=4",
+            "method=[rollout]", "batch_size=4", "progress=false", "gallery_images=0",
+            f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = command("wsol-bench", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "records.csv").is_file()
 

@@ -4,8 +4,6 @@ metadata layout, writing MaxBoxAcc and MaxBoxAccV2."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +30,7 @@ def test_presets_compose_the_wsolevaluation_protocol(name, dataset, model):
     assert list(cfg.preprocess.mean) == [0.485, 0.456, 0.406] and list(cfg.preprocess.std) == [0.229, 0.224, 0.225]
 
 
-def test_cub_preset_runs_on_a_wsolevaluation_tree(tmp_path: Path):
+def test_cub_preset_runs_on_a_wsolevaluation_tree(tmp_path: Path, command):
     root = tmp_path / "CUB_200_2011" / "images"
     rows = []
     for i in range(4):
@@ -40,12 +38,12 @@ def test_cub_preset_runs_on_a_wsolevaluation_tree(tmp_path: Path):
         write_jpeg(root / path, (64, 48))
         rows.append((path, i % 2, (64, 48), [(4 + i, 6, 40 + i, 30)]))
     meta = write_metadata(tmp_path / "metadata" / "CUB" / "test", rows)
-    proc = subprocess.run([sys.executable, "-m", "wsol_bench", "experiment=wsoleval_cub", f"dataset.params.root={root.parent}",
-                           f"dataset.params.metadata={meta}", "model.name=vit_tiny_patch16_224", "model.pretrained=false",
-                           "model.checkpoint=null", "++model.kwargs.num_classes=200", "++model.kwargs.img_size=64",
-                           "preprocess.input_size=[64,64]", "method=[rollout,center]", "progress=false",
-                           "gallery_images=0", f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=600)
+    proc = command("wsol-bench", ["experiment=wsoleval_cub", f"dataset.params.root={root.parent}",
+                                  f"dataset.params.metadata={meta}", "model.name=vit_tiny_patch16_224",
+                                  "model.pretrained=false", "model.checkpoint=null", "++model.kwargs.num_classes=200",
+                                  "++model.kwargs.img_size=64", "preprocess.input_size=[64,64]",
+                                  "method=[rollout,center]", "progress=false", "gallery_images=0",
+                                  f"store.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     wsoleval = pd.read_csv(tmp_path / "run" / "wsoleval.csv")
     assert sorted(wsoleval["method"]) == ["center", "rollout"]

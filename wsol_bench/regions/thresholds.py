@@ -42,4 +42,7 @@ def check_thresholds(thresholds: Sequence[float], setting: str) -> list[float]:
     if bad:
         raise SettingError(f"{setting}={values} holds {bad}: thresholds are numbers in [0, 1] (heatmaps are "
                            "normalised to [0, 1])")
+    repeated = sorted({t for t in values if values.count(t) > 1})
+    if repeated:  # each threshold is a row of every image: a repeat would count the images twice
+        raise SettingError(f"{setting}={values} repeats {repeated}; give each threshold once")
     return values
