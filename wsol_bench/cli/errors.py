@@ -100,9 +100,9 @@ def run_command(prog: str, body: Callable[[], int | None], config_name: str | No
     try:
         return int(body() or 0)
     except Exception as exc:
-        line = refusal_line(exc, config_name, sys.argv[1:])
         if debug:
             raise
+        line = refusal_line(exc, config_name, sys.argv[1:])
         if line is not None:
             print(f"{prog}: error: {line}", file=sys.stderr)
             return 2
