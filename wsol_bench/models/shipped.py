@@ -1,6 +1,6 @@
 """The model shipped with the package, registered with timm: `wsol_synthetic_vit`, a small
 VisionTransformer with a convolutional stem trained on the synthetic dataset. After
-`import wsol_bench`, `timm.create_model("wsol_synthetic_vit", pretrained=True)` builds it with
+`import wsol_bench.models`, `timm.create_model("wsol_synthetic_vit", pretrained=True)` builds it with
 the packaged weights (timm's pretrained config points at the file), and `pretrained=False`
 gives the architecture with random weights (training starts there)."""
 
