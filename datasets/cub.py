@@ -32,8 +32,12 @@ UTF-8, a file that cannot be read, and an image listed twice: the same number on
 of any file (also the same path in a wsolevaluation file), or the same path under two image
 numbers in images.txt (whose label, split and box would be ambiguous). Images are found by
 the paths the index lists, so files it does not list (whatever their names) are not looked
-at; a listed image or mask that cannot be read (e.g. a symbolic-link loop) is a skipped
-item whose reason names the file.
+at; a listed image or mask that cannot be read (e.g. a symbolic-link loop, a named pipe) is a
+skipped item whose reason names the file.
+
+Image paths (images.txt, image_ids.txt) must stay inside images/: one that is absolute or has
+a '..' part is a skipped item naming the setting that allows it (`allow_outside_root`), and an
+index whose every path is such is refused (it was written for data in another place).
 """
 
 from __future__ import annotations
@@ -52,9 +56,12 @@ from .records import (
     AnnotationRecord,
     clip_boxes_to_image,
     folder_listing,
+    is_present,
     limit_index,
+    outside_root_reason,
     read_text_lines,
     reconcile_image_size,
+    refuse_all_outside_root,
     unreadable_reason,
 )
 
@@ -155,7 +162,7 @@ def resolve_metadata_dir(metadata: str | Path, split: str) -> Path:
     """The wsolevaluation metadata folder of `split`: `metadata` itself or `metadata`/<split>."""
     metadata = Path(metadata).expanduser()
     for candidate in (metadata / split, metadata):
-        if (candidate / METADATA_FILES[0]).is_file():
+        if is_present(candidate / METADATA_FILES[0]):  # one that cannot be read is refused naming it
             if candidate == metadata and metadata.name in ("train", "val", "test") and metadata.name != split:
                 raise SettingError(f"CUB metadata folder {metadata} is the {metadata.name!r} split but "
                                    f"split={split!r}; set split={metadata.name} or point metadata at its "
@@ -175,7 +182,7 @@ class CubDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str = "test", layout: str = "auto",
                  metadata: str | Path | None = None, segmentations: str | Path | None = None,
-                 num_images: int | None = None, transform=None) -> None:
+                 num_images: int | None = None, allow_outside_root: bool = False, transform=None) -> None:
         if layout not in LAYOUTS:
             raise SettingError(f"cub: unknown layout {layout!r}; valid: {LAYOUTS}")
         if layout == "auto":
@@ -191,6 +198,7 @@ class CubDataset(Dataset):
             raise MissingInputError(f"CUB {layout} layout needs {', '.join(missing)} in {self.cub_dir} "
                                     f"(layout {LAYOUT}); found {folder_listing(self.cub_dir)}")
         self.split, self.layout, self.transform = split, layout, transform
+        self.allow_outside_root = bool(allow_outside_root)
         self.class_names = self._class_names()
         self.segmentations_dir = None if segmentations is None else Path(segmentations).expanduser()
         if self.segmentations_dir is not None and not self.segmentations_dir.is_dir():
@@ -201,7 +209,7 @@ class CubDataset(Dataset):
             items = self._index_official()
         else:
             items = self._index_metadata(resolve_metadata_dir(metadata, split))
-        if layout == "wsolevaluation" and not (self.cub_dir / "classes.txt").is_file():
+        if layout == "wsolevaluation" and not is_present(self.cub_dir / "classes.txt"):
             self.class_names = self._names_from_paths(items)
         items = [self._require_mask(item) for item in items]
         self.records, self.skipped = limit_index(items, num_images, f"cub {layout} {split}")
@@ -221,7 +229,7 @@ class CubDataset(Dataset):
 
     def _class_names(self) -> tuple[str, ...]:
         path = self.cub_dir / "classes.txt"
-        if not path.is_file():  # wsolevaluation without the official files: see _names_from_paths
+        if not is_present(path):  # wsolevaluation without the official files: see _names_from_paths
             return tuple(f"class_{i + 1:03d}" for i in range(NUM_CLASSES))
         rows = _single(read_index_file(path, 2), path)
         ids = sorted(rows, key=lambda key: _label(key, 1, len(rows), path, rows[key][0]))
@@ -257,6 +265,8 @@ class CubDataset(Dataset):
             _single(read_index_file(self.cub_dir / name, OFFICIAL_FIELDS[name]), self.cub_dir / name)
             for name in OFFICIAL_FILES[:4])  # classes.txt was read by _class_names
         _check_unique_paths(images, self.cub_dir / "images.txt")
+        refuse_all_outside_root([path for _, (path,) in images.values()], self.cub_dir / "images.txt",
+                                "image path", self.allow_outside_root)
         items: list[AnnotationRecord | SkippedSample] = []
         for key, (_, (path,)) in images.items():
             if key not in splits:
@@ -267,6 +277,10 @@ class CubDataset(Dataset):
                 raise InputFileError(f"{self.cub_dir / 'train_test_split.txt'}:{number}: expected 0 or 1, "
                                      f"got {flag!r}")
             if flag != OFFICIAL_SPLITS[self.split]:
+                continue
+            outside = outside_root_reason(path, "images.txt", self.allow_outside_root)
+            if outside is not None:
+                items.append(SkippedSample(path, outside))
                 continue
             if key not in labels or key not in boxes:
                 where = "image_class_labels.txt" if key not in labels else "bounding_boxes.txt"
@@ -285,8 +299,13 @@ class CubDataset(Dataset):
         labels = _single(read_index_file(files["class_labels.txt"], 2, ","), files["class_labels.txt"])
         sizes = _single(read_index_file(files["image_sizes.txt"], 3, ","), files["image_sizes.txt"])
         boxes = read_index_file(files["localization.txt"], 5, ",")
+        refuse_all_outside_root(ids, files["image_ids.txt"], "image path", self.allow_outside_root)
         items: list[AnnotationRecord | SkippedSample] = []
         for path in ids:
+            outside = outside_root_reason(path, "image_ids.txt", self.allow_outside_root)
+            if outside is not None:
+                items.append(SkippedSample(path, outside))
+                continue
             if path not in labels or path not in boxes:
                 where = files["class_labels.txt" if path not in labels else "localization.txt"]
                 items.append(SkippedSample(path, f"no annotation: {path} is not in {where}"))

@@ -3,9 +3,10 @@
 Real datasets hold files that are not what their names say (ImageNet has CMYK and greyscale
 JPEGs; a .png file may hold JPEG data). `read_rgb` decodes whatever the bytes are, returns
 uint8 RGB and a note for each conversion, so a run can count them; a file that cannot be
-decoded raises `ImageReadError` naming the file and the reason, which datasets turn into a
-`SkippedSample`. Paths in messages are shown as `records.display_name` does, so a reason
-stays writable to skipped.csv whatever bytes a folder name holds.
+decoded, or is no regular file (a named pipe, a device), raises `ImageReadError` naming the
+file and the reason, which datasets turn into a `SkippedSample`. Paths in messages are shown
+as `records.display_name` does, so a reason stays writable to skipped.csv whatever bytes a
+folder name holds.
 
 Decoding uses Pillow, which identifies the format from the file's content and is what the
 reference implementations (the AG-CAM release, wsolevaluation) use, so pixels match theirs.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .records import display_name
+from .records import display_name, read_regular_file
 
 # Extensions that honestly describe each format Pillow can report.
 _EXTENSIONS = {
@@ -60,9 +61,11 @@ class ImageReadError(Exception):
 
 
 def _open_bytes(path: Path) -> bytes:
+    """The bytes of the image file at `path`; `ImageReadError` for a file that cannot be read
+    and for anything that is not a regular file (a named pipe would block the read forever)."""
     shown = display_name(str(path))
     try:
-        return path.read_bytes()
+        return read_regular_file(path)
     except OSError as err:
         raise ImageReadError(f"cannot read image file {shown}: {err.strerror or err}") from err
 

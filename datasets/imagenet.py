@@ -6,7 +6,11 @@ Layouts (docs/protocol.md section 6):
 - torchvision: <root>/val/<wnid>/*.JPEG with the bbox XMLs in `annotations` (default
   <root>/val, where the ILSVRC2012_bbox_val archive puts them when extracted in <root>).
 - wsolevaluation: `metadata` = folder with image_ids.txt, class_labels.txt, image_sizes.txt,
-  localization.txt; the image paths they list are relative to <root>.
+  localization.txt; the image paths they list are relative to <root>. A listed path that leads
+  outside <root> (absolute, or with a '..' part) is skipped, naming the setting that allows it
+  (`allow_outside_root`); metadata whose every path does is refused (it was written for data in
+  another place). The kaggle and torchvision layouts take no path from a file: their images
+  and XMLs are found by listing their folders, so the setting does not concern them.
 
 Every layout gives the same items: image id = file stem (ILSVRC2012_val_00000001), label =
 position of the wnid in sorted order (= LOC_synset_mapping.txt order = timm/torchvision), boxes
@@ -20,7 +24,7 @@ directory order. Skipped, each with a reason naming the files:
   class folders (torchvision: its class is ambiguous), or under several listed paths
   (wsolevaluation); in Kaggle's csv layout, XML twins only leave the size unchecked (noted);
 - a file whose name is not UTF-8 (shown with the odd bytes as \\xNN), and an entry that cannot
-  be read (a symbolic-link loop, a link to nothing);
+  be read (a symbolic-link loop, a link to nothing, a named pipe or other non-regular file);
 - an image whose csv / metadata lines differ (two lines for one ImageId in
   LOC_val_solution.csv, for one path in class_labels.txt or image_sizes.txt); lines with the
   same content are read once, with a note;
@@ -63,7 +67,16 @@ from .imagenet_annotations import (
     read_xml_size,
 )
 from .imagenet_index import ImageNetRecord, PendingImage, build_records, fit_boxes_to_image
-from .records import display_name, folder_listing, is_utf8, limit_index, scan_folder
+from .records import (
+    display_name,
+    folder_listing,
+    is_utf8,
+    limit_index,
+    outside_root_reason,
+    refuse_all_outside_root,
+    scan_folder,
+    unreadable_reason,
+)
 
 LAYOUTS = ("kaggle", "torchvision", "wsolevaluation")
 SIZE_MISMATCH_POLICIES = ("scale", "keep", "skip")
@@ -179,7 +192,7 @@ class ImageNetVal(Dataset):
     def __init__(self, root: str | os.PathLike, *, split: str = "val", layout: str = "auto",
                  metadata: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None,
                  synsets: str | os.PathLike | None = None, num_images: int | None = None,
-                 size_mismatch: str = "scale", transform=None) -> None:
+                 size_mismatch: str = "scale", allow_outside_root: bool = False, transform=None) -> None:
         if split != "val":
             raise SettingError(f"imagenet: split {split!r} is not supported; "
                                "only 'val' has boxes for every image")
@@ -197,6 +210,7 @@ class ImageNetVal(Dataset):
             raise SettingError(f"imagenet: dataset.params.metadata is needed by the wsolevaluation layout "
                                f"and only by it (layout={self.layout}, metadata={metadata}); {LAYOUT_HELP}")
         self.size_mismatch, self.transform = size_mismatch, transform
+        self.allow_outside_root = bool(allow_outside_root)
         self.wnids, self.class_names = self._classes(synsets)
         self._class_index = {wnid: i for i, wnid in enumerate(self.wnids)}
         self._skips: dict[str, str] = {}  # image id -> reason: one skip per id
@@ -221,9 +235,10 @@ class ImageNetVal(Dataset):
         info = ImageNetInfo()
         reference = info.label_names()
         path = Path(synsets).expanduser() if synsets else self.root / "LOC_synset_mapping.txt"
-        if synsets and not path.is_file():
+        absent = unreadable_reason(path) == "missing"
+        if synsets and absent:
             raise MissingInputError(f"imagenet: dataset.params.synsets {str(path)!r} does not exist")
-        if path.is_file():
+        if not absent:  # there but unreadable (a named pipe, a link loop): refused, naming it
             names = read_synset_mapping(path)
             if sorted(names) != sorted(reference):
                 raise AnnotationError(f"{path} does not list the 1000 ImageNet-1k wnids ({len(names)} wnids, "
@@ -267,7 +282,7 @@ class ImageNetVal(Dataset):
         for image_id, reason in images.problems.items():
             self._skip(image_id, reason)
         csv = self.root / "LOC_val_solution.csv"
-        if csv.is_file() or csv.is_symlink():  # a csv that cannot be read is an error, not a fallback
+        if os.path.lexists(csv):  # a csv that cannot be read (a named pipe...) is an error, not a fallback
             annotations, problems = read_loc_solution_csv(csv)
             for image_id, reason in problems:
                 self._skip(image_id, reason)
@@ -349,9 +364,11 @@ class ImageNetVal(Dataset):
                                     f"{str(self.metadata)!r} does not exist; it must hold "
                                     f"{', '.join(WSOL_FILES)}")
         annotations, problems = read_wsol_metadata(self.metadata)
+        listed = [*annotations, *(key for key, _ in problems)]
+        outside = self._skip_outside_root(listed)
         # Two listed paths with one stem (val/X.JPEG and val/X.jpg) would be one id twice.
         paths: dict[str, set[str]] = {}
-        for key in [*annotations, *(key for key, _ in problems)]:
+        for key in listed:
             paths.setdefault(_stem(key), set()).add(key)
         for image_id, keys in paths.items():
             if len(keys) > 1:
@@ -364,6 +381,8 @@ class ImageNetVal(Dataset):
         present: dict[str, tuple[set[str], dict[str, str]]] = {}
         pending: list[PendingImage | None] = []
         for key, ann in annotations.items():
+            if key in outside:  # never looked at: not even its folder is listed
+                continue
             folder, _, name = key.rpartition("/")
             if folder not in present:
                 _require_dir(self.root / folder, "wsolevaluation", self.root)
@@ -378,6 +397,19 @@ class ImageNetVal(Dataset):
             else:
                 self._skip(_stem(name), FILE_MISSING)
         return self._build_records(pending)
+
+    def _skip_outside_root(self, listed: list[str]) -> set[str]:
+        """Skip each listed image path that leads outside the root (unless allow_outside_root);
+        return them. Metadata whose every path does is refused: it was written for another place."""
+        image_ids = self.metadata / "image_ids.txt"
+        refuse_all_outside_root(listed, image_ids, "image path", self.allow_outside_root)
+        outside = set()
+        for key in listed:
+            reason = outside_root_reason(key, "image_ids.txt", self.allow_outside_root)
+            if reason is not None:
+                self._skip(_stem(key), reason)
+                outside.add(key)
+        return outside
 
     # -- items ---------------------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -19,6 +19,7 @@ problem of that image, naming them.
 
 from __future__ import annotations
 
+import io
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -31,7 +32,7 @@ import pandas as pd
 
 from wsol_bench.errors import InputFileError, MissingInputError
 
-from .records import IndexFileError, read_text_lines, unreadable_reason
+from .records import IndexFileError, read_regular_file, read_text_lines, unreadable_reason
 
 WNID_PATTERN = re.compile(r"n\d{8}")
 
@@ -134,7 +135,11 @@ FLOAT_NOTE = "box coordinates written as non-integers"
 def parse_imagenet_xml(path: Path) -> ImageAnnotation:
     """One ImageNet (PASCAL-style) XML file: size and each object's wnid and bndbox."""
     try:
-        root = ET.parse(path).getroot()
+        data = read_regular_file(path)  # never a read that waits on a named pipe
+    except OSError as err:
+        raise AnnotationError(f"cannot read annotation file {path}: {err.strerror or err}") from None
+    try:
+        root = ET.fromstring(data)
         width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
         boxes, wnids, has_float = [], [], False
         for obj in root.iter("object"):
@@ -143,7 +148,7 @@ def parse_imagenet_xml(path: Path) -> ImageAnnotation:
             boxes.append(values)
             wnids.append((obj.findtext("name") or "").strip())
             has_float |= is_float
-    except (ET.ParseError, OSError, TypeError, ValueError, AttributeError,
+    except (ET.ParseError, TypeError, ValueError, AttributeError,
             LookupError) as err:  # LookupError: an XML declaration naming an unknown encoding
         raise AnnotationError(f"annotation file {path} is not a readable ImageNet XML "
                               f"(size and object/bndbox with xmin, ymin, xmax, ymax): {err}") from err
@@ -220,7 +225,9 @@ def _wsol_table(metadata: Path, name: str, width: int
     path = metadata / name
     _require_file(path)
     try:
-        table = pd.read_csv(path, header=None, dtype={0: str}, keep_default_na=False, skip_blank_lines=True)
+        # read through the regular-file check: pandas would wait forever on a named pipe
+        table = pd.read_csv(io.BytesIO(read_regular_file(path)), header=None, dtype={0: str},
+                            keep_default_na=False, skip_blank_lines=True)
         if table.shape[1] == width + 1 and all(pd.api.types.is_integer_dtype(t) for t in table.dtypes[1:]):
             return table[0].tolist(), table.iloc[:, 1:].to_numpy(np.float64), set(), []
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError):

@@ -24,10 +24,16 @@ Never silent: a missing file or one without `value/img` and `value/gt` is an err
 file and the fix; an item whose reference cannot be followed, whose image is not H x W x 3 uint8
 (greyscale is converted with a note), whose mask is not 2-D with values 0 and 1 only, or whose
 mask size differs from its image's is skipped with the reason (skipped.csv, data.json).
+
+Bounded memory: an entry's declared shape and type are checked before it is read, so an image or
+mask of more pixels than one image may have (Pillow's decompression-bomb limit, which the image
+files of the other datasets obey too) is skipped unread; and reference arrays listing more items
+than the index of the items kept can hold in memory are refused before any record is made.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -36,12 +42,16 @@ import torch
 from torch.utils.data import Dataset
 
 from wsol_bench.errors import InputFileError, MissingInputError, MissingLibraryError
+from wsol_bench.limits import check_memory, max_image_pixels
 
 from .base import Sample, SkippedSample, file_stamp, index_fingerprint, mask_boxes
 from .records import AnnotationRecord, limit_index
 
 ID_PREFIX = "imagenet_seg_"
 IMAGES, MASKS = "value/img", "value/gt"
+# Memory of one item's index record (its id, two empty box tensors): about 1.5 KB, measured on
+# 200,000 records; the index of the items kept is refused when it would pass the memory limit.
+RECORD_BYTES = 1600
 
 
 def require_h5py():
@@ -95,13 +105,16 @@ class ImageNetSegmentation(Dataset):
             if not isinstance(images, tuple) or len(images) != 2 or masks != images:
                 raise InputFileError(f"{self.file}: {IMAGES} is {images} and {MASKS} is {masks}; "
                                      "expected two [N, 1] arrays of references")
-            count = images[0]
-        items: list[AnnotationRecord | SkippedSample] = [
-            AnnotationRecord(image_id=item_id(i), path=str(i), label=0, boxes=torch.zeros(0, 4),
-                             box_labels=torch.zeros(0, dtype=torch.long), size=None) for i in range(count)]
-        if not items:
+            count = int(images[0])
+        if not count:
             raise InputFileError(f"{self.file}: {IMAGES} lists no image")
-        self.records, self.skipped = limit_index(items, num_images, "imagenet_segmentation")
+        kept = count if num_images is None or int(num_images) < 1 else min(count, int(num_images))
+        check_memory(kept * RECORD_BYTES, f"{self.file}: the index of {kept:,} items ({IMAGES} lists {count:,})",
+                     "this is no gtsegs_ijcv.mat (it lists 4,276 items); or keep fewer with "
+                     "dataset.params.num_images", error=InputFileError)
+        items = (AnnotationRecord(image_id=item_id(i), path=str(i), label=0, boxes=torch.zeros(0, 4),
+                                  box_labels=torch.zeros(0, dtype=torch.long), size=None) for i in range(count))
+        self.records, self.skipped = limit_index(items, num_images, "imagenet_segmentation")  # reads `kept` items
         self._handle, self._pid = None, None
 
     def __len__(self) -> int:
@@ -121,22 +134,29 @@ class ImageNetSegmentation(Dataset):
         return index_fingerprint([("file", [self.file], file_stamp(self.file)),
                                   *((r.image_id, (), int(r.path)) for r in self.records)], self.skipped)
 
-    def read_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image H x W x C or H x W, mask H x W) of file item `index`, as stored, transposed to row-major.
-        Raises ValueError or KeyError (an h5py reference that cannot be followed)."""
+    def read_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray] | str:
+        """(image H x W x C or H x W, mask H x W) of file item `index`, as stored, transposed to
+        row-major; or why the item is not read (an entry declaring a size or type it cannot
+        have, checked before reading). Raises ValueError or KeyError (an h5py reference that
+        cannot be followed)."""
         handle = self._open()
-        image = np.asarray(handle[handle[IMAGES][index, 0]])
+        image = handle[handle[IMAGES][index, 0]]
         inner = handle[handle[MASKS][index, 0]]
-        mask = np.asarray(handle[inner[0, 0]])
-        return image.T, mask.T  # MATLAB's column-major storage: reverse every axis
+        mask = handle[inner[0, 0]]
+        problem = declared_problem(image, "image", self.file.name) or declared_problem(mask, "mask", self.file.name)
+        if problem is not None:
+            return problem
+        return np.asarray(image).T, np.asarray(mask).T  # MATLAB's column-major storage: reverse every axis
 
     def __getitem__(self, index: int) -> Sample | SkippedSample:
         record = self.records[index]
         try:
-            image, mask = self.read_arrays(int(record.path))
+            arrays = self.read_arrays(int(record.path))
         except (KeyError, ValueError, OSError, TypeError, IndexError) as err:
             return SkippedSample(record.image_id, f"unreadable reference in {self.file.name}: {err}")
-        checked = check_arrays(image, mask)
+        if isinstance(arrays, str):
+            return SkippedSample(record.image_id, arrays)
+        checked = check_arrays(*arrays)
         if isinstance(checked, str):
             return SkippedSample(record.image_id, checked)
         image, foreground, notes = checked
@@ -149,6 +169,28 @@ class ImageNetSegmentation(Dataset):
                         mask=torch.from_numpy(foreground.astype(np.uint8)), orig_boxes=boxes, notes=notes,
                         mask_resize="pil")
         return self.transform(sample) if self.transform is not None else sample
+
+
+def declared_problem(entry, kind: str, file_name: str) -> str | None:
+    """Why the HDF5 `entry` holding an item's image or mask (`kind`) must not be read, from its
+    declared shape and type alone: not an array, an image not uint8, a shape an image ([3, W, H]
+    or [W, H]) or a mask ([W, H]) cannot have, or more pixels than one image may have
+    (`limits.max_image_pixels`); None when it may be read."""
+    shape, dtype = getattr(entry, "shape", None), getattr(entry, "dtype", None)
+    name = f"{kind} entry {getattr(entry, 'name', '?')} of {file_name}"
+    if shape is None or dtype is None:
+        return f"{name} is not an array"
+    if kind == "image" and dtype != np.uint8:
+        return f"image is {dtype}, expected uint8"
+    channels = (3,) if kind == "image" else ()
+    if len(shape) not in (2, 2 + len(channels)) or (len(shape) == 3 and shape[0] not in channels):
+        return f"{name} declares shape {list(shape)}, expected {'[3, W, H] or ' if channels else ''}[W, H]"
+    width, height = shape[-2:]
+    limit = max_image_pixels()
+    if limit is not None and math.prod(shape[-2:]) > limit:
+        return (f"{name} declares {height}x{width} pixels, more than the {limit:,} one image may have "
+                "(Pillow's decompression-bomb limit, as for image files); not read")
+    return None
 
 
 def check_arrays(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | str:

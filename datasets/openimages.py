@@ -43,12 +43,14 @@ the tight boxes of its instance masks (continuous pixel edges), derived so that 
 scores have something to compare with; they are not part of the published protocol.
 
 Skipped items (never silent): an image without a mask line ("no instance mask"), an image or
-mask that cannot be read (the reason names the file), a mask whose size differs from its
-image's (both sizes named). An image whose masks hold no object pixel is kept, as
-wsolevaluation keeps it (its pixels are PxAP negatives), with a note. An image without an ignore
-mask (the reference requires one) is kept with no ignore pixels and a note. Index problems
-(a malformed line, a duplicate image, a label outside 0.., a second ignore mask for one image)
-are errors naming the file and line.
+mask that cannot be read or is no regular file (the reason names the file), a mask whose size
+differs from its image's (both sizes named), an image whose image or mask path leads outside
+`root` (absolute, or with a '..' part; `allow_outside_root` allows it; metadata whose every
+image or mask path does is refused, as written for data in another place). An image whose
+masks hold no object pixel is kept, as wsolevaluation keeps it (its pixels are PxAP
+negatives), with a note. An image without an ignore mask (the reference requires one) is kept
+with no ignore pixels and a note. Index problems (a malformed line, a duplicate image, a label
+outside 0.., a second ignore mask for one image) are errors naming the file and line.
 """
 
 from __future__ import annotations
@@ -69,9 +71,13 @@ from .records import (
     AnnotationRecord,
     display_name,
     folder_listing,
+    is_present,
     limit_index,
+    outside_root_reason,
+    read_regular_file,
     read_text_lines,
     reconcile_image_size,
+    refuse_all_outside_root,
     unreadable_reason,
 )
 
@@ -89,7 +95,7 @@ def read_grey_mask(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     Raises `ImageReadError` naming the file for a missing, corrupt or 16-bit file."""
     shown = display_name(str(path))
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)  # a named pipe would block the read forever
     except OSError as err:
         raise ImageReadError(f"cannot read mask file {shown}: {err.strerror or err}") from err
     try:
@@ -134,7 +140,7 @@ def resolve_metadata(metadata: str | Path | None, root: Path, split: str) -> Pat
         candidates = [root / "metadata" / "OpenImages" / split, root / "metadata" / "OpenImages",
                       root.parent.parent / "metadata" / "OpenImages" / split]
     for candidate in candidates:
-        if (candidate / METADATA_FILES[0]).is_file():
+        if is_present(candidate / METADATA_FILES[0]):  # one that cannot be read is refused naming it
             if candidate.name in SPLITS and candidate.name != split:
                 raise SettingError(f"OpenImages metadata folder {candidate} is the {candidate.name!r} split but "
                                    f"split={split!r}; set split={candidate.name} or point metadata at its parent")
@@ -170,10 +176,10 @@ class OpenImagesDataset(Dataset):
     `mask_paths` / `ignore_paths` map an image id to its mask files (relative to `data_dir`)."""
 
     def __init__(self, root: str | Path, metadata: str | Path | None = None, split: str = "test",
-                 num_images: int | None = None, transform=None) -> None:
+                 num_images: int | None = None, allow_outside_root: bool = False, transform=None) -> None:
         self.data_dir = resolve_root(root)
         self.metadata_dir = resolve_metadata(metadata, self.data_dir, split)
-        self.split, self.transform = split, transform
+        self.split, self.transform, self.allow_outside_root = split, transform, bool(allow_outside_root)
         files = {name: self.metadata_dir / name for name in METADATA_FILES}
         ids = self._unique(_rows(files["image_ids.txt"], 1), files["image_ids.txt"])
         labels = self._unique(_rows(files["class_labels.txt"], 2), files["class_labels.txt"])
@@ -197,8 +203,13 @@ class OpenImagesDataset(Dataset):
                                      "pixels") from None
         num_classes = max((parsed[p] for p in ids if p in parsed), default=-1) + 1
         names = [f"class_{i}" for i in range(num_classes)]
+        self._refuse_all_outside_root(list(ids), files)
         items: list[AnnotationRecord | SkippedSample] = []
         for path in ids:
+            outside = self._outside_root(path)
+            if outside is not None:
+                items.append(SkippedSample(path, outside))
+                continue
             if path not in parsed:
                 items.append(SkippedSample(path, f"no class label: {path} is not in {files['class_labels.txt']}"))
                 continue
@@ -212,6 +223,19 @@ class OpenImagesDataset(Dataset):
                                           size=self.sizes.get(path)))
         self.class_names = tuple(names)
         self.records, self.skipped = limit_index(items, num_images, f"openimages {split}")
+
+    def _refuse_all_outside_root(self, ids: list[str], files: dict[str, Path]) -> None:
+        """Metadata whose every image path, or every mask path, leads outside the root is refused."""
+        masks = [m for image in self.mask_paths.values() for m in image]
+        refuse_all_outside_root(ids, files["image_ids.txt"], "image path", self.allow_outside_root)
+        refuse_all_outside_root(masks, files["localization.txt"], "mask path", self.allow_outside_root)
+
+    def _outside_root(self, path: str) -> str | None:
+        """Why the image `path` must be skipped for its image or a mask outside the root, or None."""
+        reasons = [outside_root_reason(path, "image_ids.txt", self.allow_outside_root)]
+        masks = [*self.mask_paths.get(path, []), self.ignore_paths.get(path, "")]
+        reasons += [outside_root_reason(m, "localization.txt", self.allow_outside_root) for m in masks if m]
+        return next((reason for reason in reasons if reason is not None), None)
 
     @staticmethod
     def _unique(rows: list[tuple[int, list[str]]], path: Path) -> dict[str, tuple[int, list[str]]]:

@@ -8,16 +8,25 @@ size) so boxes can be counted without decoding a single image.
 Names and text: ids, reasons and notes end up in UTF-8 files (records.csv, skipped.csv), so a
 file name that is not UTF-8 is shown with its odd bytes as \\xNN (`display_name`) and never
 used as an id; an index file that is not UTF-8 text is an error naming the file and line.
+
+Trust boundaries: every file a loader reads is read through `read_regular_file`, which opens
+regular files only (a named pipe would block the read forever, a device may never end), and a
+path a metadata file gives is used only when it stays inside the dataset root
+(`outside_root_reason`), unless the user sets dataset.params.allow_outside_root=true. That
+check is on the path as written, not on where symbolic links lead: a link inside the root
+(val/ on another disk) is the user's own setup and is followed.
 """
 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import stat
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import NamedTuple
 
 import numpy as np
@@ -123,7 +132,7 @@ def read_text_lines(path: Path) -> list[str]:
     read, or holds bytes that are not UTF-8, raises `IndexFileError` naming the file (and the
     line and column of the first such byte)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path)
     except OSError as err:
         raise IndexFileError(f"cannot read {display_name(str(path))}: {err.strerror or err}") from None
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -137,22 +146,116 @@ def read_text_lines(path: Path) -> list[str]:
                              "restore the original file or convert it to UTF-8") from None
 
 
-def unreadable_reason(path: Path) -> str | None:
-    """None when `path` is a file that can be opened; otherwise why not: "missing", "symbolic
-    link to a missing file", "not a file", or the system's error (e.g. a symbolic-link loop)."""
+# What a path that is not a regular file leads to, in the words of a skip reason.
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular_reason(mode: int) -> str | None:
+    """None for the `st_mode` of a regular file; otherwise what it is instead, e.g. "not a
+    regular file (a named pipe)"."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "an entry of an unknown kind")
+    return f"not a regular file ({kind})"
+
+
+class NotRegularFileError(OSError):
+    """A path read as a file that leads to something else; `strerror` says what (the reason
+    `not_regular_reason` gives), so every reader's "cannot read <file>: <strerror>" names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(errno.EINVAL, reason, os.fsdecode(path))
+
+
+def _stat(path: str | os.PathLike) -> os.stat_result:
+    """os.stat (following links); a path holding a NUL character, which no file has, is an
+    OSError like any other path that cannot be looked up (os.stat raises ValueError)."""
     try:
-        mode = os.stat(path).st_mode
+        return os.stat(path)
+    except ValueError:
+        raise OSError(errno.EINVAL, "invalid path (it holds a NUL character)", os.fsdecode(path)) from None
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file at `path` (a symbolic link is followed to it). Anything
+    else raises `NotRegularFileError` without being read: a named pipe would block the read
+    until a writer comes (forever), a device may never end (/dev/zero), a socket or folder is
+    no file. A missing or unreadable file raises the system's OSError."""
+    problem = not_regular_reason(_stat(path).st_mode)  # a device is never even opened
+    if problem is None:
+        # Non-blocking, so a path swapped for a named pipe since the stat still opens at once;
+        # what was opened is checked again (fstat) before a byte is read.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(path, flags), "rb") as handle:
+            problem = not_regular_reason(os.fstat(handle.fileno()).st_mode)
+            if problem is None:
+                return handle.read()
+    raise NotRegularFileError(path, problem)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """None when `path` is a regular file (or a link to one); otherwise why it cannot be read:
+    "missing", "symbolic link to a missing file", "not a regular file (a named pipe)" (a
+    folder, a device, a socket), or the system's error (e.g. a symbolic-link loop)."""
+    try:
+        mode = _stat(path).st_mode
     except FileNotFoundError:
         return "symbolic link to a missing file" if os.path.islink(path) else "missing"
     except OSError as err:
         return err.strerror or str(err)
-    return None if stat.S_ISREG(mode) else "not a file"
+    return not_regular_reason(mode)
+
+
+def is_present(path: Path) -> bool:
+    """Whether an entry other than a folder is at `path`, whatever it is: an index file that is
+    there but cannot be read (a named pipe, a broken link) is then refused naming why, rather
+    than treated as absent."""
+    return os.path.lexists(path) and not path.is_dir()
+
+
+OUTSIDE_ROOT_SETTING = "dataset.params.allow_outside_root=true"
+
+
+def path_leaves_root(relative: str) -> str | None:
+    """Why `relative`, a path a metadata file gives relative to a dataset folder, names a file
+    outside that folder: "an absolute path" or "a '..' part"; None when it stays inside. The
+    text alone is judged: symbolic links inside the folder are the user's and are followed."""
+    path = PurePath(relative)
+    if path.is_absolute() or path.anchor:  # anchor: also a drive or root alone, on Windows
+        return "an absolute path"
+    if ".." in path.parts:
+        return "a '..' part"
+    return None
+
+
+def outside_root_reason(relative: str, listed_in: str, allowed: bool = False) -> str | None:
+    """The skip reason of an item whose file `relative` (as the metadata file `listed_in` gives
+    it) lies outside the dataset root; None when it is inside, or when `allowed` (the user's
+    dataset.params.allow_outside_root)."""
+    why = None if allowed else path_leaves_root(relative)
+    if why is None:
+        return None
+    return (f"{display_name(relative)} in {listed_in} is outside the dataset root ({why}); to read it "
+            f"there, set {OUTSIDE_ROOT_SETTING}")
+
+
+def refuse_all_outside_root(paths: Sequence[str], listed_in: Path, what: str, allowed: bool = False) -> None:
+    """Refuse, in one line naming `listed_in`, metadata in which every path (each `what`) lies
+    outside the dataset root: it was written for data in another place (moved, or absolute paths
+    of another machine), so skipping every item one by one would only hide that."""
+    if allowed or not paths or not all(path_leaves_root(p) for p in paths):
+        return
+    raise InputFileError(f"every {what} in {display_name(str(listed_in))} is outside the dataset root (e.g. "
+                         f"{display_name(paths[0])}): the metadata was written for data in another place; "
+                         "rewrite its paths relative to dataset.params.root, or set "
+                         f"{OUTSIDE_ROOT_SETTING} to read the files where it says")
 
 
 class FolderScan(NamedTuple):
-    """The visible entries of a folder: files, sub-folders, and entries that cannot be told
-    apart (a symbolic-link loop, a link to nothing) with why. Names as the file system gives
-    them (possibly not UTF-8: see `display_name`)."""
+    """The visible entries of a folder: regular files, sub-folders, and the entries that are
+    neither or cannot be told (a symbolic-link loop, a link to nothing, a named pipe, a device)
+    with why. Names as the file system gives them (possibly not UTF-8: see `display_name`)."""
 
     files: list[str]
     folders: list[str]
@@ -169,6 +272,11 @@ def scan_folder(folder: Path) -> FolderScan:
                 continue
             try:
                 is_dir, is_file = entry.is_dir(), entry.is_file()
+                # anything else (a named pipe, a device, a socket) is no file to read: say what it is
+                other = None if is_dir or is_file else not_regular_reason(entry.stat().st_mode)
+            except FileNotFoundError:  # a link to nothing
+                unreadable[entry.name] = "symbolic link to a missing file"
+                continue
             except OSError as err:  # e.g. a link to itself: stat fails with ELOOP
                 unreadable[entry.name] = err.strerror or str(err)
                 continue
@@ -176,8 +284,8 @@ def scan_folder(folder: Path) -> FolderScan:
                 folders.append(entry.name)
             elif is_file:
                 files.append(entry.name)
-            elif entry.is_symlink():
-                unreadable[entry.name] = "symbolic link to a missing file"
+            else:
+                unreadable[entry.name] = other
     return FolderScan(files, folders, unreadable)
 
 

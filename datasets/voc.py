@@ -26,8 +26,10 @@ A missing <difficult> counts as 0.
 The split file defines the items: an id listed twice, a line that is not UTF-8 text, or a split
 file that cannot be read is an error naming the file and line(s). Files are found by the ids
 it lists, so files it does not list (whatever their names) are not looked at; a listed XML,
-mask or image that cannot be read (e.g. a symbolic-link loop) is a skipped item whose reason
-names the file.
+mask or image that cannot be read (e.g. a symbolic-link loop, a named pipe) is a skipped item
+whose reason names the file. An id that would lead out of its folders (absolute, or with a '..'
+part) is a skipped item naming the setting that allows it (`allow_outside_root`); a split file
+whose every id does is refused (it was written for data in another place).
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ from .records import (
     clip_boxes_to_image,
     folder_listing,
     limit_index,
+    outside_root_reason,
     read_text_lines,
     reconcile_image_size,
+    refuse_all_outside_root,
     unreadable_reason,
 )
 
@@ -187,7 +191,8 @@ class VocDataset(Dataset):
     class_names = VOC_CLASSES
 
     def __init__(self, root: str | Path, split: str = "val", mode: str = "detection",
-                 multi_label: str | None = None, num_images: int | None = None, transform=None) -> None:
+                 multi_label: str | None = None, num_images: int | None = None,
+                 allow_outside_root: bool = False, transform=None) -> None:
         if mode not in MODES:
             raise SettingError(f"voc: unknown mode {mode!r}; valid: {MODES}")
         multi_label = multi_label or DEFAULT_POLICY[mode]
@@ -200,8 +205,16 @@ class VocDataset(Dataset):
                                     f"(layout {LAYOUT}); found {folder_listing(self.voc_dir)}")
         self.split, self.mode, self.multi_label, self.transform = split, mode, multi_label, transform
         image_set = "Main" if mode == "detection" else "Segmentation"
+        split_file = self.voc_dir / "ImageSets" / image_set / f"{split}.txt"
+        ids = read_split_ids(split_file)
+        refuse_all_outside_root(ids, split_file, "image id", allow_outside_root)
         items: list[AnnotationRecord | SkippedSample] = []
-        for image_id in read_split_ids(self.voc_dir / "ImageSets" / image_set / f"{split}.txt"):
+        for image_id in ids:
+            # an id names JPEGImages/<id>.jpg, Annotations/<id>.xml, SegmentationClass/<id>.png
+            outside = outside_root_reason(image_id, f"ImageSets/{image_set}/{split}.txt", allow_outside_root)
+            if outside is not None:
+                items.append(SkippedSample(image_id, outside))
+                continue
             indexed = self._index_detection(image_id) if mode == "detection" else self._index_mask(image_id)
             items += [indexed] if isinstance(indexed, SkippedSample) else indexed
         self.records, self.skipped = limit_index(items, num_images, f"voc {mode} {split}")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wsol_bench.cli.child import start_bench
 from wsol_bench.environment import available_cores
 
 PAPER_METHODS = ["agcam", "rollout", "gradcam", "transformer_attribution"]
@@ -72,27 +73,7 @@ def forked_run(args: list[str], log: Path) -> int:
     """`wsol-bench args` in a process forked from this one, its output in `log`; its exit code.
     This process has imported wsol-bench (and torch) but never ran a model, so the child
     starts clean but for the imports."""
-    from wsol_bench.cli.bench import main as bench_main
-
-    sys.stdout.flush()  # nothing printed so far is written twice
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: the command, then exit without this process's clean-up
-        code = 1
-        try:
-            handle = log.open("w")
-            os.dup2(handle.fileno(), 1)
-            os.dup2(handle.fileno(), 2)
-            sys.stdout = sys.stderr = handle
-            sys.argv = ["wsol-bench", *args]
-            bench_main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(start_bench(args, log, fork=True), 0)
     return os.waitstatus_to_exitcode(status)
 
 

@@ -111,16 +111,19 @@ COMMAND_MODULES = {"wsol-bench": "wsol_bench.cli.bench", "wsol-bench-train": "ws
                    "wsol-bench-report": "wsol_bench.cli.report"}
 
 
-def _forked_command(prog: str, args: list[str], cwd: str) -> None:
-    """The child of `forked_command`: the command's entry point, its output discarded."""
+def _forked_command(prog: str, args: list[str], cwd: str, output: str | None = None) -> None:
+    """The child of `forked_command`: the command's entry point, its output discarded (or
+    written to the file `output`), Ctrl-C raising KeyboardInterrupt as in a terminal."""
     import importlib
     import os
+    import signal
     import sys
 
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    sys.stdout = sys.stderr = os.fdopen(null, "w")  # not the parent's capture buffers
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner's worker may ignore it
+    sink = os.open(output or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    sys.stdout = sys.stderr = os.fdopen(sink, "w", buffering=1)  # not the parent's capture buffers
     os.chdir(cwd)
     for name in ("HYDRA_FULL_ERROR", "WSOL_BENCH_DEBUG"):
         os.environ.pop(name, None)
@@ -132,15 +135,16 @@ def _forked_command(prog: str, args: list[str], cwd: str) -> None:
     os._exit(int(code or 0) if isinstance(code, int) or code is None else 1)
 
 
-def forked_command(prog: str, args: list[str], cwd: Path):
+def forked_command(prog: str, args: list[str], cwd: Path, output: Path | None = None):
     """Start console command `prog` with `args` from folder `cwd` in a real process of its own,
     forked from this one: it inherits the imported torch and timm, so it starts working at once
     (a new Python would spend seconds importing them first). For tests that kill a command
-    mid-run; returns the multiprocessing.Process (exitcode -9 once SIGKILLed)."""
+    mid-run; returns the multiprocessing.Process (exitcode -9 once SIGKILLed). What it prints
+    goes to the file `output` when given."""
     import multiprocessing
 
-    child = multiprocessing.get_context("fork").Process(target=_forked_command,
-                                                        args=(prog, [str(a) for a in args], str(cwd)))
+    child = multiprocessing.get_context("fork").Process(
+        target=_forked_command, args=(prog, [str(a) for a in args], str(cwd), str(output) if output else None))
     child.start()
     return child
 

@@ -20,6 +20,7 @@ from wsol_bench.cli.report import main as report_main
 from wsol_bench.methods import Explainer
 from wsol_bench.methods.registry import _REGISTRY
 from wsol_bench.report.manifest import MANIFEST, incompleteness
+from wsol_bench.run.folder import staging_folders
 from wsol_bench.run.runner import run
 
 
@@ -238,7 +239,7 @@ def test_a_failed_rerun_leaves_the_previous_outputs_untouched(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose_cfg(tmp_path, "metric.thresholds=[0.3]"), out)
     assert snapshot(out) == before  # records, tables, states, run.json: all the previous run's
-    assert not list(out.glob(".incomplete-*"))
+    assert not staging_folders(out)
 
 
 def test_a_new_run_replaces_every_file_of_the_previous_one(tmp_path):
@@ -341,7 +342,7 @@ def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(
         return len(list(cache.rglob("shard_*.*")))
 
     def writing() -> bool:  # the pass is over: the run writes its outputs into its staging folder
-        return any(killed.glob(".incomplete-*/maps.json"))
+        return any((stage / "maps.json").exists() for stage in staging_folders(killed))
 
     rng = random.Random(7)
     first, middle = rng.randint(1, 6), rng.randint(10, 18)  # of the 24 shards
@@ -360,7 +361,7 @@ def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(
     for name in ("records.csv", "faithfulness.csv", "sweep.csv", "wsoleval.csv", "table_box.csv", "table.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(killed / name), pd.read_csv(tmp_path / "straight" / name),
                                       obj=name)
-    assert not list(killed.glob(".incomplete-*"))
+    assert not staging_folders(killed)
 
     def faithfulness_cache(root: Path) -> dict[str, pd.DataFrame]:
         return {f"{p.parent.parent.name[:0]}{p.parent.name}/{p.name}": pd.read_csv(p)

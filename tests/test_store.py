@@ -3,6 +3,7 @@ atomic, and a run killed half way resumes to the result of an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import torch
 from conftest import forked_command
 from hydra import compose, initialize_config_module
 
+from wsol_bench.errors import DiskFullError
 from wsol_bench.run.maps import build_transform, store_settings
 from wsol_bench.run.store import InvalidShard, MapStore, Shard, settings_key
 
@@ -202,20 +204,26 @@ def test_the_key_follows_the_package_version_and_the_explainers_source(tmp_path,
     assert settings_key(store_settings(cfg, build_transform(cfg), "agcam", cfg.target)) != settings_key(settings)
 
 
-def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+def test_a_full_disk_leaves_no_temporary_file_and_names_the_shard_and_its_size(tmp_path, monkeypatch):
     store = MapStore(tmp_path, {"method": "a"}, shard_size=4)
     shard = Shard(index=0, maps=torch.rand(4, 2, 2), logits=torch.rand(4, 3), targets=torch.zeros(4, dtype=torch.long),
                   positions=torch.arange(4), image_ids=list("abcd"), skipped=[])
+    real_write = Path.write_bytes
 
-    def full_disk(payload, path):
-        Path(path).write_bytes(b"partial")
-        raise OSError(28, "No space left on device", str(path))
+    def full_disk(path, data):  # the disk fills up half way through the write
+        real_write(path, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(DiskFullError, match=r"cannot write .*shard_000000\.pt: the disk is full .* needs about") as info:
         store.save(shard)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert "\n" not in str(info.value)
     assert not store.shard_path(0).exists()
     assert [p.name for p in store.folder.iterdir()] == ["settings.json"]  # no .tmp left behind
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    store.save(shard)  # space again: the same store takes the shard
+    assert store.load(0, 4).image_ids == list("abcd")
 
 
 def test_rescoring_with_an_all_skipped_shard_builds_no_model(tmp_path, monkeypatch, caplog):

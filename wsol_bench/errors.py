@@ -9,6 +9,8 @@ imports nothing heavy: the commands use it before torch is loaded."""
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A refusal caused by the user's settings, files or machine; its message names the setting
@@ -31,3 +33,20 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class MissingLibraryError(UserError, ImportError):
     """An optional library a setting needs is not installed; the message gives the install command."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write that found no space left on its disk (or quota); the message names the file, the
+    space free there and the space it needed, and what was kept. Its errno is ENOSPC and its
+    filename the file, as for the OSError it replaces."""
+
+    def __init__(self, message: str, filename: str) -> None:
+        super().__init__(errno.ENOSPC, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class FolderInUseError(UserError):
+    """A run folder or map-store shard another process is writing; the message names the holder."""

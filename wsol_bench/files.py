@@ -1,9 +1,11 @@
 """Writing files so that a reader never sees a partial one: every write goes to a temporary
-file in the same folder and is renamed over the target when complete."""
+file in the same folder and is renamed over the target when complete. A write that finds its
+disk full is a `DiskFullError` naming the file, the space free and the space it needed."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -13,27 +15,77 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from wsol_bench.errors import DiskFullError
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def size_text(size: float) -> str:
+    """`size` bytes in the unit that reads best (1.2 GB, 640 KB, 12 B)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def free_space(path: str | Path) -> int | None:
+    """Bytes free on the file system of `path` (its nearest existing folder), None if unknown."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_error(path: str | Path, needed: int | None = None) -> DiskFullError:
+    """The one-line refusal of a write of `path` (about `needed` bytes) that found its disk full."""
+    free = free_space(path)
+    where = f"{size_text(free)} free there" if free is not None else "free space unknown"
+    need = f"; it needs about {size_text(needed)}" if needed else ""
+    return DiskFullError(f"cannot write {path}: the disk is full ({where}{need}); free some space or choose "
+                         "a folder on a larger disk. Every file finished before is kept, so a rerun resumes "
+                         "from them", str(path))
+
 
 @contextmanager
-def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+def disk_full_refused(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a disk-full OSError raised in the block (writing `path`) into a `DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise disk_full_error(path, needed) from exc
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, durable: bool = False, needed: int | None = None) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed over `path` when the block ends
     without an error, removed when it raises (nothing partial is left behind). `durable`
-    flushes the file to disk before the rename (checkpoints that must survive a power cut)."""
+    flushes the file to disk before the rename (checkpoints that must survive a power cut);
+    `needed`, the file's size when known, is named if the disk is full."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with disk_full_refused(path, needed):
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any], *, durable: bool = False) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any], *, durable: bool = False,
+                 needed: int | None = None) -> Path:
     """Call `write(tmp)` to write the file, then rename it over `path`; returns `path`."""
-    with atomic_path(path, durable=durable) as tmp:
+    with atomic_path(path, durable=durable, needed=needed) as tmp:
         write(tmp)
     return Path(path)
 
@@ -41,6 +93,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, durable: boo
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
+    """Write `data` to `path` atomically; a full disk is refused naming the bytes needed."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable, needed=len(data))
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
@@ -73,13 +130,15 @@ class CsvRows:
 
     def write_text(self, text: str) -> None:
         """Append rows already formatted by `csv_text` with this file's columns."""
-        self._file.write(text)
-        self._file.flush()
+        with disk_full_refused(self.path, len(text)):
+            self._file.write(text)
+            self._file.flush()
 
     def close(self) -> None:
         """Close the file (idempotent)."""
         if not self._file.closed:
-            self._file.close()
+            with disk_full_refused(self.path):
+                self._file.close()
 
 
 def append_csv_bodies(target: str | Path, parts: Iterable[str | Path]) -> Path:
@@ -87,7 +146,7 @@ def append_csv_bodies(target: str | Path, parts: Iterable[str | Path]) -> Path:
     in order, without parsing them: the bytes of the rows stay exactly as written. A part that
     does not exist holds no rows; `target` gets the first part's header when it has none."""
     target = Path(target)
-    with target.open("ab") as out:
+    with disk_full_refused(target), target.open("ab") as out:
         for part in parts:
             part = Path(part)
             if not part.is_file():

@@ -5,7 +5,8 @@ A refusal (a `UserError`, a configuration Hydra cannot compose, a preset's missi
 disk or a forbidden folder) ends the command with one line, `<prog>: error: <line>`, and exit
 code 2. Any other exception is a bug in the suite: its traceback is printed, then a line saying
 so, and the exit code is 1. WSOL_BENCH_DEBUG=1 (or Hydra's HYDRA_FULL_ERROR=1) raises refusals
-with their traceback too.
+with their traceback too. Ctrl-C (SIGINT) and SIGTERM end the command with one line saying what
+was kept, and exit code 130 or 143 (128 + the signal's number, as shells report it).
 
 Hydra prints its composition errors itself, over several lines, unless HYDRA_FULL_ERROR=1 is
 set; `run_command` sets it around the call so that those errors reach the handler. This module
@@ -16,7 +17,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +30,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from wsol_bench.config.errors import COMPOSE_ERRORS, one_line
 from wsol_bench.errors import UserError
+from wsol_bench.files import DISK_FULL
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 DEBUG = "WSOL_BENCH_DEBUG"
@@ -60,7 +64,7 @@ def refusal_line(exc: BaseException, config_name: str | None = None, argv: Seque
         return f"{key} is required by this preset and has no value; give it on the command line, e.g. {key}=/path/to/it"
     if isinstance(exc, COMPOSE_ERRORS):
         return one_line(exc, config_name, argv)
-    if isinstance(exc, OSError) and exc.filename and exc.errno in FILE_SYSTEM_ERRORS:
+    if isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_ERRORS and (exc.filename or exc.errno in DISK_FULL):
         return file_system_line(exc)
     return None
 
@@ -84,6 +88,48 @@ def job_refusals(prog: str) -> Iterator[None]:
         sys.exit(2)
 
 
+# What an interrupted command keeps, and how to go on.
+KEPT = {
+    "wsol-bench": ("the run folder holds its last complete run, and the map shards finished so far stay in the "
+                   "store, so the same command resumes from them"),
+    "wsol-bench-train": ("the last checkpoint written is kept, and the same command (resume=auto) goes on from it"),
+    "wsol-bench-report": "every file it wrote is either its previous or its new version; run it again",
+}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the command (SIGTERM raised as an exception, so every `finally` and
+    context manager on the way cleans up as it does for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Interrupted` in the block (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_line(prog: str, exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The line that ends an interrupted command, and its exit code (128 + the signal)."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    return f"{prog}: interrupted ({name}): {KEPT.get(prog, KEPT['wsol-bench-report'])}", 128 + int(signum)
+
+
 def bug_line(prog: str) -> str:
     """What follows a bug's traceback."""
     return (f"{prog}: internal error: the traceback above is a bug in wsol-bench, not a problem with your "
@@ -98,7 +144,14 @@ def run_command(prog: str, body: Callable[[], int | None], config_name: str | No
     debug = before == "1" or bool(os.environ.get(DEBUG))
     os.environ[FULL_ERROR] = "1"
     try:
-        return int(body() or 0)
+        with terminate_as_interrupt():
+            return int(body() or 0)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        line, code = interrupted_line(prog, exc)
+        print(line, file=sys.stderr)
+        return code
     except Exception as exc:
         if debug:
             raise

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from wsol_bench.cli.errors import run_command
+from wsol_bench.locks import FolderLock
 from wsol_bench.report.compare import (
     DEFAULT_TOLERANCE,
     compare_tables,
@@ -34,14 +36,18 @@ from wsol_bench.run.gallery import rebuild_gallery
 
 
 def report_one(run_dir: Path, out: Path | None, gallery: bool, allow_incomplete: bool = False) -> None:
-    """Rebuild one run's tables (and gallery) and print them."""
-    run = read_run(run_dir, allow_incomplete)
-    tables = run_tables(run)
+    """Rebuild one run's tables (and gallery) and print them. Writing into the run folder takes
+    its lock: a run still writing it is not disturbed (the report is refused naming it)."""
     target = out or run_dir
-    write_run_tables(run_dir, target, tables)
-    print(format_run_tables(tables))
-    if gallery:
-        print(rebuild_gallery(run, target / "gallery.png"))
+    writes_run_folder = target == run_dir and run_dir.is_dir()  # a folder that is not there is refused below
+    with FolderLock(run_dir, "wait until it ends, or write the tables elsewhere with --out") if writes_run_folder \
+            else nullcontext():
+        run = read_run(run_dir, allow_incomplete)
+        tables = run_tables(run)
+        write_run_tables(run_dir, target, tables)
+        print(format_run_tables(tables))
+        if gallery:
+            print(rebuild_gallery(run, target / "gallery.png"))
     print(f"\ntables written to {target}")
 
 

@@ -1,6 +1,11 @@
 """Schemas of the `dataset` group: one per dataset family, each `params` mirroring the keyword
 arguments of its dataset class (the registry's builder supplies `transform` and any fixed
-argument, so those are absent)."""
+argument, so those are absent).
+
+`allow_outside_root` (every dataset that reads paths from metadata files, default false): a
+path a metadata file gives that leads outside the dataset root (an absolute path, a '..' part)
+is read only when it is true; otherwise its item is skipped with that reason (and metadata in
+which every path does so is refused). Symbolic links inside the root are followed either way."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class ImageNetParams:
     synsets: str | None = None
     num_images: int | None = None
     size_mismatch: str = "scale"
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -56,6 +62,7 @@ class VocParams:
     mode: str = "detection"
     multi_label: str | None = None
     num_images: int | None = None
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -66,6 +73,7 @@ class VocSegmentationParams:
     split: str = "val"
     multi_label: str | None = None
     num_images: int | None = None
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -78,6 +86,7 @@ class CubParams:
     metadata: str | None = None
     segmentations: str | None = None
     num_images: int | None = None
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -88,6 +97,7 @@ class OpenImagesParams:
     metadata: str | None = None
     split: str = "test"
     num_images: int | None = None
+    allow_outside_root: bool = False
 
 
 @dataclass

@@ -121,6 +121,22 @@ class BoxAccuracy(RunMetric):
         self.num_images += regions.num_images
         self.num_without_gt_boxes += sum(len(torch.as_tensor(g).reshape(-1, 4)) == 0 for g in gt_boxes)
 
+    def state_problem(self) -> str | None:
+        """No image, more correct images than images, more Top-1 than GT-known correct ones, or
+        more images without GT boxes than images."""
+        count = int(self.num_images)
+        if count == 0:
+            return "num_images is 0 (a run scores at least one image)"
+        if int(self.num_without_gt_boxes) > count:
+            return f"num_without_gt_boxes {int(self.num_without_gt_boxes)} is more than num_images {count}"
+        for version in ("v1", "v2"):
+            correct, top1 = getattr(self, f"correct_{version}"), getattr(self, f"top1_{version}")
+            if int(correct.max()) > count:
+                return f"correct_{version} counts {int(correct.max())} of {count} images"
+            if bool((top1 > correct).any()):
+                return f"top1_{version} counts more images than correct_{version} (Top-1 Loc needs the box right)"
+        return None
+
     def compute(self) -> dict:
         """Percentages. `maxboxacc`: v1 at IoU 50, best threshold. `maxboxacc_v2`: mean over the
         IoU thresholds of v2, each at its own best threshold. `gt_known_loc` and `top1_loc`: at

@@ -48,3 +48,13 @@ def exact_mean(chunk_sums, count: int) -> float:
     if count == 0:
         return float("nan")
     return float(exact_total(chunk_sums) / count)
+
+
+def totals_exceed(chunk_sums, counts) -> np.ndarray:
+    """bool [...]: where summed chunks [..., CHUNKS] stand for a total larger than `counts`
+    values in [0, 1] can reach (`counts` broadcast to [...]): the mark of a damaged state."""
+    chunks = np.asarray(chunk_sums, dtype=np.int64)
+    total = np.zeros(chunks.shape[:-1], dtype=object)  # Python ints: the totals pass 64 bits
+    for k in range(CHUNKS):
+        total = (total << CHUNK_BITS) + chunks[..., k].astype(object)
+    return total > (np.asarray(counts, dtype=np.int64).astype(object) << (CHUNK_BITS * CHUNKS))

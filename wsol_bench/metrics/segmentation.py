@@ -14,7 +14,7 @@ import torch
 
 from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
-from wsol_bench.metrics.exact_sum import CHUNKS, exact_mean, fixed_point_chunks
+from wsol_bench.metrics.exact_sum import CHUNKS, exact_mean, fixed_point_chunks, totals_exceed
 
 CLASSES = ("background", "foreground")
 # the reference's guard against an empty denominator, np.spacing(1) in float64
@@ -145,6 +145,22 @@ class CheferSegmentation(RunMetric):
         flags = [False] * len(heatmaps) if degenerate is None else [bool(d) for d in degenerate]
         for counts, flag in zip(batch_counts(heatmaps, gt, valid, degenerate), flags):
             self.update_counts(counts, flag)
+
+    def state_problem(self) -> str | None:
+        """More correct pixels than labelled ones, an intersection above its union, more
+        degenerate maps than images, or an AP sum above one per image."""
+        images = int(self.images)
+        if int(self.correct) > int(self.labelled):
+            return f"correct {int(self.correct)} is more than labelled {int(self.labelled)} pixels"
+        if bool((self.intersection > self.union).any()):
+            return f"an intersection {self.intersection.tolist()} is larger than its union {self.union.tolist()}"
+        if int(self.degenerate) > images:
+            return f"degenerate {int(self.degenerate)} is more than images {images}"
+        # the chunks hold the halved APs; an AP may pass 1 by a rounding (4e-16), which one image's
+        # worth of slack covers for any realistic count
+        if bool(totals_exceed(2 * self.ap_chunks.numpy(), images + 1)):
+            return f"the APs sum to more than its {images} images can give (each AP is at most 1)"
+        return None
 
     def compute(self) -> dict:
         """`segmentation_summary` of the totals, plus the number of degenerate maps."""

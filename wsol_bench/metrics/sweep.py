@@ -13,7 +13,7 @@ import torch
 
 from wsol_bench.errors import SettingError
 from wsol_bench.metrics.base import RunMetric
-from wsol_bench.metrics.exact_sum import CHUNKS, MAX_VALUES, exact_mean, fixed_point_chunks
+from wsol_bench.metrics.exact_sum import CHUNKS, MAX_VALUES, exact_mean, fixed_point_chunks, totals_exceed
 from wsol_bench.regions.thresholds import threshold_array
 
 FILTERS = ("all", "correct")  # the image subsets a sweep keeps sums for (metric.image_filter)
@@ -30,6 +30,8 @@ class SweepMeans(RunMetric):
         threshold_array(thresholds, np.float64)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.columns = tuple(columns)
+        if not all(isinstance(c, str) for c in self.columns):
+            raise SettingError(f"SweepMeans columns are score names (strings), got {list(self.columns)[:8]}")
         levels = len(self.thresholds)
         self.add_state("sums", torch.zeros(len(FILTERS), len(self.columns), levels, CHUNKS, dtype=torch.int64),
                        dist_reduce_fx="sum", persistent=True)
@@ -49,6 +51,19 @@ class SweepMeans(RunMetric):
                 self.sums[f, c] += torch.from_numpy(fixed_point_chunks(scores[column][:, keep]).sum(1))
             self.boxes[f] += torch.from_numpy(np.asarray(scores["n_pred_boxes"])[:, keep].sum(1).astype(np.int64))
             self.images[f] += int(keep.sum())
+
+    def state_problem(self) -> str | None:
+        """More correctly classified images than images, or a score sum above the number of
+        images (every score is in [0, 1])."""
+        images = self.images.numpy()
+        if images[1] > images[0]:
+            return f"images counts {images[1]} correctly classified images but only {images[0]} images"
+        over = totals_exceed(self.sums.numpy(), images[:, None, None])
+        if over.any():
+            f, c, t = (int(i[0]) for i in np.nonzero(over))
+            return (f"the sum of {self.columns[c]} at threshold {self.thresholds[t]} is larger than its "
+                    f"{images[f]} images ({FILTERS[f]}) can give (each score is in [0, 1])")
+        return None
 
     def compute(self) -> dict[str, pd.DataFrame]:
         """{filter: table}: one row per threshold with the mean of every column and of

@@ -12,7 +12,9 @@ from wsol_bench.models.loading import (
     DataConfig,
     ModelLoadError,
     architecture_data_config,
+    attention_size,
     data_config,
+    head_classes,
     load_model,
     load_weights_only,
     map_grid,
@@ -21,8 +23,8 @@ from wsol_bench.models.loading import (
     read_checkpoint,
 )
 
-__all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "data_config",
-           "disable_fused_attention", "fused_attention", "load_model", "load_weights_only", "map_grid",
+__all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "attention_size",
+           "data_config", "disable_fused_attention", "fused_attention", "head_classes", "load_model", "load_weights_only", "map_grid",
            "patch_grid", "pretrained_file", "read_checkpoint", "shipped", "shipped_weights_path",
            "switch_off_fused"]
 

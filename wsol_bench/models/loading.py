@@ -108,9 +108,18 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return _strip_prefixes(state)
 
 
-def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
+def head_classes(state: dict[str, torch.Tensor], checkpoint: str | Path) -> int | None:
+    """The number of classes of the checkpoint's classifier head (the rows of `head.weight`);
+    None without a head. A head weight that is not a [classes, features] matrix is a
+    ModelLoadError naming the checkpoint, the tensor and its shape."""
     head = state.get("head.weight")
-    return int(head.shape[0]) if head is not None else None
+    if head is None:
+        return None
+    if head.ndim != 2 or head.shape[0] < 1:
+        raise ModelLoadError(f"checkpoint {checkpoint}: tensor head.weight has shape {list(head.shape)}, but a "
+                             "classifier head's weight is a [classes, features] matrix; pass the checkpoint the "
+                             "trainer wrote (or a timm ViT state dict)")
+    return int(head.shape[0])
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -156,13 +165,13 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
         raise ModelLoadError(f"the weights of {name} are missing: {packaged}; reinstall wsol-bench or "
                              "retrain with scripts/train_synthetic.py")
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
-    head_classes = _num_classes_in(state) if state is not None else None
-    if num_classes is not None and head_classes is not None and head_classes != num_classes:
-        raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+    classes_in_head = head_classes(state, checkpoint) if state is not None else None
+    if num_classes is not None and classes_in_head is not None and classes_in_head != num_classes:
+        raise ModelLoadError(f"checkpoint {checkpoint} has a {classes_in_head}-class head but "
                              f"num_classes={num_classes} was requested (dataset classes)")
     kwargs = dict(timm_kwargs)
-    if num_classes is not None or head_classes is not None:
-        kwargs.setdefault("num_classes", num_classes if num_classes is not None else head_classes)
+    if num_classes is not None or classes_in_head is not None:
+        kwargs.setdefault("num_classes", num_classes if num_classes is not None else classes_in_head)
 
     if state is not None:
         model = _create(name, pretrained=False, **kwargs)
@@ -178,8 +187,8 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
 
     if state is not None:
         model_classes = getattr(model, "num_classes", None)
-        if head_classes is not None and model_classes is not None and head_classes != model_classes:
-            raise ModelLoadError(f"checkpoint {checkpoint} has a {head_classes}-class head but "
+        if classes_in_head is not None and model_classes is not None and classes_in_head != model_classes:
+            raise ModelLoadError(f"checkpoint {checkpoint} has a {classes_in_head}-class head but "
                                  f"model {name} was built with {model_classes} classes")
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -243,3 +252,17 @@ def map_grid(name: str, input_size: tuple[int, int], **timm_kwargs: Any) -> tupl
                              f"model's own), or build the model for that size (model.kwargs.img_size="
                              f"[{height},{width}], or model.kwargs.dynamic_img_size=true)")
     return tuple(int(v) for v in embed.grid_size)
+
+
+def attention_size(name: str, input_size: tuple[int, int], **timm_kwargs: Any) -> tuple[int, int, int]:
+    """(layers, heads, tokens) of the self-attention of architecture `name` for [H, W] inputs,
+    built on the meta device (no weights): what a pass keeps per image is heads x tokens^2
+    attention weights per layer. (0, 0, 0) for a model without attention blocks."""
+    rows, cols = map_grid(name, input_size, **timm_kwargs)
+    with torch.device("meta"):
+        model = _create(name, pretrained=False, **timm_kwargs)
+    blocks = list(getattr(model, "blocks", []))
+    heads = [int(getattr(getattr(b, "attn", None), "num_heads", 0)) for b in blocks]
+    if not blocks or not all(heads):
+        return 0, 0, 0
+    return len(blocks), max(heads), rows * cols + int(getattr(model, "num_prefix_tokens", 0))

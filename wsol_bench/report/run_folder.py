@@ -22,10 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from wsol_bench.errors import InputFileError, MissingInputError, SettingError
 from wsol_bench.files import atomic_write
-from wsol_bench.metrics.base import RunMetric, load_states
+from wsol_bench.metrics.base import RunMetric
 from wsol_bench.report.manifest import IncompleteRun, check_complete
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
-from wsol_bench.report.sweep_tables import sweep_table, wsoleval_table
+from wsol_bench.report.sweep_tables import read_sweep_states, sweep_table, wsoleval_table
 from wsol_bench.report.table_format import to_text, write_table_files
 from wsol_bench.report.tables import (
     ALL_DEGENERATE,
@@ -139,7 +139,7 @@ def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
                     _read_csv(path / "faithfulness.csv", optional=True, partial=allow_incomplete),
                     _read_csv(path / "wsoleval.csv", optional=True))
     if (path / SWEEP_STATES).is_file():
-        _rebuild_sweep_tables(run, load_states(path / SWEEP_STATES))
+        _rebuild_sweep_tables(run, read_sweep_states(path / SWEEP_STATES))
     for name, frame in (("records.csv", run.records), ("faithfulness.csv", run.faithfulness),
                         ("wsoleval.csv", run.wsoleval)):
         _check_dataset(frame, path / name, run.setting("dataset.name"))

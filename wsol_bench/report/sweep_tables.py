@@ -4,13 +4,50 @@ same way from the folder alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from wsol_bench.metrics.base import RunMetric
+from wsol_bench.errors import InputFileError
+from wsol_bench.metrics.base import RunMetric, load_states
+from wsol_bench.metrics.box_accuracy import BoxAccuracy
+from wsol_bench.metrics.pxap import PxAP
+from wsol_bench.metrics.sweep import SweepMeans
 
 SWEEP_STATE = "sweep"  # the names of the metrics of one method in the state file
 BOX_STATE = "box_accuracy"
 PXAP_STATE = "pxap"
+# name -> (class, whether every method has it): PxAP only where the dataset has masks
+SWEEP_METRICS = {SWEEP_STATE: (SweepMeans, True), BOX_STATE: (BoxAccuracy, True), PXAP_STATE: (PxAP, False)}
+
+
+def read_sweep_states(path: str | Path) -> dict[str, dict[str, RunMetric]]:
+    """The metric states of a sweep (states/sweep.json), each state checked as it is read
+    (`load_states`), and every method holding the metrics of a sweep, of their classes, at the
+    same thresholds; otherwise an InputFileError naming the file."""
+    states = load_states(path)
+    for method, named in states.items():
+        problem = _sweep_problem(named)
+        if problem is not None:
+            raise InputFileError(f"metric state file {path}: method {method} {problem}; rerun the benchmark into "
+                                 "this folder to write it again")
+    return states
+
+
+def _sweep_problem(named: dict[str, RunMetric]) -> str | None:
+    """What keeps one method's metrics from being a sweep's, or None."""
+    for name, (cls, required) in SWEEP_METRICS.items():
+        if name not in named and required:
+            return f"has no {name} metric"
+        if name in named and not isinstance(named[name], cls):
+            return f"holds a {type(named[name]).__name__} as {name}, expected {cls.__name__}"
+    unknown = sorted(set(named) - set(SWEEP_METRICS))
+    if unknown:
+        return f"holds metrics {unknown} a sweep does not write"
+    grids = {name: metric.thresholds for name, metric in named.items()}
+    if len(set(grids.values())) > 1:
+        return f"has metrics at different thresholds ({', '.join(f'{n}: {len(t)}' for n, t in grids.items())})"
+    return None
 
 
 def sweep_table(states: dict[str, dict[str, RunMetric]], image_filter: str) -> pd.DataFrame:

@@ -9,13 +9,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wsol_bench.config.checks import check_checkpoint, check_std
+from wsol_bench.config.checks import check_batch_memory, check_checkpoint, check_std
 from wsol_bench.datasets import EvalTransform
 from wsol_bench.datasets.base import RESAMPLER
 from wsol_bench.environment import package_version, precision_key
 from wsol_bench.methods import get_explainer
 from wsol_bench.methods.registry import explainer_class, source_digest
-from wsol_bench.models import ModelLoadError, architecture_data_config, load_model, map_grid, pretrained_file
+from wsol_bench.models import (
+    ModelLoadError,
+    architecture_data_config,
+    attention_size,
+    load_model,
+    map_grid,
+    pretrained_file,
+)
 from wsol_bench.run.store import MapStore, file_digest
 
 log = logging.getLogger("wsol_bench")
@@ -39,6 +46,21 @@ def build_transform(cfg: DictConfig) -> EvalTransform:
                          # .get: run folders written before these settings existed are rebuilt too
                          resize=pre.get("resize", "squash"),
                          crop_pct=pre.crop_pct if pre.get("crop_pct") is not None else dc.crop_pct)
+
+
+def check_pass_memory(cfg: DictConfig, transform: EvalTransform) -> None:
+    """Refuse, before any image is read, a batch_size whose input batch and attention maps (read
+    from the architecture on the meta device) exceed the memory of the run's device; on a GPU
+    the input batch is also held in this machine's memory, where the loader builds it."""
+    size = tuple(int(v) for v in transform.size)
+    attention = attention_size(cfg.model.name, size, **as_dict(cfg.model.kwargs))
+    batch, device = int(cfg.batch_size), torch.device(str(cfg.device))
+    if device.type != "cuda":
+        check_batch_memory(batch, size, attention)
+        return
+    check_batch_memory(batch, size)
+    total = torch.cuda.get_device_properties(device).total_memory
+    check_batch_memory(batch, size, attention, total=total, where=f"the memory of {device}")
 
 
 def model_identity(mcfg: DictConfig, seed: int) -> dict:

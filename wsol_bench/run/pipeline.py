@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -124,6 +125,7 @@ class _ShardParts:
         self.logits: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.class_specific: bool | None = None
+        self.claimed = False  # whether this process holds the shard's lock (or found it stored)
 
     def shard(self, index: int, store: MapStore, positions: list[int], ids: list[str], skipped,
               target_source: str) -> Shard:
@@ -158,6 +160,7 @@ class _ShardState:
 
     index: int
     held: dict[tuple[str, str], Shard | None]
+    num_items: int = 0  # of the dataset
     parts: dict[tuple[str, str], _ShardParts] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
@@ -179,6 +182,8 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
         logits = None  # the first model pass's logits serve the model-free baselines
         for m in named:
             shard = state.held[(policy, m)]
+            if shard is None and not state.parts[(policy, m)].claimed:
+                shard = _claim(state, stores[policy][m], (policy, m), explainer if policy != "label" else None)
             if shard is not None:
                 rows = shard.rows_at(positions, ids)
                 got[(policy, m)] = (shard.maps[rows], shard.logits[rows], shard.targets[rows],
@@ -203,6 +208,21 @@ def _batch_maps(state: _ShardState, stores: dict[str, dict[str, MapStore]], expl
             seconds[f"explaining/{m}"] += time.perf_counter() - start
             got[(policy, m)] = (part.maps[-1], part.logits[-1], part.targets[-1], source, specific)
     return got
+
+
+def _claim(state: _ShardState, store: MapStore, key: tuple[str, str],
+           explainer: Callable[[str], Explainer] | None) -> Shard | None:
+    """Before the first batch of a shard is explained: build the explainer (so a model that
+    cannot load is refused before anything is written), then take the shard's lock. Returns the
+    shard when another process stored it meanwhile (it is used, not computed again)."""
+    if explainer is not None:
+        explainer(key[1])
+    state.parts[key].claimed = True
+    shard = store.claim(state.index, state.num_items)
+    if shard is not None:
+        state.held[key] = shard
+        del state.parts[key]
+    return shard
 
 
 def _label_maps_from_predicted(explainer: Callable[[], Explainer], batch: Batch, predicted: MapRows
@@ -262,7 +282,7 @@ def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, sc
     bar = tqdm(total=sum(len(reference.shard_positions(i, n)) for i in shard_list), desc="images", unit="img",
                disable=not progress)
     clock = time.perf_counter
-    with ScoringPool(scorers, scoring_workers) as pool:
+    with ScoringPool(scorers, scoring_workers) as pool, _claims_released(stores):
         state: _ShardState | None = None
         batches = block_batches(dataset, [(i, reference.shard_positions(i, n)) for i in shard_list], batch_size,
                                 num_workers, pin_memory)
@@ -277,7 +297,8 @@ def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, sc
                 break
             if state is None:
                 state = _ShardState(index, {(policy, m): stored_shard(store, index, n)
-                                            for policy, named in stores.items() for m, store in named.items()})
+                                            for policy, named in stores.items() for m, store in named.items()},
+                                    num_items=n)
             batch = pb.batch
             state.skipped += [(s.image_id, s.reason) for s in batch.skipped]
             bar.update(len(batch) + len(batch.skipped))
@@ -317,6 +338,18 @@ def process_dataset(stores: dict[str, dict[str, MapStore]], dataset: Dataset, sc
         report.seconds["scoring_kernels"] += sum(pool.kernel_seconds.values())
     bar.close()
     return report
+
+
+@contextmanager
+def _claims_released(stores: dict[str, dict[str, MapStore]]) -> Iterator[None]:
+    """Release, when the pass ends (an error or an interrupt included), the shard locks taken
+    for shards that were not stored."""
+    try:
+        yield
+    finally:
+        for named in stores.values():
+            for store in named.values():
+                store.release_claims()
 
 
 def has_masks(dataset: Dataset) -> bool:

@@ -30,7 +30,15 @@ from wsol_bench.report.run_folder import format_run_tables, run_tables, write_ru
 from wsol_bench.run.distributed import ONE_PROCESS, Ranks, join
 from wsol_bench.run.folder import staged_run
 from wsol_bench.run.gallery import write_gallery
-from wsol_bench.run.maps import Explainers, LazyModel, as_dict, build_transform, log_missing, map_stores
+from wsol_bench.run.maps import (
+    Explainers,
+    LazyModel,
+    as_dict,
+    build_transform,
+    check_pass_memory,
+    log_missing,
+    map_stores,
+)
 from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.scorers import RunContext, build_scorers
 
@@ -95,6 +103,8 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
         write_json(out_dir / "environment.json", {**environment(cfg.device), "ranks": ranks.world})
 
     transform = build_transform(cfg)
+    if cfg.mode == "run":
+        check_pass_memory(cfg, transform)
     dcfg = cfg.dataset
     dataset = build_dataset(dcfg.name, transform=transform, **as_dict(dcfg.params))
     if cfg.mode == "summary":

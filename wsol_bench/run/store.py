@@ -21,6 +21,7 @@ the maps of an earlier run.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ import torch
 
 from wsol_bench import choices
 from wsol_bench.errors import SettingError, UserError
-from wsol_bench.files import atomic_write, atomic_write_text
+from wsol_bench.files import atomic_write_bytes, atomic_write_text
+from wsol_bench.locks import ShardLocks
 
 SHARD_FORMAT = 2  # bump when the payload layout changes, so old caches are not misread
 log = logging.getLogger("wsol_bench")
@@ -140,6 +142,27 @@ class MapStore:
         self.key = settings_key(settings)
         self.folder = Path(root) / self.key
         self.shard_size = int(shard_size)
+        self.locks = ShardLocks(self.folder)  # one process computes a shard; another waits for it
+
+    def claim(self, index: int, num_items: int) -> Shard | None:
+        """Take shard `index` to compute it: waits while another process computes it, and
+        returns the shard that process stored (then nothing is held), or None with the shard's
+        lock held until `save` stores it (or `release_claims`)."""
+        self.locks.hold(index, on_wait=lambda: log.info(
+            "shard %d of %s is being computed by another process: waiting for it", index, self.folder))
+        if self.has(index):
+            try:
+                shard = self.load(index, num_items)
+            except InvalidShard:
+                return None  # computed here after all, and stored over the invalid file
+            self.locks.release(index)
+            return shard
+        return None
+
+    def release_claims(self) -> None:
+        """Release every shard this process claimed and has not stored (a pass that ended early)."""
+        for index in list(self.locks.held):
+            self.locks.release(index)
 
     def round_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """float32 `maps` as this store keeps them (rounded to float16 for dtype=float16), so a
@@ -196,7 +219,13 @@ class MapStore:
                    "skipped": [list(s) for s in shard.skipped], "target_source": shard.target_source,
                    "class_specific": bool(shard.class_specific)}
         payload["checksum"] = payload_checksum(payload)
-        return atomic_write(self.shard_path(shard.index), lambda tmp: torch.save(payload, tmp))
+        # serialised in memory first: torch's own writer reports a full disk as an obscure
+        # RuntimeError, a plain write as the OSError that names the file and the size needed
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        path = atomic_write_bytes(self.shard_path(shard.index), buffer.getvalue())
+        self.locks.release(shard.index)
+        return path
 
     def load(self, index: int, num_items: int | None = None) -> Shard:
         """Read and validate shard `index` (of a dataset of `num_items` items, when given);

@@ -27,7 +27,8 @@ from tqdm import tqdm
 import wsol_bench.datasets as dataset_package
 from wsol_bench.datasets import Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import resize_sample
-from wsol_bench.errors import InputFileError, SettingError, UserError
+from wsol_bench.errors import DiskFullError, InputFileError, SettingError, UserError
+from wsol_bench.files import DISK_FULL, disk_full_refused
 
 log = logging.getLogger("wsol_bench.train.recipe")
 CACHE_FORMAT = 1
@@ -212,16 +213,25 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
         _remove_abandoned(folder)
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(count, 3, *size))
+        reserve_space(tmp / "images.npy")
+    except DiskFullError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as exc:
         raise SettingError(f"cannot write the image cache in cache_dir={cache_dir}: {exc}; pass a writable "
                            "folder, or cache_dir=null to keep the images in memory only") from exc
     skipped = _decode_all(spec, size, interpolation, workers, images, labels, progress)
     images.flush()
     del images
-    np.save(tmp / "labels.npy", labels)
     meta = {"count": count, "dataset": spec.name, "params": spec.params, "size": list(size),
             "interpolation": interpolation, "skipped": [[s.image_id, s.reason] for s in skipped]}
-    (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=1))
+    try:
+        with disk_full_refused(tmp):
+            np.save(tmp / "labels.npy", labels)
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=1))
+    except DiskFullError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(folder)  # atomic: readers see a complete cache or none
     except OSError:  # another run finished the same cache first: use theirs
@@ -229,3 +239,15 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
     seconds = time.perf_counter() - start
     log.info("decoded %d images into %s in %.0f s", count, folder, seconds)
     return replace(read_cache(folder, size), seconds=seconds)
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate the disk blocks of the sparse file `path` now: pages of a memory-mapped file
+    written on a full disk kill the process (SIGBUS), an allocation refuses in one line."""
+    with disk_full_refused(path, path.stat().st_size), path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise
+            # a file system without fallocate (EOPNOTSUPP, EINVAL): writes find out as before

@@ -25,6 +25,7 @@ from wsol_bench.files import atomic_write, write_json
 from wsol_bench.models import (
     ModelLoadError,
     architecture_data_config,
+    head_classes,
     load_model,
     load_weights_only,
     read_checkpoint,
@@ -119,11 +120,10 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, num_classes: 
     """Load a checkpoint into `model`; with `reset_head` the classifier keeps its fresh
     initialisation (fine-tuning to new classes)."""
     state = read_checkpoint(checkpoint)
-    head_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else None
-    if reset_head:
+    if reset_head:  # the checkpoint's head, whatever its shape, is dropped
         state = {k: v for k, v in state.items() if k.split(".")[0] not in HEAD_MODULES}
-    elif head_classes is not None and head_classes != num_classes:
-        raise ModelLoadError(f"model.checkpoint={checkpoint} has a {head_classes}-class head but the dataset "
+    elif (classes_in_head := head_classes(state, checkpoint)) is not None and classes_in_head != num_classes:
+        raise ModelLoadError(f"model.checkpoint={checkpoint} has a {classes_in_head}-class head but the dataset "
                              f"has {num_classes} classes; set train.reset_head=true to fine-tune it with a "
                              f"new {num_classes}-class head")
     try:

@@ -4,6 +4,7 @@ resumes exactly where it stopped (same weights as an uninterrupted run)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wsol_bench.errors import InputFileError, SettingError
-from wsol_bench.files import atomic_write
+from wsol_bench.files import atomic_write_bytes
 from wsol_bench.models import disable_fused_attention
 from wsol_bench.train.data import LabelledBatch, augment_batch
 
@@ -137,7 +138,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
     `path`: a run killed mid-write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
+    buffer = io.BytesIO()  # in memory first: a full disk is then the OSError naming the file and size
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), durable=True)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import wsol_bench.metrics.faithfulness as faithfulness_module
 import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
 from wsol_bench.environment import package_version, precision_key
-from wsol_bench.files import atomic_write, write_json
+from wsol_bench.files import atomic_write, disk_full_refused, write_json
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
@@ -165,7 +165,8 @@ class FaithfulnessScorer(Scorer):
     def _append(self, rows: list[dict]) -> None:
         frame = pd.DataFrame(rows)
         curves = [c for c in frame.columns if c not in ID_COLUMNS]
-        frame[ID_COLUMNS + curves].to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
+        with disk_full_refused(self.path):
+            frame[ID_COLUMNS + curves].to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
     def _write_cache(self, method: str, shard_index: int, rows: list[dict]) -> None:
         file = self._cache_file(method, shard_index)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from wsol_bench.errors import SettingError
+from wsol_bench.config.checks import check_sweep
 from wsol_bench.metrics.base import RunMetric, save_states
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.metrics.localization import metric_columns, region_scores
@@ -22,7 +22,7 @@ from wsol_bench.metrics.sweep import SweepMeans
 from wsol_bench.regions.contours import require_cv2
 from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.rasterize import wsoleval_gt_boxes
-from wsol_bench.regions.thresholds import check_thresholds, threshold_array
+from wsol_bench.regions.thresholds import threshold_array
 from wsol_bench.report.figures import plot_sweep
 from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE, SWEEP_STATE, sweep_table, wsoleval_table
 from wsol_bench.run.batch import MethodBatch
@@ -31,17 +31,6 @@ from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
 
 STATE_FILE = Path("states") / "sweep.json"
 log = logging.getLogger("wsol_bench")
-
-
-def sweep_thresholds(node: DictConfig) -> list[float]:
-    """The sweep's threshold grid: an explicit list, or numpy.arange(start, stop, step) (the
-    wsolevaluation grid by default: 0.00, 0.01, ..., 0.99)."""
-    if node.thresholds is not None:
-        return check_thresholds(node.thresholds, "sweep.thresholds")
-    if float(node.step) <= 0:
-        raise SettingError(f"sweep.step must be > 0, got {node.step}")
-    grid = [float(t) for t in np.arange(float(node.start), float(node.stop), float(node.step))]
-    return check_thresholds(grid, f"sweep.start/stop/step (numpy.arange({node.start}, {node.stop}, {node.step}))")
 
 
 @dataclass
@@ -113,7 +102,7 @@ class SweepScorer(Scorer):
     def from_config(cls, cfg: DictConfig, context: RunContext) -> SweepScorer | None:
         if not cfg.sweep:
             return None
-        return cls(sweep_thresholds(cfg.sweep), cfg.sweep.iou_thresholds, box_protocol=cfg.metric.box_protocol,
+        return cls(check_sweep(cfg.sweep), cfg.sweep.iou_thresholds, box_protocol=cfg.metric.box_protocol,
                    image_filter=cfg.metric.image_filter, has_masks=context.has_masks,
                    dataset_name=context.dataset_name, split=context.split, boxes=cfg.sweep.boxes,
                    methods=list(context.methods))
