@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from wsol_bench.errors import SettingError
+from wsol_bench.registry import Registry
 
 from .cub import CubDataset
 from .imagenet import ImageNetVal
@@ -16,15 +16,12 @@ from .openimages import OpenImagesDataset
 from .synthetic import SyntheticShapes
 from .voc import VocDataset
 
-_BUILDERS: dict[str, Callable[..., Dataset]] = {}
+_BUILDERS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator: make a dataset builder available under `name`."""
-    def wrap(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        _BUILDERS[name] = fn
-        return fn
-    return wrap
+    return _BUILDERS.register(name)
 
 
 @register_dataset("synthetic")
@@ -69,11 +66,9 @@ def _imagenet_segmentation(**params: Any) -> Dataset:
 
 def available() -> list[str]:
     """Names of the registered datasets."""
-    return sorted(_BUILDERS)
+    return _BUILDERS.names()
 
 
 def build_dataset(name: str, *, transform=None, **params: Any) -> Dataset:
     """Build dataset `name` with its parameters; an unknown name lists the valid ones."""
-    if name not in _BUILDERS:
-        raise SettingError(f"unknown dataset {name!r}; valid: {', '.join(available())}")
-    return _BUILDERS[name](transform=transform, **params)
+    return _BUILDERS.lookup(name)(transform=transform, **params)

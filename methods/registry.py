@@ -6,59 +6,34 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
-from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from wsol_bench.errors import SettingError, UserError
+from wsol_bench.registry import PluginImportError, Registry  # noqa: F401  (PluginImportError: raised here)
 
 from .base import Explainer
 
 ENTRY_POINT_GROUP = "wsol_bench.explainers"
-_REGISTRY: dict[str, type[Explainer]] = {}
-_BROKEN: dict[str, str] = {}  # plugin name -> why it failed to import
+_REGISTRY: Registry[type[Explainer]] = Registry(
+    "method", group=ENTRY_POINT_GROUP, accepts=lambda obj: isinstance(obj, type) and issubclass(obj, Explainer))
 
 
-class PluginImportError(UserError, ImportError):
-    """An explainer plugin a run asks for failed to import; the message names it and the cause."""
-_plugins_loaded = False
-
-
-def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+def register_explainer(name: str):
     """Class decorator: make an Explainer subclass available as `name`."""
-    def wrap(cls: type[Explainer]) -> type[Explainer]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise SettingError(f"explainer name {name!r} is already registered by {_REGISTRY[name]}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
+    return _REGISTRY.register(name)
 
 
 def load_plugins(force: bool = False) -> None:
     """Import every explainer advertised in the `wsol_bench.explainers` entry-point group. A
     plugin that fails to import is remembered, not raised: it breaks only runs that use it."""
-    global _plugins_loaded
-    if _plugins_loaded and not force:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # noqa: BLE001
-            _BROKEN[ep.name] = f"explainer plugin {ep.name!r} ({ep.value}) failed to import: {exc}"
-            continue
-        if isinstance(obj, type) and issubclass(obj, Explainer) and ep.name not in _REGISTRY:
-            register_explainer(ep.name)(obj)
+    _REGISTRY.load_plugins(force)
 
 
 def available() -> list[str]:
     """Names of all registered explainers, plugins included."""
-    load_plugins()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def method_table() -> list[dict[str, Any]]:
@@ -80,12 +55,7 @@ def get_explainer(name: str, model: nn.Module, **params: Any) -> Explainer:
 
 def explainer_class(name: str) -> type[Explainer]:
     """The registered class of explainer `name` (plugins included)."""
-    load_plugins()
-    if name in _BROKEN and name not in _REGISTRY:
-        raise PluginImportError(_BROKEN[name])
-    if name not in _REGISTRY:
-        raise SettingError(f"unknown method {name!r}; valid: {', '.join(available())}")
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name)
 
 
 def source_digest(cls: type) -> str:

@@ -250,7 +250,8 @@ def test_method_params_of_a_plugin_follow_its_signature(monkeypatch):
         def __init__(self, model, *, power: float = 1.0):
             super().__init__(model)
 
-    monkeypatch.setattr(registry, "_REGISTRY", {**registry._REGISTRY, "open": Open, "closed": Closed})
+    monkeypatch.setitem(registry._REGISTRY, "open", Open)
+    monkeypatch.setitem(registry._REGISTRY, "closed", Closed)
     check_method_params("open", {"anything": 1})
     check_method_params("closed", {"power": 2.0})
     with pytest.raises(ValueError, match="method 'closed' takes no parameter 'powr'; valid: power"):

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_module
 
 from wsol_bench.metrics.pxap import PxAP
-from wsol_bench.report.run_folder import check_run
 from wsol_bench.run.distributed import Ranks
+from wsol_bench.run.run_tables import check_run
 from wsol_bench.run.runner import run as run_benchmark
 
 # a small but complete run: every scorer (records, sweep, masks, faithfulness), 3 shards of 3

@@ -456,6 +456,6 @@ def test_a_cut_off_faithfulness_row_is_dropped_but_a_degenerate_one_is_kept(tmp_
     (out / "faithfulness.csv").write_text(text[: len(text) - 30])  # the last row cut off
     (out / MANIFEST).unlink()
     from wsol_bench.report.run_folder import read_run
-    partial = read_run(out, allow_incomplete=True).faithfulness
+    partial = read_run(out, allow_incomplete=True).per_image_rows("faithfulness.csv")
     assert len(partial) == len(faith) - 1
     assert (partial["degenerate"] == 1).sum() == (faith["degenerate"] == 1).sum() - int(faith.iloc[-1]["degenerate"])

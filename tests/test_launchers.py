@@ -15,7 +15,7 @@ from conftest import CommandResult, command_in_process
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from wsol_bench.report.run_folder import check_run
+from wsol_bench.run.run_tables import check_run
 from wsol_bench.run.runner import run as run_benchmark
 
 # a run of a few seconds: 4 synthetic images, no progress bars, no gallery figure

@@ -62,8 +62,8 @@ def plugin_dir(tmp_path: Path) -> Path:
 def test_entry_point_explainer_is_registered(plugin_dir, monkeypatch):
     """After installation the plugin is listed and built like a built-in method."""
     monkeypatch.syspath_prepend(str(plugin_dir))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.load_plugins(force=True)
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.fresh())
+    registry.load_plugins()
     assert "token_norm" in registry.available()
     model = make_vit()
     explanation = registry.get_explainer("token_norm", model, power=2.0)(torch.randn(2, 3, 32, 32))
@@ -77,9 +77,8 @@ def test_broken_plugin_names_itself(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bad-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[wsol_bench.explainers]\nbad = no_such_module:Nope\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_BROKEN", {})
-    registry.load_plugins(force=True)  # other methods keep working
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.fresh())
+    registry.load_plugins()  # other methods keep working
     assert "agcam" in registry.available() and "bad" not in registry.available()
     with pytest.raises(ImportError, match="plugin 'bad'.*no_such_module"):
         registry.explainer_class("bad")
@@ -161,9 +160,7 @@ def installed(monkeypatch, forget_plugin_modules):
     """`installed(folder)`: the distributions in `folder` are installed, and the explainer
     registry is as a new process has it (no plugin loaded yet), so the command in this process
     finds them by itself as `wsol-bench` started with `folder` on PYTHONPATH does."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_BROKEN", {})
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.fresh())
     return lambda folder: monkeypatch.syspath_prepend(str(folder))
 
 

@@ -20,8 +20,9 @@ from wsol_bench.errors import InputFileError, MissingInputError, SettingError, U
 from wsol_bench.files import write_json
 from wsol_bench.report.manifest import MANIFEST, IncompleteRun, manifest_payload
 from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL
-from wsol_bench.report.run_folder import check_run, combined_table, read_run, run_tables, write_run_tables
+from wsol_bench.report.run_folder import read_run
 from wsol_bench.report.table_format import latex_escape
+from wsol_bench.run.run_tables import check_run, combined_table, run_tables, write_run_tables
 
 
 @pytest.fixture(scope="module")

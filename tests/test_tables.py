@@ -11,13 +11,9 @@ import pytest
 
 from wsol_bench.report.paper_numbers import AGCAM_PAPER, PAPER_MODEL, published_numbers
 from wsol_bench.report.table_format import cell_text, to_latex, to_markdown, to_text, write_table_files
-from wsol_bench.report.tables import (
-    faithfulness_summary,
-    localization_table,
-    paper_table,
-    published_rows,
-    wsoleval_summary,
-)
+from wsol_bench.report.tables import localization_table, paper_table, published_rows
+from wsol_bench.run.scorers.faithfulness import faithfulness_summary
+from wsol_bench.run.scorers.sweep import wsoleval_summary
 
 METRICS = ("pixel_acc", "iou", "dice", "precision", "recall")
 
@@ -99,8 +95,8 @@ def test_paper_table_joins_every_source_in_the_paper_column_order():
     a method only present in faithfulness.csv becomes a row with no localization numbers."""
     faith = faithfulness_frame()
     faith = pd.concat([faith, faith.iloc[:1].assign(method="center")])
-    view = paper_table(localization_table(records_frame()), "box", faithfulness=faithfulness_summary(faith),
-                       wsoleval=wsoleval_summary(wsoleval_frame()))
+    view = paper_table(localization_table(records_frame()), "box",
+                       extras=[faithfulness_summary(faith), wsoleval_summary(wsoleval_frame())])
     assert list(view.columns) == ["method", "Pixel Acc", "IoU", "Dice", "Precision", "Recall", "n_images",
                                   "n_degenerate", "ABPC", "AUC MoRF", "AUC LeRF", "n_images_abpc", "MaxBoxAccV2",
                                   "n_images_wsol"]
@@ -188,8 +184,7 @@ def test_markdown_and_latex_parse_back_to_the_csv(tmp_path):
     """Written with every block and a published row: CSV at full precision, Markdown and
     LaTeX equal to it at two decimals, LaTeX specials escaped, caption and notes present."""
     view = paper_table(localization_table(records_frame()), "box",
-                       faithfulness=faithfulness_summary(faithfulness_frame()),
-                       wsoleval=wsoleval_summary(wsoleval_frame()),
+                       extras=[faithfulness_summary(faithfulness_frame()), wsoleval_summary(wsoleval_frame())],
                        published=published_numbers("imagenet", "val", PAPER_MODEL))
     view.loc[0, "IoU"] = 12.345678  # rounds up at the third decimal
     paths = write_table_files(view, tmp_path, "t", caption="caption 100% of images", notes=["a_note"])

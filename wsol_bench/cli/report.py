@@ -22,17 +22,16 @@ from wsol_bench.report.compare import (
     config_differences,
     run_labels,
 )
-from wsol_bench.report.run_folder import (
-    VARIANTS,
+from wsol_bench.report.run_folder import VARIANTS, read_run
+from wsol_bench.report.table_format import to_markdown, to_text, write_table_files
+from wsol_bench.run.gallery import rebuild_gallery
+from wsol_bench.run.run_tables import (
     check_run,
     combined_table,
     format_run_tables,
-    read_run,
     run_tables,
     write_run_tables,
 )
-from wsol_bench.report.table_format import to_markdown, to_text, write_table_files
-from wsol_bench.run.gallery import rebuild_gallery
 
 
 def report_one(run_dir: Path, out: Path | None, gallery: bool, allow_incomplete: bool = False) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from wsol_bench.registry import Registry
+
 from .bench import BenchConfig
 from .datasets import DATASET_SCHEMAS
 from .groups import FaithfulnessConfig, MethodConfig, SegmentationConfig, SweepConfig
 from .trainer import TrainerConfig
 
-SCHEMAS = {
+SCHEMAS: Registry[type] = Registry("schema")
+SCHEMAS.update({
     "schema_bench": BenchConfig,
     "schema_trainer": TrainerConfig,
     **{f"schema_dataset_{name}": schema for name, schema in DATASET_SCHEMAS.items()
@@ -22,7 +25,7 @@ SCHEMAS = {
     "schema_faithfulness": FaithfulnessConfig,
     "schema_sweep": SweepConfig,
     "schema_segmentation": SegmentationConfig,
-}
+})
 
 
 def register_schemas() -> None:

@@ -19,8 +19,9 @@ from torchmetrics import Metric
 from wsol_bench.errors import InputFileError, SettingError, UserError
 from wsol_bench.files import atomic_write_text
 from wsol_bench.limits import check_memory
+from wsol_bench.registry import Registry
 
-METRIC_CLASSES: dict[str, type[RunMetric]] = {}
+METRIC_CLASSES: Registry[type[RunMetric]] = Registry("metric class")  # by class name: a state file names them
 STATE_FORMAT = 1  # bump when a metric's states change meaning, so old files are refused, not misread
 # json.loads makes up to about 21 bytes of Python objects per byte of a state file (the worst is
 # "[]," of 3 bytes: a 56-byte list and its 8-byte slot); 24 leaves room for the tensors built
@@ -41,6 +42,7 @@ class RunMetric(Metric):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # set, not `register`ed: a class defined again (a reloaded module) replaces its old self
         METRIC_CLASSES[cls.__name__] = cls
 
     def __init__(self, **kwargs: Any) -> None:

@@ -1,9 +1,9 @@
 """Tables are aggregations of records, never computed another way.
 
-Localization scores come from the per-image records, ABPC from the per-image faithfulness
-rows, MaxBoxAccV2 and PxAP from the per-method wsolevaluation rows; `paper_table` puts them
-side by side in the paper's layout (methods as rows, percent), optionally with published
-numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.report.table_format`.
+Localization scores come from the per-image records; every other measure's per-method columns
+come from its own scorer (`Scorer.tables`: ABPC from the per-image faithfulness rows,
+MaxBoxAccV2 and PxAP from the sweep's states, ...); `paper_table` puts them side by side in the
+paper's layout (methods as rows, percent), optionally with published numbers beside ours. Rendering to text, Markdown and LaTeX lives in `wsol_bench.report.table_format`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ COLUMN_ORDER = (["method", "threshold", *PAPER_NAMES.values(), "n_images", "n_de
 ALL_DEGENERATE = ("{method}: every map is degenerate (constant or NaN/inf): no scores; its maps explain "
                   "nothing")
 PUBLISHED_SUFFIX = " (published)"
-ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float rounding
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str) -> None:
@@ -65,48 +64,6 @@ def localization_table(records: pd.DataFrame, image_filter: str = "correct", sou
     table["filter"] = image_filter
     order = {m: i for i, m in enumerate(methods)}
     return table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
-
-
-def faithfulness_summary(faithfulness: pd.DataFrame, source: str = "faithfulness.csv") -> pd.DataFrame:
-    """Per method: mean ABPC, AUC MoRF and AUC LeRF over ALL its images (docs/protocol.md 5: no
-    correctness filter), in percent, and the number of images (`n_images_abpc`)."""
-    require_columns(faithfulness, ["image_id", "method", *FAITH_NAMES], source)
-    duplicated = faithfulness.duplicated(["image_id", "method"], keep=False)
-    if duplicated.any():
-        example = faithfulness.loc[duplicated, ["image_id", "method"]].iloc[0].tolist()
-        raise InputFileError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
-                             f"e.g. {example}; it must hold one row per image and method")
-    scores = faithfulness[list(FAITH_NAMES)]
-    degenerate = faithfulness["degenerate"] == 1 if "degenerate" in faithfulness else False
-    unscored = scores.isna().any(axis=1) & ~degenerate  # a degenerate map has no curve, on purpose
-    if unscored.any():
-        bad = faithfulness.loc[unscored, "image_id"].tolist()
-        raise InputFileError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
-                             "re-run the faithfulness evaluation for those images")
-    gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
-    if (gap > ABPC_TOLERANCE).any():
-        bad = faithfulness.loc[gap > ABPC_TOLERANCE, "image_id"].tolist()
-        raise InputFileError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
-                             "the file is inconsistent (docs/protocol.md 5)")
-    grouped = faithfulness.groupby("method", sort=False)
-    summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
-    summary["n_images_abpc"] = grouped["abpc"].count()  # the images with a score (degenerate maps have none)
-    return summary
-
-
-def wsoleval_summary(wsoleval: pd.DataFrame, source: str = "wsoleval.csv") -> pd.DataFrame:
-    """Per method: MaxBoxAccV2 and, where the dataset has masks (not NaN), PxAP, as written
-    (percent), with the number of images (`n_images_wsol`)."""
-    require_columns(wsoleval, ["method", "n_images", "maxboxacc_v2"], source)
-    if wsoleval["method"].duplicated().any():
-        repeated = sorted(set(wsoleval.loc[wsoleval["method"].duplicated(), "method"]))
-        raise InputFileError(f"{source}: methods {repeated} appear more than once; it must hold one row "
-                             "per method")
-    summary = wsoleval.set_index("method")
-    columns = ["maxboxacc_v2"] + (["pxap"] if "pxap" in summary and summary["pxap"].notna().any() else [])
-    out = summary[columns].astype(float).rename(columns=WSOL_NAMES)
-    out["n_images_wsol"] = summary["n_images"]
-    return out
 
 
 def _attach(view: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
@@ -148,23 +105,22 @@ def ordered_columns(view: pd.DataFrame) -> pd.DataFrame:
     return view[known + [c for c in view.columns if c not in known]]
 
 
-def paper_table(table: pd.DataFrame, variant: str = "box", *, faithfulness: pd.DataFrame | None = None,
-                wsoleval: pd.DataFrame | None = None, published: Sequence[PublishedNumber] = (),
-                all_degenerate: Iterable[str] = ()) -> pd.DataFrame:
+def paper_table(table: pd.DataFrame, variant: str = "box", *, extras: Sequence[pd.DataFrame] = (),
+                published: Sequence[PublishedNumber] = (), all_degenerate: Iterable[str] = ()) -> pd.DataFrame:
     """The paper's layout for one ground-truth variant: methods as rows, the five scores in
     percent, the number of images scored and how many of their maps were degenerate (the
-    threshold column only when it varies), then ABPC and the AUCs (`faithfulness_summary`),
-    then MaxBoxAccV2/PxAP (`wsoleval_summary`), and a "<method> (published)" row after each
-    method with published numbers. Methods in `all_degenerate` get no scores ("--")."""
+    threshold column only when it varies), then the per-method columns of every other measure
+    (`extras`, methods as their index, in the order given: ABPC and the AUCs, MaxBoxAccV2/PxAP,
+    ...), and a "<method> (published)" row after each method with published numbers. Methods in
+    `all_degenerate` get no scores ("--")."""
     cols = [f"{variant}_{m}" for m in PIXEL_METRICS if f"{variant}_{m}" in table.columns]
     counts = ["n_images"] + (["n_degenerate"] if "n_degenerate" in table.columns else [])
     view = table[cols + counts].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
     view = view.reset_index()
     if view["threshold"].nunique() == 1:
         view = view.drop(columns="threshold")
-    for extra in (faithfulness, wsoleval):
-        if extra is not None:
-            view = _attach(view, extra)
+    for extra in extras:
+        view = _attach(view, extra)
     view = blank_degenerate_methods(view, all_degenerate)
     view = published_rows(view, published, variant)
     return ordered_columns(view).reset_index(drop=True)

@@ -26,7 +26,6 @@ from wsol_bench.files import atomic_write_text, write_json
 from wsol_bench.progress import progress_enabled
 from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.report.figures import coverage_figure
-from wsol_bench.report.run_folder import format_run_tables, run_tables, write_run_tables
 from wsol_bench.run.distributed import ONE_PROCESS, Ranks, join
 from wsol_bench.run.folder import staged_run
 from wsol_bench.run.gallery import write_gallery
@@ -40,6 +39,7 @@ from wsol_bench.run.maps import (
     map_stores,
 )
 from wsol_bench.run.pipeline import has_masks, process_dataset
+from wsol_bench.run.run_tables import format_run_tables, run_tables, write_run_tables
 from wsol_bench.run.scorers import RunContext, build_scorers
 
 log = logging.getLogger("wsol_bench")

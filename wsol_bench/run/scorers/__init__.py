@@ -1,7 +1,16 @@
-"""The scorers a run feeds, one file each; importing this package registers them (in this
-order, which is the order they are fed and write their files)."""
+"""The scorers a run feeds, one file each (a measure is its scorer module). Importing this
+package registers every module in it: the built-in ones first, in the order they are fed and
+their columns appear in the tables, then any other module of the package by name, so a new
+measure needs no line here. Third-party packages add measures through the entry-point group
+`wsol_bench.measures` (registered after these)."""
 
-from . import records, faithfulness, masks, sweep, segmentation  # noqa: F401, I001  (registration, in this order)
-from .base import SCORERS, RunContext, Scorer, build_scorers, register_scorer
+import importlib
+import pkgutil
 
-__all__ = ["SCORERS", "RunContext", "Scorer", "build_scorers", "register_scorer"]
+from .base import SCORERS, MeasureTables, RunContext, Scorer, build_scorers, register_scorer
+
+FIRST = ("records", "faithfulness", "masks", "sweep", "segmentation")  # their order is the tables' column order
+for _name in [*FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*FIRST, "base"})]:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["SCORERS", "MeasureTables", "RunContext", "Scorer", "build_scorers", "register_scorer"]

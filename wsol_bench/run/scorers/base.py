@@ -9,26 +9,59 @@ every rank feeds its own scorers, then `gather` brings the ranks' results to ran
 writes. Scorers register with
 `@register_scorer(name)`; `from_config` returns None when the run's configuration does not ask
 for the scorer, so the runner assembles the list of active scorers from the registry alone.
+
+A scorer also owns its tables: `tables(run)` rebuilds, from the files it wrote into a finished
+run folder alone, what it adds to the run's tables (per-method columns for `table.csv` and the
+paper-layout tables, a sentence of their caption, notes, and whole tables of its own). The run
+and `wsol-bench-report` both build every table by asking each registered scorer
+(`wsol_bench.run.run_tables`), so a measure is one file: its scorer module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pandas as pd
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
-from wsol_bench.errors import SettingError
 from wsol_bench.files import append_csv_bodies
+from wsol_bench.registry import Registry
+from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import ONE_PROCESS, Ranks
 from wsol_bench.run.store import MapStore
 
-SCORERS: dict[str, type[Scorer]] = {}
+ENTRY_POINT_GROUP = "wsol_bench.measures"  # third-party measures: a Scorer subclass per entry point
+SCORERS: Registry[type[Scorer]] = Registry(
+    "scorer", group=ENTRY_POINT_GROUP, accepts=lambda obj: isinstance(obj, type) and issubclass(obj, Scorer))
+
+
+@dataclass
+class MeasureTables:
+    """What one scorer adds to a finished run's tables, rebuilt from the run folder alone.
+
+    `localization`: the per (method, threshold) table that `table.csv` holds (the records
+    scorer's). `summary`: per-method columns (methods as the index), joined onto every row of
+    `table.csv` and onto the paper-layout tables, in percent where they are scores, each count
+    column named `n_images_<measure>`. `caption`: this scorer's sentence in the caption of the
+    paper-layout tables (a dict: one per ground-truth variant, "box" or "mask"). `notes`: lines
+    under those tables. `files`: whole tables of the scorer's own, written as `<name>.csv` and
+    compared by `wsol-bench-report --check`."""
+
+    localization: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
+    caption: str | dict[str, str] = ""
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def caption_for(self, variant: str) -> str:
+        """The caption sentence for the paper table of ground-truth `variant`."""
+        return self.caption.get(variant, "") if isinstance(self.caption, dict) else self.caption
 
 
 @dataclass
@@ -91,6 +124,12 @@ class Scorer:
         """Write the results into the run folder; returns the files written."""
         raise NotImplementedError
 
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables | None:
+        """What this scorer adds to the tables of the finished run `run`, from the files it
+        wrote there alone; None when the folder has none of them (the run did not ask for it)."""
+        return None
+
 
 def append_rank_rows(ranks: Ranks, parts: list[Path], name: str) -> None:
     """Rank 0 appends the rows of the other ranks' `name` CSV files to its own, in rank order (the
@@ -100,17 +139,12 @@ def append_rank_rows(ranks: Ranks, parts: list[Path], name: str) -> None:
 
 
 def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
-    """Class decorator: make a Scorer subclass part of every run that asks for it."""
-    def wrap(cls: type[Scorer]) -> type[Scorer]:
-        if name in SCORERS and SCORERS[name] is not cls:
-            raise SettingError(f"scorer name {name!r} is already registered by {SCORERS[name]}")
-        cls.name = name
-        SCORERS[name] = cls
-        return cls
-    return wrap
+    """Class decorator: make a Scorer subclass part of every run that asks for it, and of the
+    tables of every run folder that holds its files."""
+    return SCORERS.register(name)
 
 
 def build_scorers(cfg: DictConfig, context: RunContext) -> list[Scorer]:
-    """Every registered scorer the configuration asks for, in registration order."""
-    scorers = [cls.from_config(cfg, context) for cls in SCORERS.values()]
+    """Every registered scorer the configuration asks for, in registration order (plugins last)."""
+    scorers = [cls.from_config(cfg, context) for _, cls in SCORERS.entries()]
     return [s for s in scorers if s is not None]

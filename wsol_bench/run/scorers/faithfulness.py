@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import wsol_bench.metrics.faithfulness as faithfulness_module
 import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
 from wsol_bench.environment import package_version, precision_key
+from wsol_bench.errors import InputFileError
 from wsol_bench.files import atomic_write, disk_full_refused, write_json
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
@@ -25,12 +26,18 @@ from wsol_bench.metrics.faithfulness import (
 )
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.report.curves import plot_perturbation_curves
+from wsol_bench.report.run_folder import RunFolder
+from wsol_bench.report.tables import FAITH_NAMES, require_columns
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
-from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows, register_scorer
+from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows, register_scorer
 from wsol_bench.run.store import MapStore, settings_key
 
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target", "degenerate"]
+FILE = "faithfulness.csv"
+ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float rounding
+CAPTION = ("ABPC, AUC MoRF, AUC LeRF: pixel perturbation of the ground-truth class, percent, mean over all "
+           "images (n_images_abpc).")
 log = logging.getLogger("wsol_bench")
 
 
@@ -84,7 +91,7 @@ class FaithfulnessScorer(Scorer):
         if not cfg.faithfulness:
             return None
         settings = faithfulness_settings(cfg.faithfulness)  # a bad setting fails before any model pass
-        return cls(context.model, context.label_stores, settings, context.out_dir / "faithfulness.csv",
+        return cls(context.model, context.label_stores, settings, context.out_dir / FILE,
                    dataset_name=context.dataset_name, split=context.split,
                    precision=precision_key(str(cfg.device), bool(cfg.tf32)))
 
@@ -194,3 +201,53 @@ class FaithfulnessScorer(Scorer):
             return [self.path]
         plot_perturbation_curves(rows, figure)
         return [self.path, figure]
+
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables | None:
+        """Mean ABPC and AUCs per method (`faithfulness_summary`), and a note for every method
+        whose rows do not cover its images or whose ground-truth-class maps are degenerate."""
+        rows = run.per_image_rows(FILE)
+        if rows is None:
+            return None
+        return MeasureTables(summary=faithfulness_summary(rows, str(run.path / FILE)), caption=CAPTION,
+                             notes=coverage_notes(rows, run.records))
+
+
+def faithfulness_summary(faithfulness: pd.DataFrame, source: str = FILE) -> pd.DataFrame:
+    """Per method: mean ABPC, AUC MoRF and AUC LeRF over ALL its images (docs/protocol.md 5: no
+    correctness filter), in percent, and the number of images (`n_images_abpc`)."""
+    require_columns(faithfulness, ["image_id", "method", *FAITH_NAMES], source)
+    duplicated = faithfulness.duplicated(["image_id", "method"], keep=False)
+    if duplicated.any():
+        example = faithfulness.loc[duplicated, ["image_id", "method"]].iloc[0].tolist()
+        raise InputFileError(f"{source}: {int(duplicated.sum())} rows repeat an (image_id, method) pair, "
+                             f"e.g. {example}; it must hold one row per image and method")
+    scores = faithfulness[list(FAITH_NAMES)]
+    degenerate = faithfulness["degenerate"] == 1 if "degenerate" in faithfulness else False
+    unscored = scores.isna().any(axis=1) & ~degenerate  # a degenerate map has no curve, on purpose
+    if unscored.any():
+        bad = faithfulness.loc[unscored, "image_id"].tolist()
+        raise InputFileError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); "
+                             "re-run the faithfulness evaluation for those images")
+    gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
+    if (gap > ABPC_TOLERANCE).any():
+        bad = faithfulness.loc[gap > ABPC_TOLERANCE, "image_id"].tolist()
+        raise InputFileError(f"{source}: abpc != auc_lerf - auc_morf for {len(bad)} rows (e.g. {bad[:3]}); "
+                             "the file is inconsistent (docs/protocol.md 5)")
+    grouped = faithfulness.groupby("method", sort=False)
+    summary = grouped[list(FAITH_NAMES)].mean().mul(100).rename(columns=FAITH_NAMES)
+    summary["n_images_abpc"] = grouped["abpc"].count()  # the images with a score (degenerate maps have none)
+    return summary
+
+
+def coverage_notes(faithfulness: pd.DataFrame, records: pd.DataFrame) -> list[str]:
+    """Faithfulness rows that do not cover every image of a method are reported, not hidden."""
+    totals = records.groupby("method", sort=False)["image_id"].nunique()
+    counts = faithfulness.groupby("method", sort=False)["image_id"].nunique()
+    notes = [f"{FILE} covers {int(counts.get(m, 0))} of {int(n)} images for {m}."
+             for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
+    if "degenerate" in faithfulness.columns:
+        bad = faithfulness[faithfulness["degenerate"] == 1].groupby("method", sort=False).size()
+        notes += [f"{m}: ABPC averages {int(counts[m]) - int(n)} of {int(counts[m])} images; {int(n)} "
+                  "ground-truth-class maps are degenerate and have no curve." for m, n in bad.items()]
+    return notes

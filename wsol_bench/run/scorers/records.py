@@ -1,6 +1,7 @@
 """records.csv: one row per (image, method, threshold) with the image's ids, label,
 prediction, flags and AG-CAM pixel scores at the fixed thresholds of `metric.thresholds`
-(docs/protocol.md 4.1). The tables are aggregations of these rows."""
+(docs/protocol.md 4.1). The localization tables (`table.csv` and the pixel-score columns of
+the paper-layout tables) are aggregations of these rows."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
 
 from wsol_bench.errors import SettingError
 from wsol_bench.files import CsvRows, csv_text
 from wsol_bench.metrics.localization import localization_scores, metric_columns
+from wsol_bench.report.run_folder import FILTER_WORDS, VARIANTS, RunFolder
+from wsol_bench.report.tables import ALL_DEGENERATE, degenerate_methods, localization_table
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
-from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows, register_scorer
+from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows, register_scorer
 
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "threshold", "label", "prediction", "target",
               "target_source", "class_specific", "correct", "degenerate", "n_gt_boxes", "n_pred_boxes"]
@@ -87,3 +91,34 @@ class LocalizationRecords(Scorer):
     def write(self, out_dir: Path) -> list[Path]:
         self.close()
         return [self.rows.path]
+
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables:
+        """The localization table (mean AG-CAM scores per method and threshold over the images
+        metric.image_filter keeps; `table.csv`'s rows), the caption of its paper-layout columns
+        and one note per method with degenerate maps. `attrs["all_degenerate"]` lists the
+        methods whose every map is degenerate (no scores in the paper tables)."""
+        image_filter = run.setting("metric.image_filter")
+        localization = localization_table(run.records, image_filter, str(run.path / "records.csv"))
+        blank = degenerate_methods(run.records)
+        notes = degenerate_notes(run.records, blank)
+        localization.attrs.update(all_degenerate=blank, degenerate_notes=notes)
+        words = FILTER_WORDS.get(image_filter, image_filter)
+        caption = {variant: (f"Pixel Acc to Recall: predicted box-union vs {truth}, percent, mean over {words} "
+                             f"(metric.image_filter={image_filter}; n_images).") for variant, truth in VARIANTS.items()}
+        return MeasureTables(localization=localization, caption=caption, notes=notes)
+
+
+def degenerate_notes(records: pd.DataFrame, all_degenerate: list[str]) -> list[str]:
+    """One line per method with degenerate maps (constant or NaN/inf), so they are never
+    hidden in an average: how many, and what the table does with them."""
+    first = records[records["threshold"] == records["threshold"].iloc[0]]
+    counts = first.groupby("method", sort=False)["degenerate"].agg(["sum", "size"])
+    notes = []
+    for method, (bad, total) in counts.iterrows():
+        if method in all_degenerate:
+            notes.append(ALL_DEGENERATE.format(method=method))
+        elif bad:
+            notes.append(f"{method}: {int(bad)} of {int(total)} maps are degenerate (constant or NaN/inf); "
+                         "they count as empty predictions here (n_degenerate).")
+    return notes

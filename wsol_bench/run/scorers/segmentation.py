@@ -1,7 +1,8 @@
 """segmentation.csv and segmentation_records.csv (`segmentation=chefer`): Chefer et al.'s
 ImageNet-segmentation scores of every method (docs/protocol.md 4.4), pixel accuracy, mIoU and
 mAP over every image the run scores, from summed states (states/segmentation.json) that merge
-exactly across shards and ranks, and one row per image and method."""
+exactly across shards and ranks, and one row per image and method. The three scores join
+`table.csv` and the paper-layout tables (Seg Pixel Acc, Seg mIoU, Seg mAP, n_images_seg)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import torch
 from omegaconf import DictConfig
 
 from wsol_bench.choices import SEGMENTATION_PROTOCOLS
-from wsol_bench.errors import SettingError
-from wsol_bench.files import CsvRows, atomic_write_text, csv_text
-from wsol_bench.metrics.base import save_states
+from wsol_bench.errors import InputFileError, SettingError
+from wsol_bench.files import CsvRows, csv_text
+from wsol_bench.metrics.base import load_states, save_states
 from wsol_bench.metrics.segmentation import CheferSegmentation, batch_counts
+from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
-from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows, register_scorer
+from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows, register_scorer
 
 STATE_FILE = Path("states") / "segmentation.json"
 STATE_NAME = "chefer_segmentation"
@@ -31,6 +33,9 @@ ROW_COLUMNS = ["image_id", "method", "prediction", "degenerate", "correct", "lab
                "intersection_foreground", "union_background", "union_foreground", "ap"]
 TABLE_COLUMNS = ["method", "pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground", "images",
                  "n_degenerate"]
+SUMMARY_NAMES = {"pixel_accuracy": "Seg Pixel Acc", "mIoU": "Seg mIoU", "mAP": "Seg mAP"}
+CAPTION = ("Seg Pixel Acc, Seg mIoU, Seg mAP: Chefer et al.'s segmentation scores of the maps against the "
+           "masks, percent, over all images (n_images_seg).")
 log = logging.getLogger("wsol_bench")
 
 
@@ -109,27 +114,57 @@ class SegmentationScorer(Scorer):
             self.rows.close()
 
     def compute(self) -> pd.DataFrame:
-        """One row per method: pixel accuracy, mIoU, mAP and the IoU of each class in percent,
-        the number of images and of degenerate maps."""
-        rows = []
-        for method, metric in self.metrics.items():
-            if int(metric.images) == 0:
-                continue
-            scores = metric.compute()
-            rows.append({"method": method, **{k: 100 * scores[k] for k in
-                                               ("pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground")},
-                         "images": scores["images"], "n_degenerate": scores["n_degenerate"]})
-        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        """segmentation.csv's table (`segmentation_table`)."""
+        return segmentation_table(self.metrics)
 
     def write(self, out_dir: Path) -> list[Path]:
-        """states/segmentation.json, segmentation.csv (and the per-image rows, written as they came)."""
+        """states/segmentation.json (segmentation.csv is built from it with the run's other
+        tables, `tables`) and the per-image rows, written as they came."""
         self.close()
         (out_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
         paths = [save_states(out_dir / STATE_FILE, {m: {STATE_NAME: metric} for m, metric in self.metrics.items()})]
         table = self.compute()
-        paths.append(atomic_write_text(out_dir / TABLE_FILE, table.to_csv(index=False)))
         log.info("segmentation (Chefer et al., percent; docs/protocol.md 4.4):\n%s",
                  table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         if self.rows is not None:
             paths.append(self.rows.path)
         return paths
+
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables | None:
+        """segmentation.csv's table rebuilt from the states, and its pixel accuracy, mIoU and
+        mAP per method for `table.csv` and the paper tables."""
+        if not (run.path / STATE_FILE).is_file():
+            return None
+        table = segmentation_table(read_segmentation_states(run.path / STATE_FILE))
+        summary = table.set_index("method")[list(SUMMARY_NAMES)].rename(columns=SUMMARY_NAMES)
+        summary["n_images_seg"] = table.set_index("method")["images"]
+        return MeasureTables(summary=summary, caption=CAPTION, files={TABLE_FILE.removesuffix(".csv"): table})
+
+
+def segmentation_table(metrics: dict[str, CheferSegmentation]) -> pd.DataFrame:
+    """One row per method: pixel accuracy, mIoU, mAP and the IoU of each class in percent, the
+    number of images and of degenerate maps (methods without images have no row)."""
+    rows = []
+    for method, metric in metrics.items():
+        if int(metric.images) == 0:
+            continue
+        scores = metric.compute()
+        rows.append({"method": method, **{k: 100 * scores[k] for k in
+                                           ("pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground")},
+                     "images": scores["images"], "n_degenerate": scores["n_degenerate"]})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def read_segmentation_states(path: Path) -> dict[str, CheferSegmentation]:
+    """Every method's `CheferSegmentation` from the state file (checked as it is read); a file
+    holding anything else is an InputFileError naming it."""
+    metrics = {}
+    for method, named in load_states(path).items():
+        metric = named.get(STATE_NAME)
+        if set(named) != {STATE_NAME} or not isinstance(metric, CheferSegmentation):
+            raise InputFileError(f"metric state file {path}: method {method} holds {sorted(named)}, expected "
+                                 f"one {STATE_NAME} ({CheferSegmentation.__name__}); rerun the benchmark into "
+                                 "this folder to write it again")
+        metrics[method] = metric
+    return metrics

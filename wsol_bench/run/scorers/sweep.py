@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from wsol_bench.config.checks import check_sweep
+from wsol_bench.errors import InputFileError
 from wsol_bench.metrics.base import RunMetric, save_states
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.metrics.localization import metric_columns, region_scores
@@ -24,12 +26,22 @@ from wsol_bench.regions.engine import find_regions
 from wsol_bench.regions.rasterize import wsoleval_gt_boxes
 from wsol_bench.regions.thresholds import threshold_array
 from wsol_bench.report.figures import plot_sweep
-from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE, SWEEP_STATE, sweep_table, wsoleval_table
+from wsol_bench.report.run_folder import RunFolder
+from wsol_bench.report.sweep_tables import (
+    BOX_STATE,
+    PXAP_STATE,
+    SWEEP_STATE,
+    read_sweep_states,
+    sweep_table,
+    wsoleval_table,
+)
+from wsol_bench.report.tables import WSOL_NAMES, require_columns
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
-from wsol_bench.run.scorers.base import RunContext, Scorer, register_scorer
+from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, register_scorer
 
 STATE_FILE = Path("states") / "sweep.json"
+WSOLEVAL_FILE = "wsoleval.csv"
 log = logging.getLogger("wsol_bench")
 
 
@@ -133,7 +145,7 @@ class SweepScorer(Scorer):
 
     def write(self, out_dir: Path) -> list[Path]:
         """The metric states (states/sweep.json) and sweep.png; sweep.csv and wsoleval.csv are
-        built from the states with the run's other tables (`report.run_folder`)."""
+        built from the states with the run's other tables (`tables`)."""
         (out_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
         paths = [save_states(out_dir / STATE_FILE, self.metrics)]
         sweep = self.compute()["sweep"]
@@ -144,3 +156,48 @@ class SweepScorer(Scorer):
             log.warning("sweep: no image passes metric.image_filter=%s; sweep.csv is empty (try "
                         "metric.image_filter=all)", self.image_filter)
         return paths
+
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables | None:
+        """sweep.csv's and wsoleval.csv's tables rebuilt from the metric states, and MaxBoxAccV2
+        (and PxAP) per method for the paper tables. A folder written before the states existed
+        keeps only wsoleval.csv, which is read as it is."""
+        states_file = run.path / STATE_FILE
+        files = {}
+        if states_file.is_file():
+            image_filter = run.setting("metric.image_filter", "correct")
+            states = read_sweep_states(states_file)
+            files = {"sweep": sweep_table(states, image_filter),
+                     "wsoleval": wsoleval_table(states, image_filter, dataset=str(run.setting("dataset.name")),
+                                                split=str(run.setting("dataset.split")))}
+            wsoleval = files["wsoleval"]
+        else:
+            wsoleval = run.table_file(WSOLEVAL_FILE)
+            if wsoleval is None:
+                return None
+        return MeasureTables(summary=wsoleval_summary(wsoleval, str(run.path / WSOLEVAL_FILE)),
+                             caption=caption(wsoleval), files=files)
+
+
+def caption(wsoleval: pd.DataFrame) -> str:
+    """The paper tables' sentence on MaxBoxAccV2 and PxAP: which boxes they were measured on."""
+    # wsoleval.csv files written before the OpenCV mode have no `boxes` column: float components
+    boxes = ", ".join(sorted(set(wsoleval.get("boxes", [])))) or "components"
+    source = ("its own OpenCV contours" if boxes == "opencv"
+              else f"the float variant sweep.boxes={boxes}, not the published procedure")
+    return f"MaxBoxAccV2 (and PxAP): wsolevaluation, boxes from {source}, percent (n_images_wsol)."
+
+
+def wsoleval_summary(wsoleval: pd.DataFrame, source: str = WSOLEVAL_FILE) -> pd.DataFrame:
+    """Per method: MaxBoxAccV2 and, where the dataset has masks (not NaN), PxAP, as written
+    (percent), with the number of images (`n_images_wsol`)."""
+    require_columns(wsoleval, ["method", "n_images", "maxboxacc_v2"], source)
+    if wsoleval["method"].duplicated().any():
+        repeated = sorted(set(wsoleval.loc[wsoleval["method"].duplicated(), "method"]))
+        raise InputFileError(f"{source}: methods {repeated} appear more than once; it must hold one row "
+                             "per method")
+    summary = wsoleval.set_index("method")
+    columns = ["maxboxacc_v2"] + (["pxap"] if "pxap" in summary and summary["pxap"].notna().any() else [])
+    out = summary[columns].astype(float).rename(columns=WSOL_NAMES)
+    out["n_images_wsol"] = summary["n_images"]
+    return out
