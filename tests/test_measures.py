@@ -154,3 +154,68 @@ def test_the_suites_registries_share_one_helper():
     with pytest.raises(SettingError, match="scorer name 'records' is already registered"):
         SCORERS.register("records")(type("Other", (), {}))
     assert list(SCORERS)[:5] == ["records", "faithfulness", "masks", "sweep", "segmentation"]
+
+
+def test_chefer_perturbation_rows_tables_cache_and_class_setting(tmp_path, capsys):
+    """faithfulness=chefer_perturbation scores the run's own (predicted-class) maps with no
+    ground-truth-class pass; its table columns are the means of its rows in percent; a second
+    run over the same store reads the cached rows; vis_class=predicted with target=label is
+    refused before any work."""
+    out = run_folder(tmp_path / "run", "faithfulness=chefer_perturbation", "faithfulness.test=both")
+    assert set(json_of(out / "run.json")["shards_explained"]) == {"predicted/rollout", "predicted/random"}
+    rows = pd.read_csv(out / "chefer_perturbation.csv")
+    assert len(rows) == 12 and rows["target"].tolist() == rows["prediction"].tolist()
+    assert ((rows["auc_positive"] >= 0) & (rows["auc_positive"] <= 1)).all()
+    table = pd.read_csv(out / "table.csv").groupby("method", sort=False).first()
+    means = rows.groupby("method", sort=False)[["auc_positive", "auc_negative"]].mean() * 100
+    assert table["Pos. Perturbation"].to_dict() == pytest.approx(means["auc_positive"].to_dict())
+    assert table["Neg. Perturbation"].to_dict() == pytest.approx(means["auc_negative"].to_dict())
+    assert "Chefer et al.'s perturbation test" in (out / "table_box.md").read_text()
+    assert check_run(out) == []
+    cached = sorted((out.parent / "cache").rglob("chefer_perturbation_*/shard_*.csv"))
+    assert len(cached) == 2  # one shard per method
+    marked = pd.read_csv(cached[0]).assign(auc_positive=0.125)  # read back, not recomputed, by the next run
+    marked.to_csv(cached[0], index=False)
+    again = pd.read_csv(run_folder(tmp_path / "again", "faithfulness=chefer_perturbation",
+                                   "faithfulness.test=both") / "chefer_perturbation.csv")
+    assert (again["auc_positive"] == 0.125).sum() == 6
+    pd.testing.assert_frame_equal(again.drop(columns="auc_positive"), rows.drop(columns="auc_positive"))
+    with pytest.raises(SettingError, match="vis_class=predicted scores the maps of the predicted class"):
+        run_folder(tmp_path / "label", "faithfulness=chefer_perturbation", "target=label")
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(("mode", "column", "name"), [("deletion", "auc_deletion", "Deletion AUC"),
+                                                      ("insertion", "auc_insertion", "Insertion AUC")])
+def test_deletion_and_insertion_runs_reach_the_tables(tmp_path, mode, column, name):
+    """A RISE curve's rows have no ABPC: its own AUC column and count reach the tables."""
+    out = run_folder(tmp_path / "run", f"faithfulness={mode}", "faithfulness.steps=3")
+    rows = pd.read_csv(out / "faithfulness.csv")
+    box = pd.read_csv(out / "table_box.csv").set_index("method")
+    assert box[name].to_dict() == pytest.approx((rows.groupby("method")[column].mean() * 100).to_dict())
+    assert box[f"n_images_{mode}"].tolist() == [6, 6] and "ABPC" not in box.columns
+    assert check_run(out) == []
+
+
+@pytest.mark.parametrize(("mode", "settings", "means"), [
+    ("road", ["faithfulness.percentiles=[50,80]"], {"road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF",
+                                                    "road_combined": "ROAD"}),
+    ("saco", ["faithfulness.num_subsets=4"], {"saco": "SaCo"}),
+])
+def test_road_and_saco_rows_reach_the_tables(tmp_path, mode, settings, means):
+    """ROAD and SaCo score the run's own maps (no ground-truth-class pass); the table columns
+    are the means of the rows (ROAD in percent, SaCo as it is)."""
+    out = run_folder(tmp_path / "run", f"faithfulness={mode}", *settings)
+    assert set(json_of(out / "run.json")["shards_explained"]) == {"predicted/rollout", "predicted/random"}
+    rows = pd.read_csv(out / f"{mode}.csv")
+    assert len(rows) == 12 and rows["target"].tolist() == rows["prediction"].tolist()
+    box = pd.read_csv(out / "table_box.csv").set_index("method")
+    scale = 1 if mode == "saco" else 100
+    for column, name in means.items():
+        assert box[name].to_dict() == pytest.approx((rows.groupby("method")[column].mean() * scale).to_dict()), name
+    assert check_run(out) == []

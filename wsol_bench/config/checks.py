@@ -25,7 +25,7 @@ CHOICES = {
     "preprocess.interpolation": choices.INTERPOLATIONS,
     "metric.box_protocol": choices.BOX_PROTOCOLS,
     "metric.image_filter": choices.IMAGE_FILTERS,
-    "faithfulness.mode": choices.FAITHFULNESS_MODES,
+    "faithfulness.mode": choices.FAITHFULNESS_MEASURES,
     "faithfulness.integral": choices.FAITHFULNESS_INTEGRALS,
     "sweep.boxes": choices.SWEEP_BOXES,
     "segmentation.protocol": choices.SEGMENTATION_PROTOCOLS,

@@ -57,6 +57,48 @@ class FaithfulnessConfig:
 
 
 @dataclass
+class CheferPerturbationConfig:
+    """Mirrors `wsol_bench.metrics.chefer_perturbation.CheferSettings`, which checks the values."""
+
+    mode: str = "chefer_perturbation"
+    steps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    test: str = "both"
+    vis_class: str = "predicted"
+    batch_size: int | None = None
+    baseline: float = 0.0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class RoadConfig:
+    """Mirrors `wsol_bench.metrics.road.RoadSettings`, which checks the values."""
+
+    mode: str = "road"
+    percentiles: list[float] = field(default_factory=lambda: [10, 20, 30, 40, 50, 60, 70, 80, 90])
+    order: str = "both"
+    noise: float = 0.01
+    seed: int = 0
+    score: str = "softmax"
+    batch_size: int | None = None
+    solve_batch_size: int | None = None
+
+
+@dataclass
+class SacoConfig:
+    """Mirrors `wsol_bench.metrics.saco.SacoSettings`, which checks the values. `baseline` is
+    "mean", a number or a list of numbers: OmegaConf has no such union type."""
+
+    mode: str = "saco"
+    num_subsets: int = 10
+    baseline: Any = "mean"
+    class_source: str = "predicted"
+    batch_size: int | None = None
+    grouping: str = "pixel"
+    patch_size: int | None = None
+
+
+@dataclass
 class SweepConfig:
     """The threshold sweep: numpy.arange(start, stop, step) or an explicit list, the IoU levels
     (percent) of MaxBoxAccV2 and the box extraction."""

@@ -12,7 +12,15 @@ from wsol_bench.registry import Registry
 
 from .bench import BenchConfig
 from .datasets import DATASET_SCHEMAS
-from .groups import FaithfulnessConfig, MethodConfig, SegmentationConfig, SweepConfig
+from .groups import (
+    CheferPerturbationConfig,
+    FaithfulnessConfig,
+    MethodConfig,
+    RoadConfig,
+    SacoConfig,
+    SegmentationConfig,
+    SweepConfig,
+)
 from .trainer import TrainerConfig
 
 SCHEMAS: Registry[type] = Registry("schema")
@@ -23,6 +31,9 @@ SCHEMAS.update({
        if name != "synthetic_two_class"},  # it shares synthetic's
     "schema_method": MethodConfig,
     "schema_faithfulness": FaithfulnessConfig,
+    "schema_faithfulness_chefer_perturbation": CheferPerturbationConfig,
+    "schema_faithfulness_road": RoadConfig,
+    "schema_faithfulness_saco": SacoConfig,
     "schema_sweep": SweepConfig,
     "schema_segmentation": SegmentationConfig,
 })

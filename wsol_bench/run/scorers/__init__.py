@@ -7,10 +7,10 @@ measure needs no line here. Third-party packages add measures through the entry-
 import importlib
 import pkgutil
 
-from .base import SCORERS, MeasureTables, RunContext, Scorer, build_scorers, register_scorer
+from .base import SCORERS, MeasureTables, RunContext, Scorer, build_scorers, needs_label_maps, register_scorer
 
 FIRST = ("records", "faithfulness", "masks", "sweep", "segmentation")  # their order is the tables' column order
-for _name in [*FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*FIRST, "base"})]:
+for _name in [*FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*FIRST, "base", "perturbation"})]:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["SCORERS", "MeasureTables", "RunContext", "Scorer", "build_scorers", "register_scorer"]
+__all__ = ["SCORERS", "MeasureTables", "RunContext", "Scorer", "build_scorers", "needs_label_maps", "register_scorer"]

@@ -67,7 +67,8 @@ class MeasureTables:
 @dataclass
 class RunContext:
     """What a scorer may need besides its own config: the dataset, where this rank writes, the
-    run's methods, lazy access to the model, and the stores of the ground-truth-class maps."""
+    run's methods, lazy access to the model, and the map stores: of the ground-truth class's
+    maps and of the run's own maps (target policy `target`), per method."""
 
     out_dir: Path
     dataset: Dataset
@@ -79,6 +80,7 @@ class RunContext:
     label_stores: dict[str, MapStore]
     methods: list[str]
     ranks: Ranks = ONE_PROCESS
+    target_stores: dict[str, MapStore] = field(default_factory=dict)
 
 
 class Scorer:
@@ -93,6 +95,12 @@ class Scorer:
     def from_config(cls, cfg: DictConfig, context: RunContext) -> Scorer | None:
         """The scorer for this run, or None when the configuration does not ask for it."""
         raise NotImplementedError
+
+    @classmethod
+    def wants_label_maps(cls, cfg: DictConfig) -> bool:
+        """Whether a run with `cfg` must also explain the ground-truth class for this scorer
+        (decided before the scorers are built: the map stores come first). No by default."""
+        return False
 
     def update(self, mb: MethodBatch) -> None:
         """Take one method's batch in the main process (a scorer with a kernel: the kernel's
@@ -142,6 +150,11 @@ def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
     """Class decorator: make a Scorer subclass part of every run that asks for it, and of the
     tables of every run folder that holds its files."""
     return SCORERS.register(name)
+
+
+def needs_label_maps(cfg: DictConfig) -> bool:
+    """Whether any scorer the configuration asks for scores the ground-truth class's maps."""
+    return any(cls.wants_label_maps(cfg) for _, cls in SCORERS.entries())
 
 
 def build_scorers(cfg: DictConfig, context: RunContext) -> list[Scorer]:

@@ -1,0 +1,254 @@
+"""Chefer et al.'s positive and negative perturbation test for ViT explanations ("Transformer
+Interpretability Beyond Attention Visualization", CVPR 2021), batched.
+
+The published procedure is baselines/ViT/pertubation_eval_from_hdf5.py (P) of the authors'
+repository, run on the maps that baselines/ViT/generate_visualizations.py (G) stores. Each of
+its conventions below is followed and tested:
+- Maps: G upsamples the patch map bilinearly by the patch size (align_corners=False) and
+  min-max normalises it (G 98-100), as `regions.heatmaps.to_heatmaps` does. Only the order of
+  the values matters here, so the heatmaps may come normalised or not.
+- Steps: the fractions 0.1, 0.2, ..., 0.9 of the n = H*W pixels (P 32-34); step s removes
+  k = int(n * s) pixels, in float64 and truncated (P 91): 5017 of 50176 at 0.1.
+- Which pixels: torch.topk(relevance, k) over the flattened map at pixel resolution (P 86, 91):
+  the positive test removes the k most relevant pixels, the negative test the k least relevant,
+  as topk of the negated map (P 83-84). Pixels tied at the cut are chosen the way torch.topk
+  chooses them, which is not a stable order (nor nested from one step to the next): the engine
+  calls torch.topk with the same k on the same values, so it removes the same pixels (a row's
+  choice does not depend on the other rows of the call; tested on CPU). This is on purpose a
+  different rule from the stable sort of `faithfulness.pixel_ranks`.
+- Removal: every channel of a removed pixel is set to 0 in the unnormalised [0, 1] image
+  (P 92-94), before normalisation (P 97); in the normalised input that is (0 - mean) / std
+  per channel (-1 for mean = std = 0.5, the published ViT-B and the shipped model).
+- Score: top-1 correct, argmax of the logits (first index on ties) equal to the dataset label
+  (P 110-112), in both class settings: the class the maps explain (--vis-class top or target,
+  G 66-68; top is the argmax, ViT_explanation_generator.py 29) changes the maps, never what is
+  scored. `explained_classes` gives that class.
+- AUC: P prints the mean accuracy per step and computes no area (P 130-134). The area follows
+  the reuse of the test (e.g. jiaminchen-1031/transformerinterp, the same script with
+  sklearn.metrics.auc added): the trapezoid rule over x = 0, 0.1, ..., 0.9, 1 of the curve
+  [clean accuracy, the 9 step accuracies, 0], the point at x = 1 fixed at 0 (not a model pass).
+  The rule is linear in the curve, so the mean of the per-image areas returned here is the
+  area of the mean curve. Areas are fractions; the published tables show percents (x100).
+
+No input goes through the model twice: the clean point comes from the clean logits of the
+explanation pass (one extra pass per image when they are not given), a step that removes no
+pixel reuses it, and the perturbed inputs of all images, steps and tests are stacked and sent
+through the model `batch_size` at a time with the fused attention kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wsol_bench.errors import SettingError
+from wsol_bench.metrics.faithfulness import _check_inputs, _check_targets, _model_device, default_batch_size
+from wsol_bench.models import data_config, fused_attention
+
+PUBLISHED_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # P 34
+TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
+VIS_CLASSES = ("predicted", "target")  # faithfulness.vis_class: the script's --vis-class top / target
+
+
+@dataclass(frozen=True)
+class CheferSettings:
+    """How the perturbation test runs.
+
+    steps: fractions of the pixels removed, strictly increasing inside (0, 1) (the curve's end
+    points 0 and 1 are the clean image and the fixed 0). test: "positive", "negative" or
+    "both". vis_class: the class the maps explain, "predicted" (the script's default `top`) or
+    "target" (the label); it picks the explained class in `explained_classes`, the score is
+    always against the label. batch_size: perturbed images per forward pass; None picks the
+    device default (speed only, not the numbers). baseline: the value removed pixels get in the
+    unnormalised [0, 1] image (published: 0, black). mean, std: the normalisation of the
+    images; None reads the model's timm data config.
+    """
+
+    steps: tuple[float, ...] = PUBLISHED_STEPS
+    test: str = "both"
+    vis_class: str = "predicted"
+    batch_size: int | None = None
+    baseline: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        steps = _floats("steps", self.steps)
+        if not steps or not all(0 < s < 1 for s in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
+            raise SettingError(f"faithfulness.steps must be fractions strictly increasing inside (0, 1), "
+                               f"e.g. {list(PUBLISHED_STEPS)}; got {list(steps)}")
+        if len({step_column("", s) for s in steps}) < len(steps):
+            raise SettingError(f"faithfulness.steps {list(steps)} has steps closer than 1e-6 %; their record "
+                               "columns would collide")
+        object.__setattr__(self, "steps", steps)
+        if self.test not in TESTS:
+            raise SettingError(f"faithfulness.test {self.test!r} is unknown; valid: {', '.join(TESTS)}")
+        if self.vis_class not in VIS_CLASSES:
+            raise SettingError(f"faithfulness.vis_class {self.vis_class!r} is unknown; valid: "
+                               f"{', '.join(VIS_CLASSES)}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise SettingError(f"faithfulness.batch_size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "baseline", _floats("baseline", (self.baseline,))[0])
+        if (self.mean is None) != (self.std is None):
+            raise SettingError("give both faithfulness.mean and faithfulness.std, or neither (then the "
+                               "model's data config gives them)")
+        if self.mean is not None:
+            object.__setattr__(self, "mean", _floats("mean", self.mean))
+            object.__setattr__(self, "std", _floats("std", self.std))
+            if not all(s > 0 for s in self.std):
+                raise SettingError(f"faithfulness.std must be positive, got {list(self.std)}")
+
+    @property
+    def tests(self) -> tuple[str, ...]:
+        """The tests this setting runs, positive first."""
+        return TESTS[self.test]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _floats(key: str, values: object) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise SettingError(f"faithfulness.{key} must be a list of numbers, got {values!r}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise SettingError(f"faithfulness.{key} must be finite numbers, got {list(out)}")
+    return out
+
+
+def pixel_counts(num_pixels: int, steps: tuple[float, ...]) -> list[int]:
+    """Pixels removed at each step: int(n * s) in float64, truncated, as P 91 computes it."""
+    return [int(num_pixels * s) for s in steps]
+
+
+def removed_value(model: nn.Module, settings: CheferSettings, channels: int,
+                  device: torch.device) -> torch.Tensor:
+    """[1, C, 1, 1]: the baseline pixel value normalised as P 97 normalises it ((v - mean) / std
+    in float32), with the settings' mean and std or else the model's timm data config."""
+    mean, std = settings.mean, settings.std
+    if mean is None:
+        if getattr(model, "pretrained_cfg", None) is None and getattr(model, "default_cfg", None) is None:
+            raise SettingError(f"{type(model).__name__} carries no timm data config to read the image "
+                               "normalisation from; give faithfulness.mean and faithfulness.std")
+        config = data_config(model)
+        mean, std = config.mean, config.std
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise SettingError(f"faithfulness.mean/std have {len(mean)}/{len(std)} values for {channels}-channel "
+                           "images; give one value or one per channel")
+    value = torch.full((channels,), settings.baseline, dtype=torch.float32, device=device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).expand(channels)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).expand(channels)
+    return ((value - mean_t) / std_t).view(1, channels, 1, 1)  # float32, subtract then divide, as P
+
+
+def explained_classes(settings: CheferSettings, labels: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """The class the maps must explain: the label ("target") or the model's clean prediction
+    ("predicted", argmax with the first index on ties, as G does when no index is given)."""
+    if settings.vis_class == "target":
+        return torch.as_tensor(labels, dtype=torch.long)
+    return clean_logits.argmax(1)
+
+
+def curve_area(clean: torch.Tensor, curve: torch.Tensor, steps: tuple[float, ...]) -> torch.Tensor:
+    """Trapezoid area of [clean, curve..., 0] over x = [0, steps..., 1], float64 [B]."""
+    y = torch.cat([clean[:, None], curve, torch.zeros_like(clean)[:, None]], dim=1).double()
+    x = torch.tensor((0.0, *steps, 1.0), dtype=torch.float64, device=y.device)
+    return torch.trapezoid(y, x, dim=1)
+
+
+@torch.inference_mode()
+def score_chefer_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, labels: torch.Tensor,
+                       settings: CheferSettings | None = None,
+                       clean_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The perturbation test for a batch.
+
+    images: normalised [B, C, H, W]; heatmaps: [B, H, W], higher = more relevant; labels: [B]
+    dataset labels (what is scored); clean_logits: [B, K] logits of the unperturbed images
+    (one pass per image here when None). Returns CPU tensors: `clean_correct` [B] (0/1), per
+    test `<test>` [B, steps] (1 where the prediction is still the label) and `auc_<test>`
+    (float64 [B], a fraction).
+    """
+    settings = settings or CheferSettings()
+    device = _model_device(model, images.device)
+    images = images.to(device, torch.float32)
+    heatmaps = heatmaps.to(device, torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    _check_inputs(model, images, heatmaps, labels)
+    batch, channels, height, width = images.shape
+    if clean_logits is not None:
+        clean_logits = clean_logits.to(device).float()
+        if clean_logits.ndim != 2 or clean_logits.shape[0] != batch:
+            raise SettingError(f"clean_logits {tuple(clean_logits.shape)} must be [B={batch}, classes]")
+        _check_targets(labels, clean_logits.shape[1])
+    fill = removed_value(model, settings, channels, device)
+    counts = pixel_counts(height * width, settings.steps)
+    # Relevance as P ranks it: the map for the positive test, its negation for the negative.
+    signed = {"positive": heatmaps.flatten(1), "negative": -heatmaps.flatten(1)}
+
+    # One group per input kind, each holding the batch's images in order: the clean image (when
+    # its logits are not given), then every (test, step) that removes pixels. A step that
+    # removes nothing is the clean image and is not run.
+    groups = [("clean", -1, 0)] if clean_logits is None else []
+    groups += [(test, s, k) for test in settings.tests for s, k in enumerate(counts) if k > 0]
+    total = len(groups) * batch
+    top = torch.empty(total, dtype=torch.long, device=device)
+    chunk = settings.batch_size or default_batch_size(device)
+    with fused_attention(model):  # outputs only: the fused kernel is faster
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            removed = torch.zeros(stop - start, height * width, dtype=torch.bool, device=device)
+            for g in range(start // batch, (stop - 1) // batch + 1):  # the groups this chunk holds
+                test, _, k = groups[g]
+                lo, hi = max(start, g * batch), min(stop, (g + 1) * batch)
+                if k:  # topk with the same k on the same values as P 91: ties resolve the same way
+                    chosen = torch.topk(signed[test][lo - g * batch:hi - g * batch], k, dim=1).indices
+                    removed[lo - start:hi - start].scatter_(1, chosen, True)
+            owners = torch.arange(start, stop, device=device) % batch
+            inputs = torch.where(removed.view(-1, 1, height, width), fill, images[owners])
+            logits = model(inputs).float()
+            if clean_logits is None and start == 0:  # bad labels fail before the other passes
+                _check_targets(labels, logits.shape[1])
+            top[start:stop] = logits.max(1).indices  # as P 110: first index on ties
+    top = top.view(len(groups), batch).cpu()
+    predicted = {(test, s): top[g] for g, (test, s, _) in enumerate(groups)}
+
+    labels_cpu = labels.cpu()
+    clean_top = predicted[("clean", -1)] if clean_logits is None else clean_logits.max(1).indices.cpu()
+    clean = (clean_top == labels_cpu).double()
+    out: dict[str, torch.Tensor] = {"clean_correct": clean}
+    for test in settings.tests:
+        curve = torch.stack([(predicted[(test, s)] == labels_cpu).double() if k > 0 else clean
+                             for s, k in enumerate(counts)], dim=1)
+        out[test] = curve
+        out[f"auc_{test}"] = curve_area(clean, curve, settings.steps)
+    return out
+
+
+def step_column(test: str, fraction: float) -> str:
+    """Record column of one step: the test and the percent of pixels removed (positive_10;
+    positive_12p5 for 12.5 %)."""
+    return f"{test}_{f'{100 * fraction:.6g}'.replace('.', 'p'):0>2}"
+
+
+def row_columns(settings: CheferSettings) -> list[str]:
+    """The columns of `chefer_rows` for these settings, in order."""
+    return (["clean_correct"] + [f"auc_{t}" for t in settings.tests]
+            + [step_column(t, f) for t in settings.tests for f in settings.steps])
+
+
+def chefer_rows(scores: dict[str, torch.Tensor], settings: CheferSettings) -> list[dict[str, float]]:
+    """One record row per image from `score_chefer_batch` output, columns as `row_columns`."""
+    columns = row_columns(settings)
+    batch = scores["clean_correct"].shape[0]
+    values = {"clean_correct": scores["clean_correct"]}
+    for test in settings.tests:
+        values[f"auc_{test}"] = scores[f"auc_{test}"]
+        for s, fraction in enumerate(settings.steps):
+            values[step_column(test, fraction)] = scores[test][:, s]
+    return [{name: float(values[name][b]) for name in columns} for b in range(batch)]
