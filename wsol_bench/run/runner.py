@@ -40,7 +40,7 @@ from wsol_bench.run.maps import (
 )
 from wsol_bench.run.pipeline import has_masks, process_dataset
 from wsol_bench.run.run_tables import format_run_tables, run_tables, write_run_tables
-from wsol_bench.run.scorers import RunContext, build_scorers
+from wsol_bench.run.scorers import RunContext, build_scorers, needs_label_maps
 
 log = logging.getLogger("wsol_bench")
 RANKS_FOLDER = "ranks"  # inside rank 0's staging folder: the other ranks' outputs until merged
@@ -115,13 +115,14 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
         log.info("model %s on %s, dataset %s/%s (%d images), methods %s%s", cfg.model.name, cfg.device, dcfg.name,
                  dcfg.split, len(dataset), ", ".join(cfg.method), f", {ranks.world} ranks" if ranks.distributed else "")
 
-    policies = [cfg.target] + (["label"] if cfg.faithfulness and cfg.target != "label" else [])
+    policies = [cfg.target] + (["label"] if needs_label_maps(cfg) and cfg.target != "label" else [])
     stores = map_stores(cfg, dataset, transform, policies)
     label_stores = stores.get("label", {})
     parts = [stage or out_dir] + [(stage or out_dir) / RANKS_FOLDER / str(r) for r in range(1, ranks.world)]
     context = RunContext(out_dir=out_dir, dataset=dataset, dataset_name=dcfg.name, split=dcfg.split,
                          has_masks=has_masks(dataset), class_names=getattr(dataset, "class_names", None),
-                         model=model.get, label_stores=label_stores, methods=list(cfg.method), ranks=ranks)
+                         model=model.get, label_stores=label_stores, methods=list(cfg.method), ranks=ranks,
+                         target_stores=stores[cfg.target])
     scorers = build_scorers(cfg, context)  # settings are checked here, before any model pass
     reference = next(iter(stores[cfg.target].values()))
     block = ranks.block(reference.num_shards(len(dataset)))
