@@ -12,8 +12,6 @@ IMAGE_FILTERS = ("correct", "all")  # metric.image_filter
 FAITHFULNESS_MODES = ("abpc", "deletion", "insertion")  # faithfulness.mode of the pixel-perturbation curves
 # every faithfulness measure (faithfulness.mode; each option of the faithfulness group sets it)
 FAITHFULNESS_MEASURES = (*FAITHFULNESS_MODES, "chefer_perturbation", "road", "saco")
-CHEFER_TESTS = ("positive", "negative", "both")  # faithfulness.test (chefer_perturbation)
-CHEFER_VIS_CLASSES = ("predicted", "target")  # faithfulness.vis_class (chefer_perturbation)
 FAITHFULNESS_INTEGRALS = ("mean", "trapezoid")  # faithfulness.integral
 SWEEP_BOXES = ("opencv", "components")  # sweep.boxes
 SEGMENTATION_PROTOCOLS = ("chefer",)  # segmentation.protocol

@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+import wsol_bench.metrics.grid_solver as solver_module
 import wsol_bench.metrics.road as engine_module
 import wsol_bench.metrics.road_imputation as imputation_module
+import wsol_bench.metrics.road_settings as settings_module
 from wsol_bench.metrics.road import RoadSettings, road_columns, road_rows, road_scores
 from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.run.scorers.base import MeasureTables, register_scorer
@@ -34,7 +36,7 @@ class Road(PerturbationRows):
 
     modes = ("road",)
     file = FILE
-    engine = (engine_module, imputation_module)
+    engine = (engine_module, settings_module, imputation_module, solver_module)
 
     @classmethod
     def settings_from(cls, node: DictConfig) -> RoadSettings:
