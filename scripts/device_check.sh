@@ -11,6 +11,9 @@
 #      strict fp32 and with TF32 and autocast
 #   2. the quickstart with faithfulness=abpc and sweep=grid on CUDA
 #   3. the explainer benchmark at batch 64
+#   4. the faithfulness measures of issue 30 (batched engine vs the published procedure image by
+#      image, same numbers checked): Chefer's perturbation test, SaCo, ROAD (needs grad-cam's
+#      wheel in .whl/ for its reference; its solver path on CUDA is untested elsewhere)
 set -u
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -41,4 +44,10 @@ echo "quickstart wall ${SECONDS}s"
 cp /tmp/quick/table_box.csv "$OUT/quick_table_box.csv"; cp /tmp/quick/wsoleval.csv "$OUT/quick_wsoleval.csv"
 step "explainer benchmark, batch 64"
 timeout 60 python3 scripts/benchmark_explainers.py --device cuda --batch-size 64
+step "Chefer perturbation benchmark, 128 images"
+timeout 120 python3 scripts/benchmark_chefer_perturbation.py 128 --device cuda
+step "SaCo benchmark, 128 images"
+timeout 120 python3 scripts/benchmark_saco.py 128 --device cuda
+step "ROAD benchmark, 64 images (16 through the library)"
+timeout 150 python3 scripts/benchmark_road.py --images 64 --reference-images 16 --device cuda
 step done
