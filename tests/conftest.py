@@ -140,7 +140,9 @@ def forked_command(prog: str, args: list[str], cwd: Path, output: Path | None = 
     forked from this one: it inherits the imported torch and timm, so it starts working at once
     (a new Python would spend seconds importing them first). For tests that kill a command
     mid-run; returns the multiprocessing.Process (exitcode -9 once SIGKILLed). What it prints
-    goes to the file `output` when given."""
+    goes to the file `output` when given. The command must not need gradients (use rollout or
+    center, not agcam): once this test process has run a backward pass, PyTorch refuses autograd
+    in a forked child, and which tests ran before depends on how pytest-xdist spreads them."""
     import multiprocessing
 
     child = multiprocessing.get_context("fork").Process(

@@ -25,7 +25,7 @@ from wsol_bench.run import folder as folder_module
 from wsol_bench.run.folder import staged_run, staging_folders
 from wsol_bench.run.store import MapStore
 
-FAST = ["method=[center,agcam]", "dataset.params.num_images=8", "batch_size=2", "store.shard_size=2",
+FAST = ["method=[center,rollout]", "dataset.params.num_images=8", "batch_size=2", "store.shard_size=2",
         "gallery_images=0", "progress=false"]
 FOREIGN = {"notes.txt": "the user's own notes", ".hydra/config.yaml": "hydra: 1", "wsol-bench.log": "log\n"}
 OLD_RUN = {"table.csv": "old table", "records.csv": "old records", "sweep.csv": "old sweep",
@@ -243,7 +243,7 @@ def test_an_interrupted_run_ends_in_one_line_keeps_its_shards_and_a_rerun_resume
     for images in (40, 200, 1000):
         work = tmp_path / str(images)
         cache, out, printed = work / "cache", work / "run", work / "printed.txt"
-        args = [*FAST, "method=[agcam]", f"dataset.params.num_images={images}", f"store.root={cache}",
+        args = [*FAST, "method=[rollout]", f"dataset.params.num_images={images}", f"store.root={cache}",
                 f"hydra.run.dir={out}"]
         work.mkdir()
         child = forked_command("wsol-bench", args, work, output=printed)

@@ -331,7 +331,7 @@ def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(
     and scored (ABPC), half way, and while the outputs are written; each rerun into the same
     folder resumes from the cache, and the final outputs and the faithfulness cache equal those
     of an uninterrupted run."""
-    common = ["method=[agcam,center]", "dataset.params.num_images=8", "batch_size=2", "store.shard_size=2",
+    common = ["method=[rollout,center]", "dataset.params.num_images=8", "batch_size=2", "store.shard_size=2",
               "gallery_images=0", "progress=false", "faithfulness=abpc", "faithfulness.steps=5", "sweep=grid",
               "sweep.thresholds=[0.2,0.5,0.8]"]
     straight = command("wsol-bench", [*common, f"store.root={tmp_path / 'fresh'}", "hydra.run.dir=straight"],

@@ -152,7 +152,7 @@ def test_a_shard_of_another_store_or_grid_is_refused(tmp_path):
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, command):
     """SIGKILL a real run after some shards, rerun it: only the missing shards are explained
     and records equal an uninterrupted run's."""
-    common = ["method=[agcam,center]", "dataset.params.num_images=20", "batch_size=4", "store.shard_size=4",
+    common = ["method=[rollout,center]", "dataset.params.num_images=20", "batch_size=4", "store.shard_size=4",
               "gallery_images=0", "progress=false"]
     cache = tmp_path / "cache"
     child = forked_command("wsol-bench", [*common, f"store.root={cache}", "hydra.run.dir=killed"], tmp_path)
