@@ -16,13 +16,10 @@ from wsol_bench.metrics.chefer_perturbation import (
     row_columns,
     score_chefer_batch,
 )
-from wsol_bench.report.run_folder import RunFolder
-from wsol_bench.run.scorers.base import MeasureTables, RunContext, register_scorer
+from wsol_bench.run.scorers.base import RunContext, register_scorer
 from wsol_bench.run.scorers.perturbation import (
     PerturbationRows,
-    method_means,
     settings_params,
-    unscored_notes,
 )
 
 FILE = "chefer_perturbation.csv"
@@ -42,6 +39,7 @@ class CheferPerturbation(PerturbationRows):
     modes = ("chefer_perturbation",)
     file = FILE
     engine = (engine_module,)
+    table_columns, count_column, caption = NAMES, COUNT, CAPTION
 
     @classmethod
     def settings_from(cls, node: DictConfig) -> CheferSettings:
@@ -68,15 +66,3 @@ class CheferPerturbation(PerturbationRows):
         against the label, as the script scores it."""
         return chefer_rows(score_chefer_batch(model, images, heatmaps, labels, self.settings, clean_logits=logits),
                            self.settings)
-
-    @classmethod
-    def tables(cls, run: RunFolder) -> MeasureTables | None:
-        """Mean positive and negative areas per method over the images with a score."""
-        rows = run.per_image_rows(FILE)
-        if rows is None:
-            return None
-        names = {column: name for column, name in NAMES.items() if column in rows.columns}
-        summary = method_means(rows, names, COUNT, str(run.path / FILE))
-        return MeasureTables(summary=summary, caption=CAPTION,
-                             notes=unscored_notes(rows, run.records, FILE, "the perturbation test"))
-

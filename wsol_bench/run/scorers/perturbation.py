@@ -27,10 +27,11 @@ from wsol_bench.environment import package_version, precision_key
 from wsol_bench.errors import InputFileError
 from wsol_bench.files import atomic_write, disk_full_refused, write_json
 from wsol_bench.regions.heatmaps import to_heatmaps
+from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.report.tables import require_columns
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
-from wsol_bench.run.scorers.base import RunContext, Scorer, append_rank_rows
+from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows
 from wsol_bench.run.store import MapStore, settings_key
 
 ID_COLUMNS = ["image_id", "dataset", "split", "method", "label", "prediction", "target", "degenerate"]
@@ -59,6 +60,11 @@ class PerturbationRows(Scorer):
     file: ClassVar[str] = ""  # its per-image CSV in the run folder
     label_maps: ClassVar[bool] = False  # True: the ground-truth class's maps; False: the run's own (`target`)
     engine: ClassVar[tuple[ModuleType, ...]] = ()  # the modules whose source is part of the cache key
+    # the tables: score column -> table column (averaged per method, in percent), the count column
+    # and the caption sentence (`tables`)
+    table_columns: ClassVar[dict[str, str]] = {}
+    count_column: ClassVar[str] = ""
+    caption: ClassVar[str] = ""
 
     def __init__(self, model_fn, stores: dict[str, MapStore], settings, path: Path, *, dataset_name: str,
                  split: str, precision: dict | None = None) -> None:
@@ -215,6 +221,23 @@ class PerturbationRows(Scorer):
         if not self.path.exists():
             pd.DataFrame(columns=ID_COLUMNS + self.row_columns()).to_csv(self.path, index=False)
         return [self.path]
+
+    @classmethod
+    def tables(cls, run: RunFolder) -> MeasureTables | None:
+        """The mean of each of `table_columns` per method over the images with a score, and a
+        note for every method whose rows miss images or whose maps are degenerate."""
+        rows = run.per_image_rows(cls.file)
+        if rows is None:
+            return None
+        names = {column: name for column, name in cls.table_columns.items() if column in rows.columns}
+        notes = unscored_notes(rows, run.records, cls.file, cls.name) + cls.row_notes(rows)
+        return MeasureTables(summary=method_means(rows, names, cls.count_column, str(run.path / cls.file)),
+                             caption=cls.caption, notes=notes)
+
+    @classmethod
+    def row_notes(cls, rows: pd.DataFrame) -> list[str]:
+        """Notes of the measure's own on its per-image rows (none by default)."""
+        return []
 
 
 def method_means(rows: pd.DataFrame, names: dict[str, str], count: str, source: str, scale: float = 100.0

@@ -5,6 +5,7 @@ method; the tables give the mean change of the explained class's probability, in
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -13,13 +14,10 @@ import wsol_bench.metrics.road as engine_module
 import wsol_bench.metrics.road_imputation as imputation_module
 import wsol_bench.metrics.road_settings as settings_module
 from wsol_bench.metrics.road import RoadSettings, road_columns, road_rows, road_scores
-from wsol_bench.report.run_folder import RunFolder
-from wsol_bench.run.scorers.base import MeasureTables, register_scorer
+from wsol_bench.run.scorers.base import register_scorer
 from wsol_bench.run.scorers.perturbation import (
     PerturbationRows,
-    method_means,
     settings_params,
-    unscored_notes,
 )
 
 FILE = "road.csv"
@@ -37,6 +35,7 @@ class Road(PerturbationRows):
     modes = ("road",)
     file = FILE
     engine = (engine_module, settings_module, imputation_module, solver_module)
+    table_columns, count_column, caption = NAMES, COUNT, CAPTION
 
     @classmethod
     def settings_from(cls, node: DictConfig) -> RoadSettings:
@@ -53,15 +52,8 @@ class Road(PerturbationRows):
                          self.settings)
 
     @classmethod
-    def tables(cls, run: RunFolder) -> MeasureTables | None:
-        """Mean ROAD numbers per method over the images with a score."""
-        rows = run.per_image_rows(FILE)
-        if rows is None:
-            return None
-        names = {column: name for column, name in NAMES.items() if column in rows.columns}
-        notes = unscored_notes(rows, run.records, FILE, "ROAD")
+    def row_notes(cls, rows: pd.DataFrame) -> list[str]:
+        """A note for every method with inputs whose every pixel was removed."""
         removed = rows.groupby("method", sort=False)["road_all_removed"].sum()
-        notes += [f"{m}: {int(n)} ROAD inputs had every pixel removed (ties at a percentile); their scores say "
-                  "nothing about the map." for m, n in removed.items() if n > 0]
-        return MeasureTables(summary=method_means(rows, names, COUNT, str(run.path / FILE)), caption=CAPTION,
-                             notes=notes)
+        return [f"{m}: {int(n)} ROAD inputs had every pixel removed (ties at a percentile); their scores say "
+                "nothing about the map." for m, n in removed.items() if n > 0]
