@@ -11,13 +11,12 @@ Usage: python scripts/benchmark_abpc.py [--images 8] [--batch-size N] [--device 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
@@ -79,16 +78,6 @@ def batched_abpc(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
                                  clean_logits=clean_logits[part], full_removal_probs=full)["abpc"])
     return torch.cat(parts)
 
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
-    """Result and wall-clock seconds of `fn` (device work included)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def benchmark(name: str, args: argparse.Namespace) -> float:

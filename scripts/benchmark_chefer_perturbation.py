@@ -17,13 +17,13 @@ Usage: python scripts/benchmark_chefer_perturbation.py [N images, default 32] [-
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.chefer_perturbation import CheferSettings, score_chefer_batch
 from wsol_bench.metrics.faithfulness import default_batch_size
@@ -90,12 +90,6 @@ def run_batched(model: nn.Module, images, heatmaps, labels, clean_logits, settin
     return {test: torch.cat([p[test] for p in parts]).numpy() for test in ("positive", "negative")}
 
 
-def timed(fn):
-    """(result, seconds) of fn()."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,9 +116,9 @@ def main() -> None:
     settings = CheferSettings(batch_size=chunk)
 
     run_batched(model, images[:2], heatmaps[:2], labels[:2], clean_logits[:2], settings)  # warm-up
-    one, one_s = timed(lambda: run_published(model, raw, heatmaps, labels, loader_batch=1))
-    sixteen, sixteen_s = timed(lambda: run_published(model, raw, heatmaps, labels, loader_batch=16))
-    fast, fast_s = timed(lambda: run_batched(model, images, heatmaps, labels, clean_logits, settings))
+    one, one_s = timed(lambda: run_published(model, raw, heatmaps, labels, loader_batch=1), args.device)
+    sixteen, sixteen_s = timed(lambda: run_published(model, raw, heatmaps, labels, loader_batch=16), args.device)
+    fast, fast_s = timed(lambda: run_batched(model, images, heatmaps, labels, clean_logits, settings), args.device)
     n = args.images
     print(f"torch {torch.__version__}, {args.model} on {args.device}, {torch.get_num_threads()} threads, "
           f"{n} images, AG-CAM maps, both tests")

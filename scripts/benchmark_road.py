@@ -15,13 +15,12 @@ Usage: python scripts/benchmark_road.py [--images 32] [--reference-images N] [--
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.road import RoadSettings, road_scores
 from wsol_bench.models import data_config, load_model
@@ -65,16 +64,6 @@ def batched_road(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
                                  clean_logits=clean_logits[part]))
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
-    """Result and wall-clock seconds of `fn` (device work included)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

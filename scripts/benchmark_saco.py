@@ -13,8 +13,6 @@ Usage: python scripts/benchmark_saco.py [N images, default 32] [--batch-size N] 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from torch.nn.functional import avg_pool2d
 
 from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.faithfulness import default_batch_size
 from wsol_bench.metrics.saco import SacoSettings, model_patch_size, score_saco_batch
@@ -89,16 +88,6 @@ def batched(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, clea
              for s in range(0, len(images), IMAGES_PER_CALL)]
     return {key: torch.cat([p[key] for p in parts]) for key in ("saco", "drops", "degenerate")}
 
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
-    """Result and wall-clock seconds of `fn` (device work included)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """What a run or a training writes about where it ran: Python, platform, device and the
-versions of the packages its numbers depend on."""
+versions of the packages its numbers depend on; and the wall time of work on a device."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -97,3 +99,16 @@ def precision_key(device: str, tf32: bool) -> dict:
     (a CUDA device with tf32 on), else nothing, so strict-fp32 keys stay as they were and
     fast-mode maps and rows are never mixed with strict ones."""
     return {"tf32": True} if tf32 and torch.device(device).type == "cuda" else {}
+
+
+def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, float]:
+    """fn()'s result and its wall-clock seconds, the device's queued work included (CUDA is
+    synchronised before and after, so asynchronous kernels are not timed as free)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
