@@ -321,3 +321,22 @@ class SyntheticShapes(Dataset):
             orig_size=(self.image_size, self.image_size),
         )
         return self.transform(sample) if self.transform is not None else sample
+
+
+def synthetic_model_inputs(model: torch.nn.Module, count: int, *, split: str = "val",
+                           samples: bool = False) -> tuple[torch.Tensor, torch.Tensor] | list[Sample]:
+    """The first `count` synthetic images of `split` preprocessed for `model` (its own input size
+    and normalisation) as a batch [count, 3, H, W] with their labels; `samples=True` returns the
+    transformed samples themselves (boxes and masks at the input size). For benchmarks and
+    examples that need a few real inputs without a run."""
+    from wsol_bench.models import data_config
+
+    from .base import EvalTransform
+
+    dc = data_config(model)
+    transform = EvalTransform(size=dc.input_size[1:], mean=dc.mean, std=dc.std, interpolation=dc.interpolation)
+    dataset = SyntheticShapes(split=split, num_images=count, transform=transform)
+    items = [dataset[i] for i in range(count)]
+    if samples:
+        return items
+    return torch.stack([s.image for s in items]), torch.tensor([s.label for s in items])

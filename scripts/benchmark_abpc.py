@@ -15,7 +15,7 @@ import argparse
 import torch
 from torch import nn
 
-from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.datasets.synthetic import synthetic_model_inputs
 from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.faithfulness import (
@@ -24,21 +24,13 @@ from wsol_bench.metrics.faithfulness import (
     default_batch_size,
     score_batch,
 )
-from wsol_bench.models import data_config, fused_attention, load_model, pretrained_file
+from wsol_bench.models import fused_attention, load_model, pretrained_file
 from wsol_bench.regions.heatmaps import to_heatmaps
 
 IMAGES_PER_CALL = 32  # images per score_batch call, as a data loader would hand them over
 STEPS = 11
+FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the reference's literal list
 
-
-def synthetic_batch(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` synthetic val images preprocessed for `model`, and their labels."""
-    dc = data_config(model)
-    transform = EvalTransform(size=dc.input_size[1:], mean=dc.mean, std=dc.std,
-                              interpolation=dc.interpolation)
-    dataset = build_dataset("synthetic", split="val", num_images=count, transform=transform)
-    samples = [dataset[i] for i in range(count)]
-    return torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples])
 
 
 @torch.inference_mode()
@@ -55,8 +47,8 @@ def reference_abpc(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tenso
             areas = []
             for order in (morf_order, morf_order.flip(0)):  # LeRF: the reverse of the MoRF order
                 probs = []
-                for i in range(STEPS):
-                    count = (2 * i * n + STEPS - 1) // (2 * (STEPS - 1))  # round(i * n / 10), half up
+                for fraction in FRACTIONS:
+                    count = int(n * fraction)  # truncated, as the reference (5017 of 50176 at 0.1)
                     perturbed = image.clone().flatten(1)
                     perturbed[:, order[:count]] = 0.0
                     logits = model(perturbed.view(1, *image.shape))
@@ -86,7 +78,7 @@ def benchmark(name: str, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = load_model(name, pretrained=pretrained_file(name) is not None, device=args.device)  # shipped: its weights
     device = torch.device(args.device)
-    images, labels = synthetic_batch(model, args.images)
+    images, labels = synthetic_model_inputs(model, args.images)
     images, labels = images.to(device), labels.to(device)
     explainer = get_explainer("agcam", model)
     maps, logits = [], []

@@ -19,24 +19,16 @@ import argparse
 import torch
 from torch import nn
 
-from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.datasets.synthetic import synthetic_model_inputs
 from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.road import RoadSettings, road_scores
-from wsol_bench.models import data_config, load_model
+from wsol_bench.models import load_model
 from wsol_bench.regions.heatmaps import to_heatmaps
 
 IMAGES_PER_CALL = 32  # images per road_scores call, as a data loader would hand them over
 SEED = 0
 
-
-def synthetic_batch(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` synthetic val images preprocessed for `model`, and their labels."""
-    dc = data_config(model)
-    transform = EvalTransform(size=dc.input_size[1:], mean=dc.mean, std=dc.std, interpolation=dc.interpolation)
-    dataset = build_dataset("synthetic", split="val", num_images=count, transform=transform)
-    samples = [dataset[i] for i in range(count)]
-    return torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples])
 
 
 def reference_road(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
@@ -82,7 +74,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # strict float32 on CUDA, as the reference on CPU
     torch.backends.cudnn.allow_tf32 = False
     model = load_model("wsol_synthetic_vit", pretrained=True, device=args.device)
-    images, labels = synthetic_batch(model, args.images)
+    images, labels = synthetic_model_inputs(model, args.images)
     images, labels = images.to(device), labels.to(device)
     explainer = get_explainer("agcam", model)
     maps, logits = [], []

@@ -19,24 +19,16 @@ import torch
 from torch import nn
 from torch.nn.functional import avg_pool2d
 
-from wsol_bench.datasets import EvalTransform, build_dataset
+from wsol_bench.datasets.synthetic import synthetic_model_inputs
 from wsol_bench.environment import timed
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.faithfulness import default_batch_size
 from wsol_bench.metrics.saco import SacoSettings, model_patch_size, score_saco_batch
-from wsol_bench.models import data_config, fused_attention, load_model, pretrained_file
+from wsol_bench.models import fused_attention, load_model, pretrained_file
 from wsol_bench.regions.heatmaps import to_heatmaps
 
 IMAGES_PER_CALL = 32  # images per score_saco_batch call, as a data loader would hand them over
 
-
-def synthetic_batch(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` synthetic val images preprocessed for `model`, and their labels."""
-    dc = data_config(model)
-    transform = EvalTransform(size=dc.input_size[1:], mean=dc.mean, std=dc.std, interpolation=dc.interpolation)
-    dataset = build_dataset("synthetic", split="val", num_images=count, transform=transform)
-    samples = [dataset[i] for i in range(count)]
-    return torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples])
 
 
 def explain(model: nn.Module, method: str, images: torch.Tensor, labels: torch.Tensor
@@ -105,7 +97,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = load_model(args.model, pretrained=pretrained_file(args.model) is not None, device=args.device)
-    images, labels = synthetic_batch(model, args.images)
+    images, labels = synthetic_model_inputs(model, args.images)
     images, labels = images.to(device), labels.to(device)
     chunk = args.batch_size or default_batch_size(device)
     settings = SacoSettings(num_subsets=args.num_subsets, batch_size=chunk, grouping=args.grouping)

@@ -13,10 +13,14 @@ on disk, the run's seconds per stage (run.json) and the wall time.
 --kill-at SECONDS (or "random": a seeded moment between 10 % and 90 % of the first run's wall
 time) starts the same run again into its own folder and store, SIGKILLs its process group at
 that moment, reruns it (it resumes from the shards stored before the kill) and compares its
-records.csv and table.csv byte for byte with the uninterrupted run's.
+records.csv and table.csv byte for byte with the uninterrupted run's. --reference RUN_DIR
+uses an uninterrupted run made before (same --images and --methods) instead of making one, so
+the kill and resume can be measured apart from the long first run; rebuild its tables with the
+current code first (`wsol-bench-report RUN_DIR`) when the code has changed since.
 
 Usage: python scripts/soak.py [--images 50000] [--checkpoints 5000,20000,50000]
            [--methods rollout,agcam] [--kill-at SECONDS|random] [--seed 0] [--out DIR] [--fork]
+           [--reference RUN_DIR]
            [-- extra wsol-bench overrides, e.g. store.shard_size=64]
 Numbers only: nothing is asserted about time or memory; the script fails only when a run
 fails or the resumed run differs from the uninterrupted one.
@@ -266,6 +270,20 @@ def kill_and_resume(overrides: list[str], root: Path, reference: Path, kill_at: 
     return same
 
 
+def reference_problem(run_dir: Path, images: int, methods: str) -> str | None:
+    """Why `run_dir` cannot stand for the uninterrupted run of `images` images and `methods`
+    (None when it can)."""
+    missing = [name for name in ("config.yaml", "run.json", *COMPARED) if not (run_dir / name).is_file()]
+    if missing:
+        return f"not a finished run folder (no {', '.join(missing)})"
+    config = OmegaConf.load(run_dir / "config.yaml")
+    made = (int(config.dataset.params.num_images), ",".join(config.method.keys()))
+    if made != (images, methods):
+        return (f"made with {made[0]:,} images and methods {made[1]}, not {images:,} and {methods}; "
+                f"give the same --images and --methods")
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; wsol-bench overrides follow `--`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -283,6 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fork", action="store_true",
                         help="fork each run from this process after importing wsol-bench once, instead of "
                              "starting a new Python (faster start-up; the runs are the same)")
+    parser.add_argument("--reference", default=None,
+                        help="an uninterrupted run folder of the same --images and --methods: skip the first "
+                             "run and compare the killed and resumed run with this one (needs --kill-at)")
     parser.add_argument("overrides", nargs="*", help="extra wsol-bench overrides, after --")
     args = parser.parse_args(argv)
     if args.images < 1:
@@ -293,6 +314,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError
         except ValueError:
             parser.error(f"--kill-at {args.kill_at!r} must be a number of seconds > 0 or 'random'")
+    if args.reference is not None:
+        if args.kill_at is None:
+            parser.error("--reference is only used with --kill-at")
+        problem = reference_problem(Path(args.reference), args.images, args.methods)
+        if problem:
+            parser.error(f"--reference {args.reference}: {problem}")
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
         parser.error(f"--out {args.out} is not empty; give a new or empty folder (its stores must start empty)")
     return args
@@ -309,15 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"dataset.params.num_images={args.images}", f"method=[{args.methods}]", "sweep=grid",
                  "progress=false", *args.overrides]
     print(f"soak: {args.images:,} synthetic images, methods {args.methods}, sweep=grid; runs in {root}")
-    run_dir = root / "run"
-    log = root / "run.log"
-    result = checked(watch_run([*overrides, f"store.root={root / 'store'}", f"hydra.run.dir={run_dir}"], run_dir,
-                               log, marks, fork=args.fork, interval=args.interval), log, "the run")
-    report_run(result, run_dir, args.images)
+    if args.reference is not None:
+        run_dir = Path(args.reference)
+        wall = json.loads((run_dir / "run.json").read_text())["pass_seconds"]
+        print(f"the uninterrupted run: {run_dir} (made before; its pass took {wall:.1f} s)")
+    else:
+        run_dir = root / "run"
+        log = root / "run.log"
+        result = checked(watch_run([*overrides, f"store.root={root / 'store'}", f"hydra.run.dir={run_dir}"],
+                                   run_dir, log, marks, fork=args.fork, interval=args.interval), log, "the run")
+        report_run(result, run_dir, args.images)
+        wall = result.wall
     if args.kill_at is None:
         return 0
     if args.kill_at == "random":
-        kill_at = random.Random(args.seed).uniform(0.1, 0.9) * result.wall
+        kill_at = random.Random(args.seed).uniform(0.1, 0.9) * wall
     else:
         kill_at = float(args.kill_at)
     return 0 if kill_and_resume(overrides, root, run_dir, kill_at, fork=args.fork, interval=args.interval) else 1

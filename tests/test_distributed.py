@@ -129,6 +129,8 @@ def test_torchrun_with_two_cpu_processes_gives_the_one_process_run(one_process, 
     run = runs[0]
     assert check_run(run) == []
     _same_numbers(run, one_process)
+    # the tables' bootstrap intervals too (a function of the image ids, not of the shards' ranks)
+    assert {"box_iou ci_lo", "box_iou ci_hi", "ABPC ci_lo"} <= set(pd.read_csv(run / "table.csv").columns)
     assert (run / "wsol-bench.rank1.log").is_file() and not (run / "ranks").exists()
     assert ", 2 ranks" in (run / "wsol-bench.log").read_text()
     shards = sorted(p.name for p in (tmp_path / "cache").rglob("shard_*.pt"))

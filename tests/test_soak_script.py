@@ -51,6 +51,36 @@ def test_soak_reports_peaks_store_stages_and_an_identical_resume(tmp_path):
     assert "records.csv: identical to the uninterrupted run's" in out
     assert "table.csv: identical to the uninterrupted run's" in out
 
+    # The same kill and resume against the run above, given with --reference: no first run.
+    again = subprocess.run([sys.executable, str(SCRIPT), "--images", "12", "--kill-at", "random", "--seed", "1",
+                            "--fork", "--interval", "0.02", "--reference", str(tmp_path / "soak" / "run"),
+                            "--out", str(tmp_path / "again"), "--", "batch_size=4", "store.shard_size=4",
+                            "gallery_images=0"],
+                           capture_output=True, text=True, timeout=600, check=False,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "the uninterrupted run: " in again.stdout and "growth of" not in again.stdout  # no first run
+    assert not (tmp_path / "again" / "run").exists()
+    assert "records.csv: identical to the uninterrupted run's" in again.stdout
+    assert "table.csv: identical to the uninterrupted run's" in again.stdout
+
+
+def test_a_reference_of_other_settings_is_refused(tmp_path):
+    script = load_script()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(SystemExit):  # not a run folder
+        script.parse_args(["--kill-at", "5", "--reference", str(run_dir)])
+    for name in ("run.json", "records.csv", "table.csv"):
+        (run_dir / name).write_text("{}")
+    (run_dir / "config.yaml").write_text("dataset: {params: {num_images: 100}}\nmethod: {rollout: {}, agcam: {}}\n")
+    assert script.reference_problem(run_dir, 100, "rollout,agcam") is None
+    assert "100 images" in script.reference_problem(run_dir, 50_000, "rollout,agcam")
+    assert "methods rollout,agcam" in script.reference_problem(run_dir, 100, "agcam")
+    with pytest.raises(SystemExit):  # a reference needs a kill
+        script.parse_args(["--reference", str(run_dir), "--images", "100"])
+    assert script.parse_args(["--kill-at", "5", "--reference", str(run_dir), "--images", "100"]).reference
+
 
 def test_the_records_counter_reads_images_as_rows_grow(tmp_path):
     """Images scored = data rows / (methods x thresholds), a half-written line not counted, and

@@ -164,18 +164,26 @@ def parse_latex(text: str) -> pd.DataFrame:
 
 
 def assert_matches_csv(parsed: pd.DataFrame, csv: pd.DataFrame) -> None:
-    """Same columns and rows; every number equal to the CSV's rounded to two decimals
-    (counts exact), missing values as "--"."""
-    assert list(parsed.columns) == list(csv.columns)
+    """Same columns (a column's interval bounds folded into its cells) and rows; every number
+    equal to the CSV's rounded to two decimals (counts exact), a cell with bounds as
+    "mean ± half-width", missing values as "--"."""
+    shown = [c for c in csv.columns if not c.endswith((" ci_lo", " ci_hi"))]
+    assert list(parsed.columns) == shown
     assert len(parsed) == len(csv)
-    for column in csv.columns:
-        for text, value in zip(parsed[column], csv[column]):
+    for column in shown:
+        bounds = [f"{column} ci_lo", f"{column} ci_hi"]
+        for row, (text, value) in enumerate(zip(parsed[column], csv[column])):
             if isinstance(value, str):
                 assert text == value
             elif pd.isna(value):
                 assert text == "--", (column, text)
             elif column.startswith("n_"):
                 assert int(text) == value
+            elif all(b in csv.columns for b in bounds) and not csv.loc[row, bounds].isna().any():
+                mean, half = text.split(" ± ")
+                assert float(mean) == round(float(value), 2), (column, text, value)
+                lo, hi = csv.loc[row, bounds]
+                assert float(half) == round((hi - lo) / 2, 2), (column, text, lo, hi)
             else:
                 assert float(text) == round(float(value), 2), (column, text, value)
 

@@ -39,6 +39,16 @@ class PreprocessConfig(InputConfig):
 
 
 @dataclass
+class ReportConfig:
+    """Confidence intervals of the tables (docs/protocol.md 7.1): the level (None: none), the
+    number of bootstrap resamples and their seed; `BootstrapSettings` checks the values."""
+
+    ci: float | None = 0.95
+    resamples: int = 1000
+    seed: int = 0
+
+
+@dataclass
 class BenchConfig:
     """Top level of `wsol-bench`. The optional groups (faithfulness, sweep, segmentation) are
     None when not selected and typed by the schema their YAML files list when selected: a None node typed
@@ -53,6 +63,9 @@ class BenchConfig:
     # checks every entry against MethodConfig before any work instead
     method: dict[str, Any] = field(default_factory=dict)
     metric: MetricConfig = MISSING
+    # {key: MeasureConfig}: the sanity, pointing, complexity and robustness measures; untyped for
+    # the reason `method` is, each entry checked by its measure's settings class
+    measure: dict[str, Any] = field(default_factory=dict)
     faithfulness: Any = None  # FaithfulnessConfig when selected
     sweep: Any = None         # SweepConfig when selected
     segmentation: Any = None  # SegmentationConfig when selected
@@ -71,3 +84,4 @@ class BenchConfig:
     gallery_images: int = MISSING
     store: StoreConfig = field(default_factory=StoreConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)

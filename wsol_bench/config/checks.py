@@ -170,3 +170,4 @@ def check_settings(cfg: DictConfig) -> None:
         if not cfg.method:
             raise SettingError("no method selected; e.g. method=[agcam,rollout]")
         check_method_entries(cfg.method)
+        check_method_entries(cfg.get("measure") or {}, "measure", "measure")

@@ -32,6 +32,15 @@ class MethodConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """One entry of `measure`: a registered measure (a scorer of the `measure` group) and its
+    settings, checked by the measure's own settings class before any model pass."""
+
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class MetricConfig:
     """AG-CAM pixel scores: thresholds, box rasterisation and which images count."""
 

@@ -35,9 +35,10 @@ def check_method_params(name: str, params: Mapping[str, Any]) -> None:
                          f"valid: {', '.join(valid) or 'none'}")
 
 
-def check_method_entries(methods: Mapping[str, Any]) -> None:
-    """Every entry of `method` must be {name: <explainer>, params: {...}} (MethodConfig); an
-    entry of another shape is a SettingError naming its key."""
+def check_method_entries(methods: Mapping[str, Any], group: str = "method", what: str = "explainer") -> None:
+    """Every entry of `method` (or of `measure`: group="measure") must be {name: <explainer>,
+    params: {...}} (MethodConfig, MeasureConfig: the same two keys); an entry of another shape is
+    a SettingError naming its key."""
     from dataclasses import fields
 
     from wsol_bench.config.groups import MethodConfig
@@ -45,9 +46,9 @@ def check_method_entries(methods: Mapping[str, Any]) -> None:
     allowed = {f.name for f in fields(MethodConfig)}
     for key, entry in methods.items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-            raise SettingError(f"method.{key} must be {{name: <explainer>, params: {{...}}}}, got {entry!r}")
+            raise SettingError(f"{group}.{key} must be {{name: <{what}>, params: {{...}}}}, got {entry!r}")
         extra = sorted(set(entry) - allowed)
         if extra:
-            raise SettingError(f"unknown key method.{key}.{extra[0]}; valid keys here: {', '.join(sorted(allowed))}")
+            raise SettingError(f"unknown key {group}.{key}.{extra[0]}; valid keys here: {', '.join(sorted(allowed))}")
         if not isinstance(entry.get("params", {}) or {}, Mapping):
-            raise SettingError(f"method.{key}.params must be a mapping of the explainer's parameters")
+            raise SettingError(f"{group}.{key}.params must be a mapping of the {what}'s parameters")

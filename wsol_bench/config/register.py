@@ -15,6 +15,7 @@ from .datasets import DATASET_SCHEMAS
 from .groups import (
     CheferPerturbationConfig,
     FaithfulnessConfig,
+    MeasureConfig,
     MethodConfig,
     RoadConfig,
     SacoConfig,
@@ -30,6 +31,7 @@ SCHEMAS.update({
     **{f"schema_dataset_{name}": schema for name, schema in DATASET_SCHEMAS.items()
        if name != "synthetic_two_class"},  # it shares synthetic's
     "schema_method": MethodConfig,
+    "schema_measure": MeasureConfig,
     "schema_faithfulness": FaithfulnessConfig,
     "schema_faithfulness_chefer_perturbation": CheferPerturbationConfig,
     "schema_faithfulness_road": RoadConfig,

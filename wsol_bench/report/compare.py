@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from wsol_bench.metrics.bootstrap import is_bound_column
 from wsol_bench.report.table_format import cell_text, is_count_column
 from wsol_bench.report.tables import COLUMN_ORDER
 
@@ -43,8 +44,10 @@ def compare_tables(views: list[pd.DataFrame], labels: list[str],
                 v.insert(1, "threshold", (v.attrs.get("thresholds") or [np.nan])[0])
     keys = ["method"] + (["threshold"] if "threshold" in views[0].columns else [])
     columns = [c for c in COLUMN_ORDER if c not in keys and any(c in v.columns for v in views)]
-    columns += [c for v in views for c in v.columns if c not in keys and c not in columns
-                and pd.api.types.is_numeric_dtype(v[c])]
+    # every other numeric column once; interval bounds are left out (a difference of two runs'
+    # means is compared, not their bounds)
+    columns += list(dict.fromkeys(c for v in views for c in v.columns if c not in keys and c not in columns
+                                  and not is_bound_column(c) and pd.api.types.is_numeric_dtype(v[c])))
     rows = pd.concat([v[keys] for v in views]).drop_duplicates()
     index = pd.MultiIndex.from_frame(rows) if len(keys) > 1 else pd.Index(rows["method"], name="method")
     aligned = [v.set_index(keys).reindex(index).reindex(columns=columns).astype(float) for v in views]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from wsol_bench.errors import InputFileError, MissingInputError
+from wsol_bench.metrics.bootstrap import BootstrapSettings, Replicates
 from wsol_bench.report.manifest import check_complete
 
 log = logging.getLogger("wsol_bench")
@@ -33,6 +35,24 @@ class RunFolder:
     config: dict
     records: pd.DataFrame
     allow_incomplete: bool = False  # rows a killed writer left unfinished are dropped, with a warning
+
+    @cached_property
+    def bootstrap(self) -> BootstrapSettings:
+        """The run's interval settings (`report.ci`, `report.resamples`, `report.seed`; a folder
+        written before they existed gets the defaults)."""
+        defaults = BootstrapSettings()
+        level = self.setting("report.ci", defaults.level)
+        return BootstrapSettings(level=None if level is None else float(level),
+                                 resamples=int(self.setting("report.resamples", defaults.resamples)),
+                                 seed=int(self.setting("report.seed", defaults.seed)))
+
+    @cached_property
+    def replicates(self) -> Replicates | None:
+        """The bootstrap replicates of the run's images, drawn once and shared by every table
+        (None when `report.ci` is null: no intervals)."""
+        if self.bootstrap.level is None:
+            return None
+        return Replicates(self.records["image_id"].astype(str).tolist(), self.bootstrap)
 
     def setting(self, key: str, default=None):
         """A config value by dotted key (`dataset.name`), or `default` when absent."""
@@ -84,22 +104,34 @@ def _read_csv(path: Path, optional: bool, partial: bool = False) -> pd.DataFrame
     if not partial:
         return read_table(path)
     frame = read_table(path, on_bad_lines="skip")
-    finished = _finished_rows(frame)
+    finished = _finished_rows(frame, path)
     if not finished.all():
         log.warning("%s: %d unfinished row(s) dropped", path, int((~finished).sum()))
         frame = frame[finished]
     return frame
 
 
-def _finished_rows(frame: pd.DataFrame) -> pd.Series:
-    """Rows a killed writer finished: every value present, except the scores of a degenerate
-    map, which are missing on purpose (a cut-off last row loses its trailing values)."""
-    present = frame.notna()
-    if "degenerate" not in frame.columns:
-        return present.all(axis=1)
+def _finished_rows(frame: pd.DataFrame, path: Path) -> pd.Series:
+    """Rows a killed writer finished: its identifying values present, and not the file's last
+    line when that line has no newline (the writer appends whole lines, so only the last can be
+    cut off). Scores may be missing on purpose (a degenerate map, a dataset without masks, an
+    empty region); the measure that reads them decides, so they do not make a row unfinished."""
     ids = [c for c in frame.columns if c in ("image_id", "dataset", "split", "method", "label", "prediction",
-                                              "target", "degenerate")]
-    return present[ids].all(axis=1) & ((frame["degenerate"] == 1) | present.all(axis=1))
+                                              "target", "degenerate", "threshold")]
+    finished = frame[ids].notna().all(axis=1) if ids else pd.Series(True, index=frame.index)
+    if len(frame) and not _ends_with_newline(path):
+        finished.iloc[-1] = False
+    return finished
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last byte is a newline (an empty file counts as ended)."""
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) -> None:

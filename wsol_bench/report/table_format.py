@@ -16,6 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from wsol_bench.files import atomic_write_text
+from wsol_bench.metrics.bootstrap import bound_names, is_bound_column
 
 MISSING = "--"
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -41,13 +42,32 @@ def cell_text(column: str, value) -> str:
     return f"{float(value):.2f}"
 
 
+def interval_text(column: str, value, lo, hi) -> str:
+    """A mean with its interval as "mean ± half-width" (the half-width of the interval's width;
+    the bounds themselves are in the CSV), or the mean alone when it has no interval."""
+    text = cell_text(column, value)
+    if text == MISSING or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi)):
+        return text
+    return f"{text} ± {(float(hi) - float(lo)) / 2:.2f}"
+
+
 def formatted_cells(view: pd.DataFrame) -> pd.DataFrame:
-    """Every cell of `view` as its display text."""
-    return pd.DataFrame({c: [cell_text(c, v) for v in view[c]] for c in view.columns}, dtype=object)
+    """Every cell of `view` as its display text; a column with interval bounds ("<c> ci_lo",
+    "<c> ci_hi") shows "mean ± half-width" and the bound columns are not shown."""
+    cells = {}
+    for column in view.columns:
+        if is_bound_column(column):
+            continue
+        lo, hi = bound_names(column)
+        if lo in view.columns and hi in view.columns:
+            cells[column] = [interval_text(column, v, a, b) for v, a, b in zip(view[column], view[lo], view[hi])]
+        else:
+            cells[column] = [cell_text(column, v) for v in view[column]]
+    return pd.DataFrame(cells, dtype=object)
 
 
 def _looks_numeric(text: str) -> bool:
-    core = text.replace("*", "").strip()
+    core = text.split(" ± ")[0].replace("*", "").strip()
     if core == MISSING:
         return True
     try:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from wsol_bench.choices import IMAGE_FILTERS
 from wsol_bench.errors import InputFileError, SettingError
+from wsol_bench.metrics.bootstrap import Replicates, bound_names, is_bound_column
 from wsol_bench.metrics.pixel import PIXEL_METRICS
 from wsol_bench.report.paper_numbers import PublishedNumber
 
@@ -40,10 +41,42 @@ def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str) ->
         raise InputFileError(f"{source} has no rows; re-run the benchmark")
 
 
-def localization_table(records: pd.DataFrame, image_filter: str = "correct", source: str = "records"
-                       ) -> pd.DataFrame:
+def group_intervals(frame: pd.DataFrame, keys: str | list[str], columns: list[str], replicates: Replicates,
+                    scale: float = 1.0) -> pd.DataFrame:
+    """The bootstrap interval bounds ("<column> ci_lo", "<column> ci_hi", times `scale`) of the
+    mean of each of `columns` per group of `keys`, indexed like `frame.groupby(keys).mean()`;
+    the images are resampled by `replicates` (the same draws for every group: paired)."""
+    rows, index = [], []
+    for key, group in frame.groupby(keys, sort=False):
+        lo, hi = replicates.intervals(group["image_id"].astype(str).tolist(), group[columns].to_numpy(float))
+        row = {}
+        for column, low, high in zip(columns, lo, hi):
+            name_lo, name_hi = bound_names(column)
+            row[name_lo], row[name_hi] = low * scale, high * scale
+        rows.append(row)
+        index.append(key)
+    names = [n for c in columns for n in bound_names(c)]
+    if isinstance(keys, list) and len(keys) > 1:
+        return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=keys), columns=names)
+    return pd.DataFrame(rows, index=pd.Index(index, name=keys if isinstance(keys, str) else keys[0]), columns=names)
+
+
+def with_bounds_after(table: pd.DataFrame, bounds: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the bound columns of `bounds` joined (on the index), each pair right after
+    the column it bounds."""
+    joined = table.join(bounds)
+    order = []
+    for column in table.columns:
+        order.append(column)
+        order += [b for b in bound_names(column) if b in joined.columns]
+    return joined[order]
+
+
+def localization_table(records: pd.DataFrame, image_filter: str = "correct", source: str = "records",
+                       replicates: Replicates | None = None) -> pd.DataFrame:
     """Mean of every per-image metric in percent, per (method, threshold), over the images
-    the filter keeps ("correct": correctly classified only, as the paper; "all"). `source`
+    the filter keeps ("correct": correctly classified only, as the paper; "all"), with each
+    mean's bootstrap interval when `replicates` are given (docs/protocol.md 7.1). `source`
     names the records in errors (the file they were read from)."""
     if image_filter not in FILTERS:
         raise SettingError(f"unknown image filter {image_filter!r} (metric.image_filter); valid: {FILTERS}")
@@ -62,8 +95,26 @@ def localization_table(records: pd.DataFrame, image_filter: str = "correct", sou
     table["n_degenerate"] = table["n_degenerate"].fillna(0).astype(int)
     table["n_total"] = totals
     table["filter"] = image_filter
+    if replicates is not None:
+        table = with_bounds_after(table, group_intervals(kept, ["method", "threshold"], metric_cols, replicates, 100))
     order = {m: i for i, m in enumerate(methods)}
     return table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
+
+
+def localization_values(records: pd.DataFrame, image_filter: str = "correct") -> dict[str, pd.DataFrame]:
+    """The per-image pixel scores in percent at the records' first threshold, over the images
+    the filter keeps, as {"IoU (box, t=0.5)": frame of image_id, method, value}: what the
+    paired comparisons between methods resample."""
+    kept = records[records["correct"] == 1] if image_filter == "correct" else records
+    first = records["threshold"].iloc[0]
+    kept = kept[kept["threshold"] == first]
+    values = {}
+    for column in kept.columns:
+        variant, _, metric = column.partition("_")
+        if variant in ("box", "mask") and metric in PIXEL_METRICS:
+            values[f"{PAPER_NAMES[metric]} ({variant}, t={float(first):g})"] = pd.DataFrame(
+                {"image_id": kept["image_id"].astype(str), "method": kept["method"], "value": kept[column] * 100})
+    return values
 
 
 def _attach(view: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
@@ -100,9 +151,14 @@ def published_rows(view: pd.DataFrame, published: Sequence[PublishedNumber], var
 
 
 def ordered_columns(view: pd.DataFrame) -> pd.DataFrame:
-    """The view's columns in the paper layout's order (unknown columns last)."""
-    known = [c for c in COLUMN_ORDER if c in view.columns]
-    return view[known + [c for c in view.columns if c not in known]]
+    """The view's columns in the paper layout's order (unknown columns last), each column's
+    interval bounds right after it."""
+    bases = [c for c in view.columns if not is_bound_column(c)]
+    known = [c for c in COLUMN_ORDER if c in bases]
+    order = []
+    for column in known + [c for c in bases if c not in known]:
+        order += [column] + [b for b in bound_names(column) if b in view.columns]
+    return view[order + [c for c in view.columns if c not in order]]
 
 
 def paper_table(table: pd.DataFrame, variant: str = "box", *, extras: Sequence[pd.DataFrame] = (),
@@ -114,8 +170,12 @@ def paper_table(table: pd.DataFrame, variant: str = "box", *, extras: Sequence[p
     ...), and a "<method> (published)" row after each method with published numbers. Methods in
     `all_degenerate` get no scores ("--")."""
     cols = [f"{variant}_{m}" for m in PIXEL_METRICS if f"{variant}_{m}" in table.columns]
+    cols = [name for c in cols for name in (c, *bound_names(c)) if name in table.columns]
     counts = ["n_images"] + (["n_degenerate"] if "n_degenerate" in table.columns else [])
-    view = table[cols + counts].rename(columns={f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS})
+    names = {f"{variant}_{m}": PAPER_NAMES[m] for m in PIXEL_METRICS}
+    names |= {bound: paper for column, paper in list(names.items())
+              for bound, paper in zip(bound_names(column), bound_names(paper))}
+    view = table[cols + counts].rename(columns=names)
     view = view.reset_index()
     if view["threshold"].nunique() == 1:
         view = view.drop(columns="threshold")
@@ -133,7 +193,7 @@ def blank_degenerate_methods(view: pd.DataFrame, methods: Iterable[str]) -> pd.D
     if not blank.any():
         return view
     view = view.copy()
-    scores = [c for c in view.columns if c not in ("method", "threshold") and not c.startswith("n_")]
+    scores = [c for c in view.columns if c not in ("method", "threshold", "filter") and not c.startswith("n_")]
     view[scores] = view[scores].astype(float)
     view.loc[blank, scores] = float("nan")
     return view

@@ -177,6 +177,11 @@ class Explainers:
 
     def __call__(self, key: str):
         if key not in self._made:
-            entry = self.cfg.method[key]
-            self._made[key] = get_explainer(entry.name, self.model.get(), **as_dict(entry.get("params")))
+            self._made[key] = self.on(self.model.get(), key)
         return self._made[key]
+
+    def on(self, model: torch.nn.Module, key: str):
+        """A new explainer of method `key` (its name and parameters) on `model`: the run's
+        model or a changed copy of it (a sanity check's randomised model)."""
+        entry = self.cfg.method[key]
+        return get_explainer(entry.name, model, **as_dict(entry.get("params")))

@@ -19,6 +19,7 @@ import pandas as pd
 
 from wsol_bench.errors import MissingInputError, SettingError
 from wsol_bench.files import atomic_write
+from wsol_bench.report.comparisons import paired_comparisons
 from wsol_bench.report.manifest import IncompleteRun
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
 from wsol_bench.report.run_folder import VARIANTS, RunFolder, disk_differences, read_run
@@ -27,6 +28,7 @@ from wsol_bench.report.tables import PUBLISHED_SUFFIX, ordered_columns, paper_ta
 from wsol_bench.run.scorers import SCORERS, MeasureTables
 
 LOCALIZATION = "records"  # the scorer whose localization table every run has
+COMPARE = "compare"  # compare.csv: every pair of methods on every per-image measure (docs/protocol.md 7.2)
 
 
 def measure_parts(run: RunFolder) -> dict[str, MeasureTables]:
@@ -51,8 +53,9 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     """Every table of a run, from its files: "localization" (per method and threshold, indexed
     by both), "table" (what `table.csv` holds: the localization rows with every scorer's
     per-method columns), one paper-layout table per ground-truth variant ("box", "mask" when the
-    records have masks) with `attrs["caption"]`, `attrs["notes"]` and `attrs["thresholds"]`, and
-    each scorer's own tables under their file names (e.g. "sweep", "wsoleval")."""
+    records have masks) with `attrs["caption"]`, `attrs["notes"]` and `attrs["thresholds"]`, each
+    scorer's own tables under their file names (e.g. "sweep", "wsoleval"), and "compare": the
+    paired comparisons of every two methods on every per-image measure (with intervals on)."""
     run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
     parts = measure_parts(run)
     localization = parts[LOCALIZATION].localization
@@ -60,6 +63,9 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     tables = {"localization": localization, "table": joined_table(localization, summaries)}
     for part in parts.values():
         tables.update(part.files)
+    per_image = {name: values for part in parts.values() for name, values in part.per_image.items()}
+    if run.replicates is not None and per_image and run.records["method"].nunique() > 1:
+        tables[COMPARE] = paired_comparisons(per_image, run.replicates, run.bootstrap.level)
     published = published_numbers(str(run.setting("dataset.name")), str(run.setting("dataset.split")),
                                   str(run.setting("model.name")))
     thresholds = sorted(set(localization.index.get_level_values("threshold").astype(float)))
@@ -70,7 +76,8 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
         view = paper_table(localization, variant, extras=summaries, published=published if variant == "box" else (),
                            all_degenerate=localization.attrs.get("all_degenerate", ()))
         view.attrs["caption"] = " ".join([_run_sentence(run)] + [text for part in parts.values()
-                                                                 if (text := part.caption_for(variant))])
+                                                                 if (text := part.caption_for(variant))]
+                                         + [_interval_sentence(run)])
         view.attrs["notes"] = (_published_notes(run, published, thresholds) if variant == "box" else []) + notes
         view.attrs["thresholds"] = thresholds
         tables[variant] = view
@@ -79,6 +86,16 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
 
 def _run_sentence(run: RunFolder) -> str:
     return f"{run.dataset_label}, model {run.setting('model.name', '?')}, target {run.setting('target', '?')}."
+
+
+def _interval_sentence(run: RunFolder) -> str:
+    """What "±" means in the tables (or that the run has no intervals)."""
+    settings = run.bootstrap
+    if settings.level is None:
+        return "No confidence intervals (report.ci=null)."
+    return (f"± half the width of the {100 * settings.level:g} % bootstrap interval over images "
+            f"({settings.resamples} Poisson resamples, seed {settings.seed}; docs/protocol.md 7.1); "
+            "values without ± are dataset-level (MaxBoxAcc, PxAP, segmentation totals).")
 
 
 def _published_notes(run: RunFolder, published: list, thresholds: list[float]) -> list[str]:

@@ -119,10 +119,11 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
     stores = map_stores(cfg, dataset, transform, policies)
     label_stores = stores.get("label", {})
     parts = [stage or out_dir] + [(stage or out_dir) / RANKS_FOLDER / str(r) for r in range(1, ranks.world)]
+    explainers = Explainers(cfg, model)
     context = RunContext(out_dir=out_dir, dataset=dataset, dataset_name=dcfg.name, split=dcfg.split,
                          has_masks=has_masks(dataset), class_names=getattr(dataset, "class_names", None),
                          model=model.get, label_stores=label_stores, methods=list(cfg.method), ranks=ranks,
-                         target_stores=stores[cfg.target])
+                         target_stores=stores[cfg.target], explainers=explainers)
     scorers = build_scorers(cfg, context)  # settings are checked here, before any model pass
     reference = next(iter(stores[cfg.target].values()))
     block = ranks.block(reference.num_shards(len(dataset)))
@@ -130,7 +131,7 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
     loader_workers, scoring_workers = resolve_workers(cfg, ranks, maps_missing=missing > 0)
     started = time.perf_counter()
     try:
-        report = process_dataset(stores, dataset, scorers, explainer=Explainers(cfg, model), target_policy=cfg.target,
+        report = process_dataset(stores, dataset, scorers, explainer=explainers, target_policy=cfg.target,
                                  shards=block, box_protocol=cfg.metric.box_protocol, batch_size=int(cfg.batch_size),
                                  num_workers=loader_workers, scoring_workers=scoring_workers,
                                  pin_memory=torch.device(cfg.device).type == "cuda", progress=progress)

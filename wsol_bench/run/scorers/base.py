@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from wsol_bench.errors import SettingError
 from wsol_bench.files import append_csv_bodies
 from wsol_bench.registry import Registry
 from wsol_bench.report.run_folder import RunFolder
@@ -51,13 +52,16 @@ class MeasureTables:
     column named `n_images_<measure>`. `caption`: this scorer's sentence in the caption of the
     paper-layout tables (a dict: one per ground-truth variant, "box" or "mask"). `notes`: lines
     under those tables. `files`: whole tables of the scorer's own, written as `<name>.csv` and
-    compared by `wsol-bench-report --check`."""
+    compared by `wsol-bench-report --check`. `per_image`: for each table column that averages
+    per-image scores, those scores (columns image_id, method, value; NaN: not scored), from which
+    the paired comparisons between methods are bootstrapped."""
 
     localization: pd.DataFrame | None = None
     summary: pd.DataFrame | None = None
     caption: str | dict[str, str] = ""
     notes: list[str] = field(default_factory=list)
     files: dict[str, pd.DataFrame] = field(default_factory=dict)
+    per_image: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def caption_for(self, variant: str) -> str:
         """The caption sentence for the paper table of ground-truth `variant`."""
@@ -81,6 +85,9 @@ class RunContext:
     methods: list[str]
     ranks: Ranks = ONE_PROCESS
     target_stores: dict[str, MapStore] = field(default_factory=dict)
+    # the run's explainer of a method key, built on first use; `explainers.on(model, key)` builds
+    # the method's explainer on another model (a randomised copy)
+    explainers: Any = None
 
 
 class Scorer:
@@ -158,6 +165,11 @@ def needs_label_maps(cfg: DictConfig) -> bool:
 
 
 def build_scorers(cfg: DictConfig, context: RunContext) -> list[Scorer]:
-    """Every registered scorer the configuration asks for, in registration order (plugins last)."""
+    """Every registered scorer the configuration asks for, in registration order (plugins last).
+    An entry of `measure` that names no registered measure is a SettingError listing them."""
+    measures = sorted(name for name, cls in SCORERS.entries() if getattr(cls, "measure_group", False))
+    for key, entry in (cfg.get("measure") or {}).items():
+        if entry.name not in measures:
+            raise SettingError(f"measure.{key}: unknown measure {entry.name!r}; valid: {', '.join(measures)}")
     scorers = [cls.from_config(cfg, context) for _, cls in SCORERS.entries()]
     return [s for s in scorers if s is not None]

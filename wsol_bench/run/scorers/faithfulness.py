@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 import wsol_bench.metrics.faithfulness as faithfulness_module
 import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
 from wsol_bench.errors import InputFileError
+from wsol_bench.metrics.bootstrap import Replicates
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
     constant_baseline_probs,
@@ -25,7 +26,12 @@ from wsol_bench.report.curves import plot_perturbation_curves
 from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.report.tables import FAITH_NAMES, require_columns
 from wsol_bench.run.scorers.base import MeasureTables, register_scorer
-from wsol_bench.run.scorers.perturbation import PerturbationRows, method_means, settings_params
+from wsol_bench.run.scorers.perturbation import (
+    PerturbationRows,
+    method_means,
+    per_image_values,
+    settings_params,
+)
 
 FILE = "faithfulness.csv"
 ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float rounding
@@ -95,13 +101,16 @@ class FaithfulnessScorer(PerturbationRows):
         rows = run.per_image_rows(FILE)
         if rows is None:
             return None
-        summary = faithfulness_summary(rows, str(run.path / FILE))
+        summary = faithfulness_summary(rows, str(run.path / FILE), run.replicates)
         mode = summary.columns[-1].removeprefix("n_images_")
         caption = f"{CAPTIONS[mode]}, percent, mean over all images (n_images_{mode})."
-        return MeasureTables(summary=summary, caption=caption, notes=coverage_notes(rows, run.records))
+        _, names = MODE_NAMES[mode]
+        return MeasureTables(summary=summary, caption=caption, notes=coverage_notes(rows, run.records),
+                             per_image=per_image_values(rows, names))
 
 
-def faithfulness_summary(faithfulness: pd.DataFrame, source: str = FILE) -> pd.DataFrame:
+def faithfulness_summary(faithfulness: pd.DataFrame, source: str = FILE, replicates: Replicates | None = None
+                         ) -> pd.DataFrame:
     """Per method, over ALL its images (docs/protocol.md 5: no correctness filter), in percent:
     mean ABPC, AUC MoRF and AUC LeRF with their image count `n_images_abpc` (faithfulness=abpc),
     or the deletion or insertion AUC with `n_images_deletion` / `n_images_insertion`."""
@@ -109,7 +118,7 @@ def faithfulness_summary(faithfulness: pd.DataFrame, source: str = FILE) -> pd.D
     _, names = MODE_NAMES[mode]
     require_columns(faithfulness, ["image_id", "method", *names], source)
     summary = method_means(faithfulness.assign(degenerate=faithfulness.get("degenerate", 0)), names,
-                           f"n_images_{mode}", source)
+                           f"n_images_{mode}", source, replicates=replicates)
     if mode == "abpc":
         gap = (faithfulness["abpc"] - (faithfulness["auc_lerf"] - faithfulness["auc_morf"])).abs()
         if (gap > ABPC_TOLERANCE).any():

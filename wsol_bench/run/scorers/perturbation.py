@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from wsol_bench.environment import package_version, precision_key
 from wsol_bench.errors import InputFileError
 from wsol_bench.files import atomic_write, disk_full_refused, write_json
+from wsol_bench.metrics.bootstrap import Replicates, bound_names
 from wsol_bench.regions.heatmaps import to_heatmaps
 from wsol_bench.report.run_folder import RunFolder
-from wsol_bench.report.tables import require_columns
+from wsol_bench.report.tables import group_intervals, require_columns, with_bounds_after
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
 from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows
@@ -65,6 +66,7 @@ class PerturbationRows(Scorer):
     table_columns: ClassVar[dict[str, str]] = {}
     count_column: ClassVar[str] = ""
     caption: ClassVar[str] = ""
+    table_scale: ClassVar[float] = 100.0  # the table shows the mean times this (percent for rates and AUCs)
 
     def __init__(self, model_fn, stores: dict[str, MapStore], settings, path: Path, *, dataset_name: str,
                  split: str, precision: dict | None = None) -> None:
@@ -79,6 +81,7 @@ class PerturbationRows(Scorer):
         self._pending: dict[tuple[str, int], list[dict]] = {}
         self._cached: dict[tuple[str, int], dict[str, dict] | None] = {}
         self._seen: dict[tuple[str, int], int] = {}  # images of (method, shard) fed so far
+        self._columns: list[str] | None = None  # the CSV header, once written
         self.needs_label_maps = self.label_maps  # the pass hands this scorer the ground-truth class's maps
         self.path.unlink(missing_ok=True)
 
@@ -165,7 +168,7 @@ class PerturbationRows(Scorer):
         if maps is None or mb.images is None:
             raise ValueError(f"{self.name} needs the batch's images and maps")
         heat, degenerate = to_heatmaps(maps, tuple(mb.images.shape[-2:]))
-        values = self._rows(mb.images, heat, degenerate, classes, mb.labels, logits)
+        values = self._rows(mb, heat, degenerate, classes, logits)
         out = [{"image_id": sample.image_id, "dataset": self.dataset_name, "split": self.split,
                 "method": mb.method, "label": label, "prediction": prediction, "target": target,
                 "degenerate": int(flag), **row}
@@ -175,16 +178,23 @@ class PerturbationRows(Scorer):
         self._append(out)
         self._pending.setdefault((mb.method, mb.shard_index), []).extend(out)
 
-    def _rows(self, images: torch.Tensor, heat: torch.Tensor, degenerate: torch.Tensor, classes: torch.Tensor,
-              labels: torch.Tensor, logits: torch.Tensor) -> list[dict[str, float]]:
-        """The score row of every image; a degenerate map gets no scores (NaN)."""
-        rows = [dict.fromkeys(self.row_columns(), float("nan")) for _ in range(len(images))]
+    def _rows(self, mb: MethodBatch, heat: torch.Tensor, degenerate: torch.Tensor, classes: torch.Tensor,
+              logits: torch.Tensor) -> list[dict[str, float]]:
+        """The score row of every image of `mb` (its `heat`maps, the `classes` they explain, the
+        clean `logits`); a degenerate map gets no scores (NaN)."""
+        rows = [dict.fromkeys(self.row_columns(), float("nan")) for _ in range(len(heat))]
         keep = (~degenerate).nonzero()[:, 0]
         if len(keep):
-            scored = self.score(self.model_fn(), images[keep], heat[keep], classes[keep], labels[keep], logits[keep])
+            scored = self.scored(mb, keep, heat[keep], classes[keep], logits[keep])
             for index, row in zip(keep.tolist(), scored):
                 rows[index] = row
         return rows
+
+    def scored(self, mb: MethodBatch, keep: torch.Tensor, heat: torch.Tensor, classes: torch.Tensor,
+               logits: torch.Tensor) -> list[dict[str, float]]:
+        """The rows of the images `keep` of `mb` (their non-degenerate `heat`maps, `classes` and
+        `logits`): `score` with the model."""
+        return self.score(self.model_fn(), mb.images[keep], heat, classes, mb.labels[keep], logits)
 
     def end_shard(self, shard_index: int) -> None:
         """Cache the rows of a shard all of whose images were computed in this run."""
@@ -196,10 +206,17 @@ class PerturbationRows(Scorer):
         self._seen = {k: v for k, v in self._seen.items() if k[1] != shard_index}
 
     def _append(self, rows: list[dict]) -> None:
+        """Append rows in the columns of the file's header (the first batch's): rows whose keys
+        come in another order (a degenerate map's, a cached shard's) stay aligned."""
         frame = pd.DataFrame(rows)
-        scores = [c for c in frame.columns if c not in ID_COLUMNS]
+        if self._columns is None:
+            self._columns = ID_COLUMNS + [c for c in frame.columns if c not in ID_COLUMNS]
+        extra = [c for c in frame.columns if c not in self._columns]
+        if extra:  # a scorer whose rows change their columns mid-run: a bug, never dropped silently
+            raise RuntimeError(f"{self.name}: rows with columns {extra} that {self.path.name}'s header lacks")
         with disk_full_refused(self.path):
-            frame[ID_COLUMNS + scores].to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
+            frame.reindex(columns=self._columns).to_csv(self.path, mode="a", header=not self.path.exists(),
+                                                        index=False)
 
     def _write_cache(self, method: str, shard_index: int, rows: list[dict]) -> None:
         file = self._cache_file(method, shard_index)
@@ -224,15 +241,18 @@ class PerturbationRows(Scorer):
 
     @classmethod
     def tables(cls, run: RunFolder) -> MeasureTables | None:
-        """The mean of each of `table_columns` per method over the images with a score, and a
-        note for every method whose rows miss images or whose maps are degenerate."""
+        """The mean of each of `table_columns` per method over the images with a score (times
+        `table_scale`), and a note for every method whose rows miss images or whose maps are
+        degenerate."""
         rows = run.per_image_rows(cls.file)
         if rows is None:
             return None
         names = {column: name for column, name in cls.table_columns.items() if column in rows.columns}
         notes = unscored_notes(rows, run.records, cls.file, cls.name) + cls.row_notes(rows)
-        return MeasureTables(summary=method_means(rows, names, cls.count_column, str(run.path / cls.file)),
-                             caption=cls.caption, notes=notes)
+        return MeasureTables(summary=method_means(rows, names, cls.count_column, str(run.path / cls.file),
+                                                  scale=cls.table_scale, replicates=run.replicates),
+                             caption=cls.caption, notes=notes,
+                             per_image=per_image_values(rows, names, cls.table_scale))
 
     @classmethod
     def row_notes(cls, rows: pd.DataFrame) -> list[str]:
@@ -240,12 +260,13 @@ class PerturbationRows(Scorer):
         return []
 
 
-def method_means(rows: pd.DataFrame, names: dict[str, str], count: str, source: str, scale: float = 100.0
-                 ) -> pd.DataFrame:
+def method_means(rows: pd.DataFrame, names: dict[str, str], count: str, source: str, scale: float = 100.0,
+                 replicates: Replicates | None = None) -> pd.DataFrame:
     """Per method (the index, in the rows' order): the mean of each score column in `names` over
     the images with a score (a degenerate map has none), times `scale` (percent), renamed as `names` says,
-    and the number of those images as `count`. A file that repeats an (image, method) pair, or
-    a non-degenerate row without its scores, is an InputFileError naming `source`."""
+    with its bootstrap interval bounds when `replicates` are given, and the number of those
+    images as `count`. A file that repeats an (image, method) pair, or a non-degenerate row
+    without its scores, is an InputFileError naming `source`."""
     require_columns(rows, ["image_id", "method", "degenerate", *names], source)
     repeated = rows.duplicated(["image_id", "method"], keep=False)
     if repeated.any():
@@ -258,9 +279,23 @@ def method_means(rows: pd.DataFrame, names: dict[str, str], count: str, source: 
         raise InputFileError(f"{source}: missing scores for {len(bad)} rows (e.g. {bad[:3]}); rerun the benchmark "
                              "into this folder")
     grouped = rows.groupby("method", sort=False)
-    summary = grouped[list(names)].mean().mul(scale).rename(columns=names)
+    summary = grouped[list(names)].mean().mul(scale)
+    if replicates is not None:
+        summary = with_bounds_after(summary, group_intervals(rows, "method", list(names), replicates, scale))
+    summary = summary.rename(columns={bound: renamed for column, name in names.items()
+                                      for bound, renamed in zip((column, *bound_names(column)),
+                                                                (name, *bound_names(name)))})
     summary[count] = grouped[next(iter(names))].count()
     return summary
+
+
+def per_image_values(rows: pd.DataFrame, names: dict[str, str], scale: float = 100.0) -> dict[str, pd.DataFrame]:
+    """{table column: its per-image scores (image_id, method, value, in the table's units)} of
+    the score columns `names` of per-image rows (a degenerate map's row: NaN, not scored)."""
+    scored = rows["degenerate"] != 1 if "degenerate" in rows.columns else pd.Series(True, index=rows.index)
+    return {name: pd.DataFrame({"image_id": rows["image_id"].astype(str), "method": rows["method"],
+                                "value": rows[column].where(scored) * scale})
+            for column, name in names.items() if column in rows.columns}
 
 
 def unscored_notes(rows: pd.DataFrame, records: pd.DataFrame, file: str, measure: str) -> list[str]:

@@ -16,7 +16,12 @@ from wsol_bench.errors import SettingError
 from wsol_bench.files import CsvRows, csv_text
 from wsol_bench.metrics.localization import localization_scores, metric_columns
 from wsol_bench.report.run_folder import FILTER_WORDS, VARIANTS, RunFolder
-from wsol_bench.report.tables import ALL_DEGENERATE, degenerate_methods, localization_table
+from wsol_bench.report.tables import (
+    ALL_DEGENERATE,
+    degenerate_methods,
+    localization_table,
+    localization_values,
+)
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import Ranks
 from wsol_bench.run.scorers.base import MeasureTables, RunContext, Scorer, append_rank_rows, register_scorer
@@ -99,14 +104,16 @@ class LocalizationRecords(Scorer):
         and one note per method with degenerate maps. `attrs["all_degenerate"]` lists the
         methods whose every map is degenerate (no scores in the paper tables)."""
         image_filter = run.setting("metric.image_filter")
-        localization = localization_table(run.records, image_filter, str(run.path / "records.csv"))
+        localization = localization_table(run.records, image_filter, str(run.path / "records.csv"),
+                                          replicates=run.replicates)
         blank = degenerate_methods(run.records)
         notes = degenerate_notes(run.records, blank)
         localization.attrs.update(all_degenerate=blank, degenerate_notes=notes)
         words = FILTER_WORDS.get(image_filter, image_filter)
         caption = {variant: (f"Pixel Acc to Recall: predicted box-union vs {truth}, percent, mean over {words} "
                              f"(metric.image_filter={image_filter}; n_images).") for variant, truth in VARIANTS.items()}
-        return MeasureTables(localization=localization, caption=caption, notes=notes)
+        return MeasureTables(localization=localization, caption=caption, notes=notes,
+                             per_image=localization_values(run.records, image_filter))
 
 
 def degenerate_notes(records: pd.DataFrame, all_degenerate: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from wsol_bench.run.scorers.base import MeasureTables, RunContext, register_scor
 from wsol_bench.run.scorers.perturbation import (
     PerturbationRows,
     method_means,
+    per_image_values,
     settings_params,
     unscored_notes,
 )
@@ -63,5 +64,6 @@ class Saco(PerturbationRows):
         if rows is None:
             return None
         rows = rows.assign(degenerate=rows["degenerate"].where(rows["saco_degenerate"] != 1, 1))
-        summary = method_means(rows, {"saco": "SaCo"}, COUNT, str(run.path / FILE), scale=1.0)
-        return MeasureTables(summary=summary, caption=CAPTION, notes=unscored_notes(rows, run.records, FILE, "SaCo"))
+        summary = method_means(rows, {"saco": "SaCo"}, COUNT, str(run.path / FILE), scale=1.0, replicates=run.replicates)
+        return MeasureTables(summary=summary, caption=CAPTION, notes=unscored_notes(rows, run.records, FILE, "SaCo"),
+                             per_image=per_image_values(rows, {"saco": "SaCo"}, 1.0))
