@@ -14,6 +14,9 @@
 #   4. the faithfulness measures of issue 30 (batched engine vs the published procedure image by
 #      image, same numbers checked): Chefer's perturbation test, SaCo, ROAD (needs grad-cam's
 #      wheel in .whl/ for its reference; its solver path on CUDA is untested elsewhere)
+#   5. the measure group against Quantus (issue 31; needs the quantus wheel and its
+#      dependencies, scikit-learn and cachetools, in .whl/): images/s of each side, per-image
+#      agreement
 set -u
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -50,4 +53,9 @@ step "SaCo benchmark, 128 images"
 timeout 120 python3 scripts/benchmark_saco.py 128 --device cuda
 step "ROAD benchmark, 64 images (16 through the library)"
 timeout 150 python3 scripts/benchmark_road.py --images 64 --reference-images 16 --device cuda
+step "measure group against Quantus, 64 images (map-only) and 16 (explainer-bound)"
+timeout 60 python3 scripts/benchmark_measures.py 64 --device cuda \
+  --measures sparseness,complexity,pointing_game,energy_pointing_game
+timeout 240 python3 scripts/benchmark_measures.py 16 --device cuda \
+  --measures max_sensitivity,avg_sensitivity,model_randomisation,random_logit
 step done

@@ -105,6 +105,10 @@ def test_a_zero_std_is_refused_before_any_work(tmp_path, command):
     ("preprocess.input_size=[100,100]", ("preprocess.input_size=[100, 100] does not fit wsol_synthetic_vit, "
                                          "which takes 224x224 images")),
     ("sweep=grid sweep.thresholds=[0.2,1.2]", "sweep.thresholds=[0.2, 1.2] holds [1.2]"),
+    ("report.ci=1.5", "report.ci=1.5 must lie in (0, 1), e.g. 0.95; or null for no intervals"),
+    ("report.resamples=1", "report.resamples=1 must be at least 2"),
+    ("measure=[sparseness] +measure.sparseness.params.window=3",
+     "measure 'sparseness' takes no parameter 'window'; valid: none"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_setting(tmp_path, command, override, message):
     proc = command("wsol-bench", [*override.split(), "progress=false", f"store.root={tmp_path / 'c'}",

@@ -31,7 +31,8 @@ CHOICES = {
     "segmentation.protocol": choices.SEGMENTATION_PROTOCOLS,
 }
 # counts the typed config cannot bound: setting -> its smallest value
-MINIMUM_COUNTS = {"batch_size": 1, "num_workers": 0, "scoring_workers": 0, "gallery_images": 0, "store.shard_size": 1}
+MINIMUM_COUNTS = {"batch_size": 1, "num_workers": 0, "scoring_workers": 0, "gallery_images": 0, "store.shard_size": 1,
+                  "report.resamples": 2}
 # Drawing one synthetic image peaks at 64 to 80 bytes per pixel (measured at 2048 and 4096 pixels a
 # side: its float64 RGB background and the temporaries of blending it); the larger is used.
 SYNTHETIC_BYTES_PER_PIXEL = 80
@@ -57,6 +58,13 @@ def check_checkpoint(path: str | None) -> None:
     if path is not None and not Path(path).is_file():
         raise MissingInputError(f"model.checkpoint={path} does not exist; pass the path of a .safetensors or "
                                 ".pth file")
+
+
+def check_interval_level(level) -> None:
+    """`report.ci` is a level in (0, 1) or null (no intervals); refused before any work, as the
+    tables that use it are built only at the end of a run."""
+    if level is not None and not 0 < float(level) < 1:
+        raise SettingError(f"report.ci={level} must lie in (0, 1), e.g. 0.95; or null for no intervals")
 
 
 def check_counts(cfg: DictConfig, minimums: dict[str, int] = MINIMUM_COUNTS) -> None:
@@ -162,6 +170,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_counts(cfg)
     check_std(cfg.preprocess.std)
     check_image_sizes(cfg)
+    check_interval_level(OmegaConf.select(cfg, "report.ci"))
     if cfg.mode == "run":  # a dataset summary needs no model, thresholds or methods
         check_checkpoint(cfg.model.checkpoint)
         check_thresholds(cfg.metric.thresholds, "metric.thresholds")
