@@ -119,3 +119,12 @@ def test_report_ci_null_gives_means_only(tmp_path):
     assert not [c for c in pd.read_csv(out / "table.csv").columns if c.endswith(("ci_lo", "ci_hi"))]
     assert "±" not in (out / "table_box.md").read_text()
     assert "No confidence intervals (report.ci=null)." in (out / "table_box.md").read_text()
+
+
+def test_images_outside_the_first_set_draw_their_own_counts():
+    """A file with an image the records lack still gets that image's own draws, and the other
+    images' draws do not move."""
+    settings = BootstrapSettings(resamples=100, seed=1)
+    few = Replicates(IDS[:10], settings)
+    values = np.arange(20, dtype=float)[:, None]
+    np.testing.assert_array_equal(few.means(IDS[:20], values), Replicates(IDS[:20], settings).means(IDS[:20], values))

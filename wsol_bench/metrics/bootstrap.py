@@ -79,10 +79,21 @@ class Replicates:
         for start in range(0, len(unique), CHUNK):  # in slices: the 64-bit draws of all images at once are 8x this
             self.weights[:, start:start + CHUNK] = replicate_weights(keys[start:start + CHUNK], settings.resamples)
 
+    def _add(self, image_ids: list[str]) -> None:
+        """Draw the counts of images not seen yet (they depend on the id alone, so adding them
+        changes no other image's draws)."""
+        image_ids = list(dict.fromkeys(image_ids))
+        if not image_ids:
+            return
+        self.position.update({image_id: len(self.position) + j for j, image_id in enumerate(image_ids)})
+        new = replicate_weights(image_keys(image_ids, self.settings.seed), self.settings.resamples)
+        self.weights = np.concatenate([self.weights, new], axis=1)
+
     def means(self, image_ids: Sequence[str], values: np.ndarray) -> np.ndarray:
         """Replicate means [R, C] of per-image `values` [n, C] of the images `image_ids` (each
         once; NaN: not scored, left out of its column); NaN where a replicate drew none."""
         values = np.asarray(values, dtype=np.float64).reshape(len(image_ids), -1)
+        self._add([str(i) for i in image_ids if str(i) not in self.position])
         columns = np.array([self.position[str(i)] for i in image_ids], dtype=np.int64)
         scored = ~np.isnan(values)
         filled = np.where(scored, values, 0.0)
