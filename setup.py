@@ -18,8 +18,9 @@ ROOTS = {
     # Hydra finds search path plugins in the hydra_plugins namespace package (no __init__.py)
     "hydra_plugins": "hydra_plugins",
 }
-# data files shipped beside the code: config tree, weights and their training record
-DATA = ["*.yaml", "*.safetensors", "*.json"]
+# data files shipped beside the code: config tree, weights and their training record, the report's
+# HTML templates
+DATA = ["*.yaml", "*.safetensors", "*.json", "*.j2"]
 
 
 def packages() -> list[str]:

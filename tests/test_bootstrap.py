@@ -34,7 +34,7 @@ def test_an_images_counts_depend_on_the_seed_and_its_id_alone():
     whole = Replicates(IDS, settings)
     part = Replicates(list(reversed(IDS[100:150])), settings)  # another subset, another order
     for image_id in IDS[100:150]:
-        assert np.array_equal(whole.weights[:, whole.position[image_id]], part.weights[:, part.position[image_id]])
+        assert np.array_equal(whole.weights[:, whole.columns([image_id])[0]], part.weights[:, part.columns([image_id])[0]])
     other_seed = Replicates(IDS, BootstrapSettings(resamples=200, seed=4))
     assert not np.array_equal(whole.weights, other_seed.weights)
     # the first replicates do not change when more are drawn

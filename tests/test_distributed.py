@@ -21,15 +21,18 @@ from wsol_bench.run.distributed import Ranks
 from wsol_bench.run.run_tables import check_run
 from wsol_bench.run.runner import run as run_benchmark
 
-# a small but complete run: every scorer (records, sweep, masks, faithfulness), 3 shards of 3
+# a small but complete run: every scorer (records, sweep, segmentation, masks, faithfulness), 3 shards of 3
 # images (the last one of 1; batches of 2 and 1): shard 0 for rank 0, shards 1 and 2 for rank 1
 RUN = ["dataset.params.num_images=7", "store.shard_size=3", "batch_size=2", "progress=false",
        "gallery_images=2", "method=[agcam,rollout,gradcam,random,center]", "faithfulness=abpc",
-       "faithfulness.steps=5", "sweep=grid", "export_masks=true"]
+       "faithfulness.steps=5", "sweep=grid", "segmentation=chefer", "export_masks=true"]
 SHARDS = 3
 # the files whose bytes depend only on the numbers (not on timings, paths or the environment)
 NUMBERS = ["records.csv", "faithfulness.csv", "table.csv", "table_box.csv", "table_mask.csv", "sweep.csv",
-           "wsoleval.csv", "states/sweep.json", "skipped.csv"]
+           "wsoleval.csv", "states/sweep.json", "skipped.csv", "segmentation.csv", "segmentation_records.csv",
+           "states/segmentation.json", "compare.csv",
+           # the bootstrap replicates of the dataset-level measures: the same intervals from 1 or 2 ranks
+           "states/sweep_replicates.npz", "states/segmentation_replicates.npz"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
@@ -130,7 +133,8 @@ def test_torchrun_with_two_cpu_processes_gives_the_one_process_run(one_process, 
     assert check_run(run) == []
     _same_numbers(run, one_process)
     # the tables' bootstrap intervals too (a function of the image ids, not of the shards' ranks)
-    assert {"box_iou ci_lo", "box_iou ci_hi", "ABPC ci_lo"} <= set(pd.read_csv(run / "table.csv").columns)
+    assert {"box_iou ci_lo", "box_iou ci_hi", "ABPC ci_lo", "MaxBoxAccV2 ci_lo", "PxAP ci_hi",
+            "Seg mIoU ci_lo"} <= set(pd.read_csv(run / "table.csv").columns)
     assert (run / "wsol-bench.rank1.log").is_file() and not (run / "ranks").exists()
     assert ", 2 ranks" in (run / "wsol-bench.log").read_text()
     shards = sorted(p.name for p in (tmp_path / "cache").rglob("shard_*.pt"))

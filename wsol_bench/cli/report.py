@@ -4,6 +4,9 @@
     wsol-bench-report RUN --check         exit 1 when RUN's tables differ from its records
     wsol-bench-report RUN_A RUN_B ...     compare runs side by side (differences to RUN_A)
     wsol-bench-report RUN_A RUN_B --combined   one table, a block of rows per run/dataset
+    wsol-bench-report --compare RUN_A RUN_B [--out DIR]   one HTML page for the runs: DIR/compare.html
+
+Rebuilding one run's tables also rebuilds its self-contained report.html.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from wsol_bench.cli.errors import run_command
+from wsol_bench.errors import SettingError
 from wsol_bench.locks import FolderLock
 from wsol_bench.report.compare import (
     DEFAULT_TOLERANCE,
@@ -22,6 +26,7 @@ from wsol_bench.report.compare import (
     config_differences,
     run_labels,
 )
+from wsol_bench.report.html_report import write_comparison_html, write_html_report
 from wsol_bench.report.run_folder import VARIANTS, read_run
 from wsol_bench.report.table_format import to_markdown, to_text, write_table_files
 from wsol_bench.run.gallery import rebuild_gallery
@@ -47,7 +52,9 @@ def report_one(run_dir: Path, out: Path | None, gallery: bool, allow_incomplete:
         print(format_run_tables(tables))
         if gallery:
             print(rebuild_gallery(run, target / "gallery.png"))
+        report = write_html_report(run, tables, target)  # after the gallery: the page inlines it
     print(f"\ntables written to {target}")
+    print(f"report: {report}")
 
 
 def report_many(run_dirs: list[Path], out: Path | None, tolerance: float, combined: bool,
@@ -87,19 +94,29 @@ def report_many(run_dirs: list[Path], out: Path | None, tolerance: float, combin
         print(f"\nwritten to {out}")
 
 
+def report_compare(run_dirs: list[Path], out: Path, tolerance: float, allow_incomplete: bool = False) -> None:
+    """One self-contained HTML page for several runs, `out`/compare.html; prints its path."""
+    runs = [read_run(d, allow_incomplete) for d in run_dirs]
+    path = write_comparison_html(runs, [run_tables(r) for r in runs], run_labels(len(runs)), out, tolerance)
+    print(f"report: {path}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wsol-bench-report", description="Rebuild a run's tables from its records, check them, "
         "or compare several runs side by side.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) of wsol-bench")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write here (one run: default the run folder; several: default print only)")
+                        help="write here (one run: default the run folder; several: default print only; "
+                             "--compare: default the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when tables rebuilt from records differ from the run's table.csv")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="comparison: mark differences above this many percentage points")
     parser.add_argument("--combined", action="store_true",
                         help="several runs: one table with a block of rows per run instead of a comparison")
+    parser.add_argument("--compare", action="store_true",
+                        help="several runs: write one self-contained HTML page for them (compare.html)")
     parser.add_argument("--no-gallery", action="store_true", help="one run: do not redraw gallery.png")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="build tables from a run folder that is not a complete run (killed, failed or "
@@ -109,6 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_report(args: argparse.Namespace) -> int:
     """Do what the parsed command line asks; returns 0, or 1 when a check failed."""
+    if args.compare:
+        if len(args.runs) < 2 or args.check or args.combined:
+            raise SettingError("--compare needs two or more run folders and goes without --check and --combined, "
+                               "e.g. wsol-bench-report --compare RUN_A RUN_B")
+        report_compare(args.runs, args.out or Path.cwd(), args.tolerance, args.allow_incomplete)
+        return 0
     if args.check:
         failed = False
         for run_dir in args.runs:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from wsol_bench.errors import SettingError
 
@@ -72,29 +73,31 @@ class Replicates:
 
     def __init__(self, image_ids: Sequence[str], settings: BootstrapSettings) -> None:
         self.settings = settings
-        unique = list(dict.fromkeys(str(i) for i in image_ids))
-        self.position = {image_id: j for j, image_id in enumerate(unique)}
-        keys = image_keys(unique, settings.seed)
-        self.weights = np.empty((settings.resamples, len(unique)), dtype=np.uint8)  # [R, N]
-        for start in range(0, len(unique), CHUNK):  # in slices: the 64-bit draws of all images at once are 8x this
+        self.ids = pd.Index(pd.unique(np.asarray([str(i) for i in image_ids], dtype=object)))  # column j's image
+        keys = image_keys(list(self.ids), settings.seed)
+        self.weights = np.empty((settings.resamples, len(self.ids)), dtype=np.uint8)  # [R, N]
+        for start in range(0, len(self.ids), CHUNK):  # in slices: the 64-bit draws of all images at once are 8x this
             self.weights[:, start:start + CHUNK] = replicate_weights(keys[start:start + CHUNK], settings.resamples)
 
-    def _add(self, image_ids: list[str]) -> None:
-        """Draw the counts of images not seen yet (they depend on the id alone, so adding them
-        changes no other image's draws)."""
-        image_ids = list(dict.fromkeys(image_ids))
-        if not image_ids:
-            return
-        self.position.update({image_id: len(self.position) + j for j, image_id in enumerate(image_ids)})
-        new = replicate_weights(image_keys(image_ids, self.settings.seed), self.settings.resamples)
-        self.weights = np.concatenate([self.weights, new], axis=1)
+    def columns(self, image_ids: Sequence[str]) -> np.ndarray:
+        """The weight columns of `image_ids`, drawing the counts of images not seen yet (they
+        depend on the id alone, so adding them changes no other image's draws)."""
+        wanted = pd.Index(np.asarray([str(i) for i in image_ids], dtype=object))
+        found = self.ids.get_indexer(wanted)
+        if (found < 0).any():
+            new = pd.Index(pd.unique(np.asarray(wanted[found < 0], dtype=object)))
+            self.weights = np.concatenate(
+                [self.weights, replicate_weights(image_keys(list(new), self.settings.seed), self.settings.resamples)],
+                axis=1)
+            self.ids = self.ids.append(new)
+            found = self.ids.get_indexer(wanted)
+        return found.astype(np.int64)
 
     def means(self, image_ids: Sequence[str], values: np.ndarray) -> np.ndarray:
         """Replicate means [R, C] of per-image `values` [n, C] of the images `image_ids` (each
         once; NaN: not scored, left out of its column); NaN where a replicate drew none."""
         values = np.asarray(values, dtype=np.float64).reshape(len(image_ids), -1)
-        self._add([str(i) for i in image_ids if str(i) not in self.position])
-        columns = np.array([self.position[str(i)] for i in image_ids], dtype=np.int64)
+        columns = self.columns(image_ids)
         scored = ~np.isnan(values)
         filled = np.where(scored, values, 0.0)
         sums = np.zeros((self.settings.resamples, values.shape[1]))

@@ -15,6 +15,7 @@ polygon area); published MaxBoxAcc numbers come from it. "components" is the flo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +28,20 @@ from wsol_bench.regions.thresholds import DEFAULT_THRESHOLDS, threshold_array
 
 IOU_THRESHOLDS = (30, 50, 70)  # percent, as wsolevaluation's --iou_threshold_list
 COUNTS = ("correct_v1", "correct_v2", "top1_v1", "top1_v2")
+# the columns of a box-accuracy bootstrap contribution (`box_contributions`), in this order
+BOX_VALUE_COLUMNS = ("maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
+
+
+@dataclass(frozen=True)
+class BoxHits:
+    """One batch's box hits: v1 and v2 bool [D, B, T] (image b's best IoU at heatmap threshold t
+    reaches IoU threshold d), whether each image's class was predicted, bool [B], and how many
+    of the images have no GT box."""
+
+    v1: np.ndarray
+    v2: np.ndarray
+    correct: np.ndarray
+    without_gt_boxes: int
 
 
 def inclusive_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
@@ -102,6 +117,12 @@ class BoxAccuracy(RunMetric):
         """Add a batch: heatmaps [B, H, W] (or their regions from `regions`), per image its
         inclusive GT boxes [K, 4] (`wsoleval_gt_boxes`), and whether its class was predicted
         correctly, bool [B]."""
+        self.add_hits(self.image_hits(heatmaps, gt_boxes, correct))
+
+    def image_hits(self, heatmaps: torch.Tensor | ThresholdComponents, gt_boxes: Sequence[torch.Tensor],
+                   correct: torch.Tensor) -> BoxHits:
+        """Each image's hits (the arguments of `update`), before they are counted: what
+        `add_hits` sums, and what `box_contributions` turns into bootstrap contributions."""
         regions = heatmaps if isinstance(heatmaps, ThresholdComponents) else self.regions(heatmaps)
         if regions.thresholds != self.thresholds:
             raise SettingError("the regions were found at other thresholds than this BoxAccuracy's")
@@ -113,13 +134,20 @@ class BoxAccuracy(RunMetric):
             raise SettingError(f"{regions.num_images} heatmaps need {regions.num_images} correct flags, "
                                f"got {correct.shape[0]}")
         ious = best_ious(regions, gt_boxes)
-        for d, delta in enumerate(self.iou_thresholds):
-            for version in ("v1", "v2"):
-                ok = ious[f"iou_{version}"] >= delta / 100
-                getattr(self, f"correct_{version}")[d] += torch.from_numpy(ok.sum(0))
-                getattr(self, f"top1_{version}")[d] += torch.from_numpy((ok & correct[:, None]).sum(0))
-        self.num_images += regions.num_images
-        self.num_without_gt_boxes += sum(len(torch.as_tensor(g).reshape(-1, 4)) == 0 for g in gt_boxes)
+        hits = {version: np.stack([ious[f"iou_{version}"] >= delta / 100 for delta in self.iou_thresholds])
+                for version in ("v1", "v2")}
+        without = sum(len(torch.as_tensor(g).reshape(-1, 4)) == 0 for g in gt_boxes)
+        return BoxHits(v1=hits["v1"], v2=hits["v2"], correct=correct, without_gt_boxes=int(without))
+
+    def add_hits(self, hits: BoxHits) -> None:
+        """Count one batch's `image_hits`."""
+        for version in ("v1", "v2"):
+            ok = getattr(hits, version)
+            getattr(self, f"correct_{version}").add_(torch.from_numpy(ok.sum(1)))
+            getattr(self, f"top1_{version}").add_(torch.from_numpy((ok & hits.correct[None, :, None]).sum(1)))
+        self.num_images += len(hits.correct)
+        self.num_without_gt_boxes += hits.without_gt_boxes
+        self._restored = True  # has seen images, though perhaps not through update() (RunMetric.update_called)
 
     def state_problem(self) -> str | None:
         """No image, more correct images than images, more Top-1 than GT-known correct ones, or
@@ -187,3 +215,38 @@ def _padded_boxes(gt_boxes: Sequence[torch.Tensor], batch: int) -> tuple[np.ndar
 def _best_iou(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Max IoU of each predicted box [N, 1, 4] over its GT boxes [N, K, 4]; 0 without GT boxes."""
     return np.where(valid, inclusive_iou(pred, gt), 0.0).max(axis=1)
+
+
+def box_contributions(hits: BoxHits, iou_thresholds: Sequence[int]) -> np.ndarray:
+    """Each image's contribution to the counts the box-accuracy values are made of, int32
+    [B, 1 + 2T + D*T]: 1 (the image), its v1 hits at IoU 50 [T], the same where its class was
+    predicted (Top-1) [T], its v2 hits at every IoU threshold [D*T]. Weighted sums of them are
+    a bootstrap replicate's counts (`box_values`)."""
+    d50 = list(iou_thresholds).index(50)
+    v1 = hits.v1[d50]
+    parts = [np.ones((len(hits.correct), 1), dtype=bool), v1, v1 & hits.correct[:, None],
+             hits.v2.transpose(1, 0, 2).reshape(len(hits.correct), -1)]
+    return np.concatenate(parts, axis=1).astype(np.int32)
+
+
+def box_values(totals: np.ndarray, iou_thresholds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The box-accuracy values, percent [R] each, of summed `box_contributions` [R, width]
+    (one row per bootstrap replicate): MaxBoxAcc, MaxBoxAccV2, GT-known and Top-1 Loc as
+    `BoxAccuracy.compute` reduces its counts (ties to the lowest threshold), and
+    "maxboxacc_v2_iou<delta>" per IoU threshold; NaN where a replicate holds no image."""
+    totals = np.asarray(totals, dtype=np.float64)
+    deltas = list(iou_thresholds)
+    levels = (totals.shape[1] - 1) // (2 + len(deltas))
+    count = totals[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # count * 100 / n, in `compute`'s order, so the unweighted totals give its numbers to the bit
+        v1 = totals[:, 1:1 + levels] * 100.0 / count[:, None]
+        top1 = totals[:, 1 + levels:1 + 2 * levels] * 100.0 / count[:, None]
+        v2 = totals[:, 1 + 2 * levels:].reshape(len(totals), len(deltas), levels) * 100.0 / count[:, None, None]
+    rows = np.arange(len(totals))
+    loc = v1.argmax(1)
+    best_v2 = v2.max(2)  # [R, D]
+    values = {"maxboxacc": v1[rows, loc], "maxboxacc_v2": np.array([np.mean(r) for r in best_v2]),
+              "top1_loc": top1[rows, loc], "gt_known_loc": v1[rows, loc]}
+    values |= {f"maxboxacc_v2_iou{delta}": best_v2[:, d] for d, delta in enumerate(deltas)}
+    return {name: np.where(count > 0, value, np.nan) for name, value in values.items()}

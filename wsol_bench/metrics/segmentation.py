@@ -17,6 +17,7 @@ from wsol_bench.metrics.base import RunMetric
 from wsol_bench.metrics.exact_sum import CHUNKS, exact_mean, fixed_point_chunks, totals_exceed
 
 CLASSES = ("background", "foreground")
+CONTRIBUTION_WIDTH = 7 + CHUNKS  # the columns of `segmentation_contributions`
 # the reference's guard against an empty denominator, np.spacing(1) in float64
 EPS = float(np.spacing(np.float64(1.0)))
 
@@ -168,3 +169,32 @@ class CheferSegmentation(RunMetric):
         return {**segmentation_summary(int(self.correct), int(self.labelled), self.intersection.numpy(),
                                        self.union.numpy(), 2 * exact_mean(self.ap_chunks.tolist(), images), images),
                 "n_degenerate": int(self.degenerate)}
+
+
+def segmentation_contributions(counts: list[dict]) -> np.ndarray:
+    """Each image's contribution to the segmentation totals, int64 [B, 7 + CHUNKS]: 1 (the
+    image), correct, labelled, the intersections and unions (background, foreground) and the
+    fixed-point chunks of AP / 2, from its `image_segmentation_counts`. Weighted sums of them
+    are a bootstrap replicate's totals (`segmentation_values`)."""
+    rows = [[1, c["correct"], c["labelled"], *np.asarray(c["intersection"]).tolist(),
+             *np.asarray(c["union"]).tolist(), *fixed_point_chunks(np.ldexp(np.float64(c["ap"]), -1)).tolist()]
+            for c in counts]
+    return np.array(rows, dtype=np.int64).reshape(len(counts), CONTRIBUTION_WIDTH)
+
+
+def segmentation_values(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """The segmentation scores in percent [R] of summed `segmentation_contributions`
+    [R, width] (one row per bootstrap replicate), reduced as `segmentation_summary` reduces the
+    dataset's totals; NaN where a replicate holds no image."""
+    values = {name: [] for name in ("pixel_accuracy", "mIoU", "mAP", "iou_background", "iou_foreground")}
+    for row in np.asarray(totals, dtype=np.int64):
+        images = int(row[0])
+        if images == 0:
+            for column in values.values():
+                column.append(float("nan"))
+            continue
+        summary = segmentation_summary(int(row[1]), int(row[2]), row[3:5], row[5:7],
+                                       2 * exact_mean(row[7:].tolist(), images), images)
+        for name, column in values.items():
+            column.append(100 * summary[name])
+    return {name: np.array(column) for name, column in values.items()}

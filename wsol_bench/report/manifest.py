@@ -17,7 +17,8 @@ from wsol_bench.errors import UserError
 MANIFEST = "run.json"
 FORMAT = 1
 # the files the tables are built from: a report checks them against the manifest
-INPUTS = ("config.yaml", "records.csv", "faithfulness.csv", "states/sweep.json")
+INPUTS = ("config.yaml", "records.csv", "faithfulness.csv", "states/sweep.json", "states/sweep_replicates.npz",
+          "states/segmentation_replicates.npz")
 
 
 class IncompleteRun(UserError, ValueError):

@@ -19,16 +19,19 @@ import pandas as pd
 
 from wsol_bench.errors import MissingInputError, SettingError
 from wsol_bench.files import atomic_write
-from wsol_bench.report.comparisons import paired_comparisons
+from wsol_bench.metrics.bootstrap import bound_names, is_bound_column
+from wsol_bench.report.comparisons import method_replicate_means, paired_comparisons, wide_values
 from wsol_bench.report.manifest import IncompleteRun
 from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
+from wsol_bench.report.rankings import agreement_table, ranking_table
 from wsol_bench.report.run_folder import VARIANTS, RunFolder, disk_differences, read_run
-from wsol_bench.report.table_format import to_text, write_table_files
+from wsol_bench.report.table_format import is_count_column, to_text, write_table_files
 from wsol_bench.report.tables import PUBLISHED_SUFFIX, ordered_columns, paper_table
 from wsol_bench.run.scorers import SCORERS, MeasureTables
 
 LOCALIZATION = "records"  # the scorer whose localization table every run has
-COMPARE = "compare"  # compare.csv: every pair of methods on every per-image measure (docs/protocol.md 7.2)
+COMPARE = "compare"  # compare.csv: every pair of methods on every measure (docs/protocol.md 7.2)
+RANKING, AGREEMENT = "ranking", "agreement"  # ranking.csv, agreement.csv (docs/protocol.md 7.3)
 
 
 def measure_parts(run: RunFolder) -> dict[str, MeasureTables]:
@@ -54,8 +57,10 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     by both), "table" (what `table.csv` holds: the localization rows with every scorer's
     per-method columns), one paper-layout table per ground-truth variant ("box", "mask" when the
     records have masks) with `attrs["caption"]`, `attrs["notes"]` and `attrs["thresholds"]`, each
-    scorer's own tables under their file names (e.g. "sweep", "wsoleval"), and "compare": the
-    paired comparisons of every two methods on every per-image measure (with intervals on)."""
+    scorer's own tables under their file names (e.g. "sweep", "wsoleval"), "compare": the
+    paired comparisons of every two methods on every measure (with intervals on), and
+    "ranking" and "agreement": the methods ranked across the measures whose scorers say which
+    way is better, and how far those measures agree (with two methods or more)."""
     run = run_dir if isinstance(run_dir, RunFolder) else read_run(run_dir, allow_incomplete)
     parts = measure_parts(run)
     localization = parts[LOCALIZATION].localization
@@ -63,9 +68,9 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     tables = {"localization": localization, "table": joined_table(localization, summaries)}
     for part in parts.values():
         tables.update(part.files)
-    per_image = {name: values for part in parts.values() for name, values in part.per_image.items()}
-    if run.replicates is not None and per_image and run.records["method"].nunique() > 1:
-        tables[COMPARE] = paired_comparisons(per_image, run.replicates, run.bootstrap.level)
+    methods = list(dict.fromkeys(run.records["method"]))
+    if len(methods) > 1:
+        tables.update(method_comparisons(run, parts, methods))
     published = published_numbers(str(run.setting("dataset.name")), str(run.setting("dataset.split")),
                                   str(run.setting("model.name")))
     thresholds = sorted(set(localization.index.get_level_values("threshold").astype(float)))
@@ -77,10 +82,30 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
                            all_degenerate=localization.attrs.get("all_degenerate", ()))
         view.attrs["caption"] = " ".join([_run_sentence(run)] + [text for part in parts.values()
                                                                  if (text := part.caption_for(variant))]
-                                         + [_interval_sentence(run)])
+                                         + [_interval_sentence(run, view)])
         view.attrs["notes"] = (_published_notes(run, published, thresholds) if variant == "box" else []) + notes
         view.attrs["thresholds"] = thresholds
         tables[variant] = view
+    return tables
+
+
+def method_comparisons(run: RunFolder, parts: dict[str, MeasureTables], methods: list[str]
+                       ) -> dict[str, pd.DataFrame]:
+    """"compare" (with intervals on), "ranking" and "agreement" of a run of several methods,
+    from every scorer's per-image values and dataset-level replicates; each measure's per-image
+    values are resampled once, for both the comparisons and the rankings."""
+    per_image = {name: values for part in parts.values() for name, values in part.per_image.items()}
+    replicated = {name: found for part in parts.values() for name, found in part.replicated.items()}
+    better = {name: way for part in parts.values() for name, way in part.better.items()}
+    wides = {name: wide_values(values) for name, values in per_image.items()}
+    method_means = method_replicate_means(wides, run.replicates) if run.replicates is not None else None
+    tables = {}
+    if method_means is not None and (per_image or replicated):
+        tables[COMPARE] = paired_comparisons(per_image, run.replicates, run.bootstrap.level, replicated,
+                                             wides=wides, method_means=method_means)
+    if set(better) & (set(per_image) | set(replicated)):
+        tables[RANKING] = ranking_table(wides, replicated, better, methods, method_means, run.bootstrap.level)
+        tables[AGREEMENT] = agreement_table(wides, replicated, better, methods)
     return tables
 
 
@@ -88,14 +113,19 @@ def _run_sentence(run: RunFolder) -> str:
     return f"{run.dataset_label}, model {run.setting('model.name', '?')}, target {run.setting('target', '?')}."
 
 
-def _interval_sentence(run: RunFolder) -> str:
-    """What "±" means in the tables (or that the run has no intervals)."""
+def _interval_sentence(run: RunFolder, view: pd.DataFrame) -> str:
+    """What "±" means in the tables (or that the run has no intervals), and which of the view's
+    columns have none (dataset-level measures of a run that kept no bootstrap replicates)."""
     settings = run.bootstrap
     if settings.level is None:
         return "No confidence intervals (report.ci=null)."
-    return (f"± half the width of the {100 * settings.level:g} % bootstrap interval over images "
-            f"({settings.resamples} Poisson resamples, seed {settings.seed}; docs/protocol.md 7.1); "
-            "values without ± are dataset-level (MaxBoxAcc, PxAP, segmentation totals).")
+    sentence = (f"± half the width of the {100 * settings.level:g} % bootstrap interval over images "
+                f"({settings.resamples} Poisson resamples, seed {settings.seed}; docs/protocol.md 7.1).")
+    bare = [c for c in view.columns if c not in ("method", "threshold") and not is_count_column(c)
+            and not is_bound_column(c) and bound_names(c)[0] not in view.columns]
+    if bare:
+        sentence += f" {', '.join(bare)}: no interval (the run kept no bootstrap replicates of them)."
+    return sentence
 
 
 def _published_notes(run: RunFolder, published: list, thresholds: list[float]) -> list[str]:

@@ -26,6 +26,8 @@ from wsol_bench.files import atomic_write_text, write_json
 from wsol_bench.progress import progress_enabled
 from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.report.figures import coverage_figure
+from wsol_bench.report.html_report import REPORT_FILE, write_html_report
+from wsol_bench.report.run_folder import read_run
 from wsol_bench.run.distributed import ONE_PROCESS, Ranks, join
 from wsol_bench.run.folder import staged_run
 from wsol_bench.run.gallery import write_gallery
@@ -84,6 +86,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict | None:
     print()
     print(format_run_tables(result))
     print(f"\nrun folder: {out_dir}")
+    print(f"report: {out_dir / REPORT_FILE}")
     return result["localization"]
 
 
@@ -159,10 +162,12 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
     if int(cfg.gallery_images) > 0:
         write_gallery(cfg, dataset, transform, stores[cfg.target], out_dir / "gallery.png")
 
-    tables = run_tables(out_dir, allow_incomplete=True)  # its own staging folder: run.json comes last
+    folder = read_run(out_dir, allow_incomplete=True)  # its own staging folder: run.json comes last
+    tables = run_tables(folder)
     for line in tables["localization"].attrs.get("degenerate_notes", []):
         log.warning("%s", line)
     write_run_tables(out_dir, tables=tables)
+    write_html_report(folder, tables, out_dir)
     summary["records_per_method"] = {str(m): int(n) for m, n in
                                      tables["localization"].groupby(level="method", sort=False)["n_total"].sum().items()}
     summary["ranks"] = ranks.world

@@ -32,6 +32,7 @@ class AvgSensitivity(SensitivityRows):
     score_column = "avg_sensitivity"
     table_columns: ClassVar[dict[str, str]] = {"avg_sensitivity": "Avg-Sensitivity"}
     count_column = "n_images_avg_sensitivity"
+    better: ClassVar[dict[str, str]] = {"avg_sensitivity": "lower"}
     caption = ("Avg-Sensitivity: the mean ||e(x + d) - e(x)|| / ||e(x)|| of the heatmap over noisy copies x + d "
                "(d uniform in an L-inf ball on the model input), mean over all images (n_images_avg_sensitivity); "
                "lower is more robust.")

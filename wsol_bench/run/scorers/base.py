@@ -31,7 +31,9 @@ from torch.utils.data import Dataset
 
 from wsol_bench.errors import SettingError
 from wsol_bench.files import append_csv_bodies
+from wsol_bench.metrics.bootstrap import BootstrapSettings
 from wsol_bench.registry import Registry
+from wsol_bench.report.replicated import ReplicatedMeasure
 from wsol_bench.report.run_folder import RunFolder
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.distributed import ONE_PROCESS, Ranks
@@ -54,7 +56,9 @@ class MeasureTables:
     under those tables. `files`: whole tables of the scorer's own, written as `<name>.csv` and
     compared by `wsol-bench-report --check`. `per_image`: for each table column that averages
     per-image scores, those scores (columns image_id, method, value; NaN: not scored), from which
-    the paired comparisons between methods are bootstrapped."""
+    the paired comparisons between methods are bootstrapped; `replicated`: the same for the
+    dataset-level columns, as bootstrap replicates; `better`: which way each of those columns is
+    better, for the rankings across measures."""
 
     localization: pd.DataFrame | None = None
     summary: pd.DataFrame | None = None
@@ -62,6 +66,12 @@ class MeasureTables:
     notes: list[str] = field(default_factory=list)
     files: dict[str, pd.DataFrame] = field(default_factory=dict)
     per_image: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # dataset-level table columns (MaxBoxAccV2, PxAP, the segmentation totals): each method's
+    # value and its bootstrap replicates, for the paired comparisons and the rankings
+    replicated: dict[str, ReplicatedMeasure] = field(default_factory=dict)
+    # "higher" or "lower": which way is better, for the columns of `per_image` and `replicated`
+    # that the rankings order methods by (a column absent here is not ranked)
+    better: dict[str, str] = field(default_factory=dict)
 
     def caption_for(self, variant: str) -> str:
         """The caption sentence for the paper table of ground-truth `variant`."""
@@ -144,6 +154,16 @@ class Scorer:
         """What this scorer adds to the tables of the finished run `run`, from the files it
         wrote there alone; None when the folder has none of them (the run did not ask for it)."""
         return None
+
+
+def report_bootstrap(cfg: DictConfig) -> BootstrapSettings | None:
+    """The run's interval settings (`report.ci`, `report.resamples`, `report.seed`), or None
+    when intervals are off: what a scorer needs to keep the bootstrap replicates of its
+    dataset-level measures."""
+    node = cfg.get("report")
+    if node is None or node.get("ci") is None:
+        return None
+    return BootstrapSettings(level=float(node.ci), resamples=int(node.resamples), seed=int(node.seed))
 
 
 def append_rank_rows(ranks: Ranks, parts: list[Path], name: str) -> None:

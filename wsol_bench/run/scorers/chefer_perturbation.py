@@ -5,6 +5,8 @@ step; the tables give the mean areas in percent (positive: lower is better, nega
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from omegaconf import DictConfig
 
@@ -40,6 +42,7 @@ class CheferPerturbation(PerturbationRows):
     file = FILE
     engine = (engine_module,)
     table_columns, count_column, caption = NAMES, COUNT, CAPTION
+    better: ClassVar[dict[str, str]] = {"auc_positive": "lower", "auc_negative": "higher"}
 
     @classmethod
     def settings_from(cls, node: DictConfig) -> CheferSettings:

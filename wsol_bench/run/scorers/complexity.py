@@ -22,6 +22,7 @@ class Complexity(HeatmapStatistic):
     engine = (engine_module,)
     table_columns: ClassVar[dict[str, str]] = {"complexity": "Complexity"}
     count_column = "n_images_complexity"
+    better: ClassVar[dict[str, str]] = {"complexity": "lower"}
     caption = ("Complexity: entropy (nats) of the heatmap's pixels as fractions of its sum (0: one pixel, ln N: "
                "uniform over N pixels), mean over all images (n_images_complexity).")
     table_scale = 1.0

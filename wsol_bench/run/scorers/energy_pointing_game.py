@@ -36,6 +36,7 @@ class EnergyPointingGame(RegionRows):
     score_prefix = "energy"
     table_columns: ClassVar[dict[str, str]] = {"energy_box": "Energy PG (box)", "energy_mask": "Energy PG (mask)"}
     count_column = "n_images_energy_pointing_game"
+    better: ClassVar[dict[str, str]] = {"energy_box": "higher", "energy_mask": "higher"}
     caption = ("Energy PG (box), Energy PG (mask): energy-based pointing game (Wang et al.), percent of the "
                "heatmap's sum inside the ground-truth boxes or mask, mean over all images with a non-empty "
                "region (n_images_energy_pointing_game).")

@@ -30,6 +30,7 @@ from wsol_bench.run.scorers.perturbation import (
     PerturbationRows,
     method_means,
     per_image_values,
+    ranked_columns,
     settings_params,
 )
 
@@ -38,6 +39,8 @@ ABPC_TOLERANCE = 1e-6  # abpc must equal auc_lerf - auc_morf up to float roundin
 # faithfulness.mode -> (the column that marks its rows, {score column: table column})
 MODE_NAMES = {"abpc": ("abpc", FAITH_NAMES), "deletion": ("auc_deletion", {"auc_deletion": "Deletion AUC"}),
               "insertion": ("auc_insertion", {"auc_insertion": "Insertion AUC"})}
+# ABPC is the difference of the two AUCs, so they are shown but not ranked beside it
+BETTER = {"abpc": "higher", "auc_deletion": "lower", "auc_insertion": "higher"}
 CAPTIONS = {"abpc": "ABPC, AUC MoRF, AUC LeRF: pixel perturbation of the ground-truth class",
             "deletion": "Deletion AUC: RISE deletion of the ground-truth class (lower is better)",
             "insertion": "Insertion AUC: RISE insertion of the ground-truth class (higher is better)"}
@@ -106,7 +109,7 @@ class FaithfulnessScorer(PerturbationRows):
         caption = f"{CAPTIONS[mode]}, percent, mean over all images (n_images_{mode})."
         _, names = MODE_NAMES[mode]
         return MeasureTables(summary=summary, caption=caption, notes=coverage_notes(rows, run.records),
-                             per_image=per_image_values(rows, names))
+                             per_image=per_image_values(rows, names), better=ranked_columns(BETTER, names))
 
 
 def faithfulness_summary(faithfulness: pd.DataFrame, source: str = FILE, replicates: Replicates | None = None

@@ -149,6 +149,7 @@ class MaxSensitivity(SensitivityRows):
     score_column = "max_sensitivity"
     table_columns: ClassVar[dict[str, str]] = {"max_sensitivity": "Max-Sensitivity"}
     count_column = "n_images_max_sensitivity"
+    better: ClassVar[dict[str, str]] = {"max_sensitivity": "lower"}
     caption = ("Max-Sensitivity: the largest ||e(x + d) - e(x)|| / ||e(x)|| of the heatmap over noisy copies "
                "x + d (d uniform in an L-inf ball on the model input), mean over all images "
                "(n_images_max_sensitivity); lower is more robust.")

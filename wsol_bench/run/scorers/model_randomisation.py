@@ -41,7 +41,13 @@ from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.maps import as_dict, build_transform
 from wsol_bench.run.scorers.base import MeasureTables, RunContext, register_scorer
 from wsol_bench.run.scorers.measure_rows import MeasureRows
-from wsol_bench.run.scorers.perturbation import method_means, per_image_values, source_digest, unscored_notes
+from wsol_bench.run.scorers.perturbation import (
+    method_means,
+    per_image_values,
+    ranked_columns,
+    source_digest,
+    unscored_notes,
+)
 from wsol_bench.run.store import InvalidShard, MapStore, Shard
 
 log = logging.getLogger("wsol_bench")
@@ -156,7 +162,8 @@ def comparison_tables(cls: type[MeasureRows], run: RunFolder, rows: pd.DataFrame
               "as an empty map (Spearman and top-k 0)."
               for method, count in rows[rows[flag] == 1].groupby("method", sort=False).size().items()]
     return MeasureTables(summary=summary, caption=cls.caption, notes=notes,
-                         per_image=per_image_values(rows, names, cls.table_scale))
+                         per_image=per_image_values(rows, names, cls.table_scale),
+                         better=ranked_columns(cls.better, names))
 
 
 @register_scorer("model_randomisation")
@@ -169,6 +176,8 @@ class ModelRandomisation(MeasureRows):
     engine = (engine_module,)
     table_columns: ClassVar[dict[str, str]] = {"spearman": "MPRT Spearman", "ssim": "MPRT SSIM", "topk": "MPRT top-k"}
     count_column = "n_images_model_randomisation"
+    # a map that stays alike under a randomised model fails; Spearman, Adebayo et al.'s headline, is ranked
+    better: ClassVar[dict[str, str]] = {"spearman": "lower"}
     caption = ("MPRT Spearman, SSIM, top-k: similarity of the map to the map on the fully randomised model "
                "(model_randomisation_states.csv: each state), 1 = unchanged, lower is better, mean over all images "
                "(n_images_model_randomisation).")

@@ -67,6 +67,9 @@ class PerturbationRows(Scorer):
     count_column: ClassVar[str] = ""
     caption: ClassVar[str] = ""
     table_scale: ClassVar[float] = 100.0  # the table shows the mean times this (percent for rates and AUCs)
+    # score column -> "higher" or "lower": which way is better, for the columns the rankings use
+    # (one per property the measure scores; a column absent here is shown, not ranked)
+    better: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model_fn, stores: dict[str, MapStore], settings, path: Path, *, dataset_name: str,
                  split: str, precision: dict | None = None) -> None:
@@ -252,7 +255,8 @@ class PerturbationRows(Scorer):
         return MeasureTables(summary=method_means(rows, names, cls.count_column, str(run.path / cls.file),
                                                   scale=cls.table_scale, replicates=run.replicates),
                              caption=cls.caption, notes=notes,
-                             per_image=per_image_values(rows, names, cls.table_scale))
+                             per_image=per_image_values(rows, names, cls.table_scale),
+                             better=ranked_columns(cls.better, names))
 
     @classmethod
     def row_notes(cls, rows: pd.DataFrame) -> list[str]:
@@ -287,6 +291,11 @@ def method_means(rows: pd.DataFrame, names: dict[str, str], count: str, source: 
                                                                 (name, *bound_names(name)))})
     summary[count] = grouped[next(iter(names))].count()
     return summary
+
+
+def ranked_columns(better: dict[str, str], names: dict[str, str]) -> dict[str, str]:
+    """{table column: "higher" or "lower"} of the score columns of `better` that `names` shows."""
+    return {names[column]: way for column, way in better.items() if column in names}
 
 
 def per_image_values(rows: pd.DataFrame, names: dict[str, str], scale: float = 100.0) -> dict[str, pd.DataFrame]:

@@ -26,7 +26,7 @@ from wsol_bench.report.tables import require_columns
 from wsol_bench.run.batch import MethodBatch
 from wsol_bench.run.scorers.base import MeasureTables, register_scorer
 from wsol_bench.run.scorers.measure_rows import MeasureRows
-from wsol_bench.run.scorers.perturbation import method_means, unscored_notes
+from wsol_bench.run.scorers.perturbation import method_means, per_image_values, ranked_columns, unscored_notes
 
 REGIONS = {"box": "gt_box_pixels", "mask": "gt_mask_pixels"}  # region -> its size column on every row
 
@@ -72,6 +72,7 @@ class RegionRows(MeasureRows):
         require_columns(rows, ["image_id", "method", "degenerate", *REGIONS.values()], source)
         summary = pd.DataFrame(index=pd.Index(list(dict.fromkeys(rows["method"])), name="method"))
         notes = unscored_notes(rows, run.records, cls.file, cls.name)
+        per_image = {}
         for region, size_column in REGIONS.items():
             if region == "mask" and rows[size_column].isna().all():
                 continue  # a dataset without masks: no mask column
@@ -80,11 +81,15 @@ class RegionRows(MeasureRows):
             for column in (name, *bound_names(name)):
                 if column in means.columns:
                     summary[column] = means[column]
+            counted = rows[rows[size_column] > 0]  # an image without the region is not scored on it
+            per_image |= per_image_values(counted, {f"{cls.score_prefix}_{region}": name}, cls.table_scale)
             if region == "box":
                 summary[cls.count_column] = means[cls.count_column].reindex(summary.index).fillna(0).astype(int)
             notes += cls.empty_region_notes(rows, region, size_column)
         summary = summary[[c for c in summary.columns if c != cls.count_column] + [cls.count_column]]
-        return MeasureTables(summary=summary, caption=cls.run_caption(run), notes=notes)
+        return MeasureTables(summary=summary, caption=cls.run_caption(run), notes=notes, per_image=per_image,
+                             better=ranked_columns(cls.better, {c: n for c, n in cls.table_columns.items()
+                                                                if n in per_image}))
 
     @classmethod
     def region_means(cls, rows: pd.DataFrame, region: str, size_column: str, source: str,
@@ -136,6 +141,7 @@ class PointingGame(RegionRows):
     score_prefix = "pointing"
     table_columns: ClassVar[dict[str, str]] = {"pointing_box": "Pointing (box)", "pointing_mask": "Pointing (mask)"}
     count_column = "n_images_pointing_game"
+    better: ClassVar[dict[str, str]] = {"pointing_box": "higher", "pointing_mask": "higher"}
     caption = ("Pointing (box), Pointing (mask): pointing game (Zhang et al.), percent of images whose heatmap "
                "maximum (the first in raster order) lies within the tolerance of the ground-truth boxes or "
                "mask, over all images with a non-empty region (n_images_pointing_game).")

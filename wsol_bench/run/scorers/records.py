@@ -112,8 +112,12 @@ class LocalizationRecords(Scorer):
         words = FILTER_WORDS.get(image_filter, image_filter)
         caption = {variant: (f"Pixel Acc to Recall: predicted box-union vs {truth}, percent, mean over {words} "
                              f"(metric.image_filter={image_filter}; n_images).") for variant, truth in VARIANTS.items()}
-        return MeasureTables(localization=localization, caption=caption, notes=notes,
-                             per_image=localization_values(run.records, image_filter))
+        per_image = localization_values(run.records, image_filter)
+        # IoU alone is ranked: Dice is a function of it per image, and pixel accuracy, precision
+        # and recall trade off against each other
+        better = {name: "higher" for name in per_image if name.startswith("IoU ")}
+        return MeasureTables(localization=localization, caption=caption, notes=notes, per_image=per_image,
+                             better=better)
 
 
 def degenerate_notes(records: pd.DataFrame, all_degenerate: list[str]) -> list[str]:

@@ -5,6 +5,8 @@ method; the tables give the mean change of the explained class's probability, in
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pandas as pd
 import torch
 from omegaconf import DictConfig
@@ -36,6 +38,8 @@ class Road(PerturbationRows):
     file = FILE
     engine = (engine_module, settings_module, imputation_module, solver_module)
     table_columns, count_column, caption = NAMES, COUNT, CAPTION
+    # the combined score is the difference of the two orders: ranked alone, as ABPC is
+    better: ClassVar[dict[str, str]] = {"road_combined": "higher"}
 
     @classmethod
     def settings_from(cls, node: DictConfig) -> RoadSettings:

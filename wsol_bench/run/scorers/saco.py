@@ -66,4 +66,4 @@ class Saco(PerturbationRows):
         rows = rows.assign(degenerate=rows["degenerate"].where(rows["saco_degenerate"] != 1, 1))
         summary = method_means(rows, {"saco": "SaCo"}, COUNT, str(run.path / FILE), scale=1.0, replicates=run.replicates)
         return MeasureTables(summary=summary, caption=CAPTION, notes=unscored_notes(rows, run.records, FILE, "SaCo"),
-                             per_image=per_image_values(rows, {"saco": "SaCo"}, 1.0))
+                             per_image=per_image_values(rows, {"saco": "SaCo"}, 1.0), better={"SaCo": "higher"})

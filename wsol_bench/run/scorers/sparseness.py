@@ -21,6 +21,7 @@ class Sparseness(HeatmapStatistic):
     engine = (engine_module,)
     table_columns: ClassVar[dict[str, str]] = {"sparseness": "Sparseness"}
     count_column = "n_images_sparseness"
+    better: ClassVar[dict[str, str]] = {"sparseness": "higher"}
     caption = ("Sparseness: Gini index of the heatmap's pixels (0: uniform, near 1: one pixel), mean over all "
                "images (n_images_sparseness).")
     table_scale = 1.0
