@@ -5,7 +5,8 @@ which the AG-CAM paper's tables also list:
 - attention Grad-CAM: the last block's CLS-row attention weighted per head by that row's mean
   gradient of the target logit, mean over heads, ReLU;
 - partial LRP: the LRP relevance of the last block's attention, positive part, mean over heads;
-- full LRP: the same relevance carried down to the pixels (a pixel map).
+- full LRP: the same relevance carried down to the pixels (a pixel map), through the patch
+  convolution or a convolutional stem (lrp_stem's rules).
 
 The first two read the attention after the softmax (before dropout), as the reference's
 `get_attention_map` hook does; partial and full LRP reuse transformer_attribution's relevance
@@ -15,14 +16,13 @@ computed those two rows with (`rules=chefer_original`)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from timm.layers import PatchEmbed
 from torch import nn
 
 from wsol_bench.errors import SettingError
 from wsol_bench.methods.capture import AttentionCapture, UnsupportedModelError
 
 from .base import Explainer, target_score
+from .lrp_stem import ConvUnit, check_embedding, conv_unit, embedding_relprop, embedding_units, zb_rule
 from .registry import register_explainer
 from .transformer_attribution import (
     LRP_RULES,
@@ -101,18 +101,13 @@ class LastLayerLRP(Explainer):
         return self.patch_map(cam), trace.logits, used
 
 
-def check_pixel_lrp(model, method: str) -> None:
-    """Full LRP reaches the pixels through the position-embedding add and the patch
-    convolution: refuse models whose embedding is anything else (hybrid stems, embeddings
-    without a class-token position, dynamic sizes, a norm after the patch projection)."""
-    embed = model.patch_embed
-    proj = getattr(embed, "proj", None)
+def check_pixel_lrp(model, method: str) -> list[ConvUnit]:
+    """Full LRP reaches the pixels through the position-embedding add and the patch embedding's
+    convolutions (lrp_stem): refuse models whose embedding the stem rules do not cover or whose
+    position embedding is not added to every token at a fixed size; returns the embedding's
+    convolution units, checked against the model's own embedding."""
+    units = embedding_units(model, method)
     reasons = []
-    if type(embed) is not PatchEmbed or not isinstance(proj, nn.Conv2d) or proj.stride != proj.kernel_size \
-            or proj.padding != (0, 0) or proj.groups != 1 or proj.dilation != (1, 1):
-        reasons.append(f"a patch embedding other than one non-overlapping Conv2d ({type(embed).__name__})")
-    if not isinstance(getattr(embed, "norm", nn.Identity()), nn.Identity):
-        reasons.append("a norm after the patch projection")
     if getattr(model, "pos_embed", None) is None or getattr(model, "no_embed_class", False) \
             or getattr(model, "dynamic_img_size", False):
         reasons.append("a position embedding that is not added to every token at a fixed size")
@@ -122,36 +117,21 @@ def check_pixel_lrp(model, method: str) -> None:
     if reasons:
         raise UnsupportedModelError(f"{method}: {type(model).__name__} uses {reasons[0]}, which its pixel "
                                     "relevance rules do not cover")
+    check_embedding(model, units, method)
+    return units
 
 
 def zb_conv_relprop(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tensor) -> torch.Tensor:
-    """The z^B rule at the input layer (the reference's first-layer Conv2d rule): bounds L, H are
-    each image's smallest and largest input value; R_in = X * W^T s - L * W+^T s - H * W-^T s
-    with s = R_out / (W X - W+ L - W- H + 1e-9), bias ignored. Conserves the total relevance."""
-    weight = conv.weight.float()
-    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
-    x = images.float()
-    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
-    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
-
-    def forward(t, w):
-        return F.conv2d(t, w, None, conv.stride)
-
-    def back(s, w):  # the gradient of sum(s * conv(t, w)) with respect to t
-        return F.conv_transpose2d(s, w, None, conv.stride, output_padding=0)
-
-    s = relevance / (forward(x, weight) - forward(low, pw) - forward(high, nw) + 1e-9)
-    out = x * back(s, weight) - low * back(s, pw) - high * back(s, nw)
-    if out.shape[-2:] != x.shape[-2:]:  # inputs not a multiple of the patch: the remainder gets none
-        out = F.pad(out, (0, x.shape[-1] - out.shape[-1], 0, x.shape[-2] - out.shape[-2]))
-    return out
+    """The z^B rule (lrp_stem.zb_rule) through one convolution module, bias ignored."""
+    return zb_rule(images, conv_unit(conv), relevance)
 
 
 @register_explainer("full_lrp")
 class FullLRP(Explainer):
     """Chefer et al.'s full LRP: the relevance pass (by `rules`) down to the first block, then
-    the position-embedding add (the residual rule), the patch tokens only, and the z^B rule
-    through the patch convolution; the relevance summed over the colour channels, a pixel map."""
+    the position-embedding add (the residual rule), the patch tokens only, and the embedding's
+    rules (lrp_stem: z^B at the pixel convolution, alpha-beta through a convolutional stem with
+    BatchNorm folded); the relevance summed over the colour channels, a pixel map."""
 
     resolution = "pixel"
     passes_per_image = "1 forward (its own float32 forward) + 1 relevance pass through every block"
@@ -160,7 +140,7 @@ class FullLRP(Explainer):
         super().__init__(model)
         self.rules = check_rules(self.name, rules)
         check_supported(model, self.name)
-        check_pixel_lrp(model, self.name)
+        self.units = check_pixel_lrp(model, self.name)
         check_forward(model, method=self.name)
 
     def explain(self, images, targets):
@@ -177,5 +157,5 @@ class FullLRP(Explainer):
                                            self.rules == "conserving")
             gh, gw = self.grid
             r_patches = r_tokens[:, self.num_prefix:].transpose(1, 2).reshape(len(images), -1, gh, gw)
-            pixels = zb_conv_relprop(images, model.patch_embed.proj, r_patches)
+            pixels = embedding_relprop(self.units, images, r_patches, self.rules == "conserving")
         return pixels.sum(1), trace.logits, used

@@ -30,6 +30,27 @@ def make_vit(seed: int = 0, *, img_size=32, patch_size=8, embed_dim=24, depth=3,
     return model.eval()
 
 
+def reference_vit(spec: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The seeded tiny ViT and images a reference fixture (tests/data/<method>/) was made on,
+    rebuilt from its seeds; refused when timm's initialisation no longer gives its weights."""
+    model = make_vit(**spec["make_vit"])
+    checksum = sum(float(p.double().abs().sum()) for p in model.parameters())
+    assert checksum == pytest.approx(spec["param_abs_sum"], rel=1e-9), \
+        "timm's initialisation changed: the reference model cannot be rebuilt from its seed"
+    images = torch.randn(spec["images_shape"], generator=torch.Generator().manual_seed(spec["images_seed"]))
+    return model, images
+
+
+def assert_batched_equals_single(explainer, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                                 rtol: float = 1e-4, atol: float = 1e-7) -> None:
+    """The explainer's maps of a batch equal its maps one image at a time, and its logits are
+    the model's own."""
+    out = explainer(images, targets)
+    single = torch.cat([explainer(images[i:i + 1], targets[i:i + 1]).maps for i in range(len(images))])
+    torch.testing.assert_close(out.maps, single, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.logits, model(images), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_vit()

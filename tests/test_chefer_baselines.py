@@ -114,18 +114,27 @@ def test_full_lrp_carries_the_relevance_to_the_pixels_with_the_zb_rule():
     torch.testing.assert_close(single, out.maps, atol=1e-6, rtol=1e-4)
 
 
-def test_full_lrp_refuses_a_hybrid_stem_in_one_line():
+def test_full_lrp_refuses_a_stem_layer_without_a_rule_in_one_line():
+    """A convolutional stem is explained (tests/test_attnlrp.py); a layer with no rule (here a
+    max pool) is refused in one line naming it."""
+    from functools import partial
+
     import pytest
+    import timm
+    from timm.layers import HybridEmbed
+    from torch import nn
 
-    from wsol_bench.models import UnsupportedModelError, load_model
+    from wsol_bench.models import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="full_lrp: .*HybridEmbed"):
-        get_explainer("full_lrp", load_model("wsol_synthetic_vit", pretrained=True))
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2))
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=1, embed_dim=24, depth=1,
+                              num_heads=3, num_classes=5, embed_layer=partial(HybridEmbed, backbone=stem)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"full_lrp: .*MaxPool2d \(backbone\[2\]\)"):
+        get_explainer("full_lrp", model)
 
 
 def test_chefer_baselines_run_end_to_end_on_a_plain_vit(tmp_path, command):
-    """Through the command on a random plain ViT-Tiny at 64 px (the shipped model's convolution
-    stem has no pixel relevance rule): every baseline in table.csv."""
+    """Through the command on a random plain ViT-Tiny at 64 px: every baseline in table.csv."""
     import pandas as pd
 
     proc = command("wsol-bench", ["method=[raw_attention,attention_gradcam,lrp_last_layer,full_lrp]",
