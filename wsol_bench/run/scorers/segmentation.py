@@ -2,8 +2,9 @@
 ImageNet-segmentation scores of every method (docs/protocol.md 4.4), pixel accuracy, mIoU and
 mAP over every image the run scores, from summed states (states/segmentation.json) that merge
 exactly across shards and ranks (with intervals on, their bootstrap replicates beside them in
-states/segmentation_replicates.npz; docs/protocol.md 7.1), and one row per image and method. The three scores join
-`table.csv` and the paper-layout tables (Seg Pixel Acc, Seg mIoU, Seg mAP, n_images_seg)."""
+states/segmentation_replicates.npz; docs/protocol.md 7.1), and one row per image and method.
+The three scores join `table.csv` and the paper-layout tables (Seg Pixel Acc, Seg mIoU,
+Seg mAP, n_images_seg)."""
 
 from __future__ import annotations
 
