@@ -158,12 +158,15 @@ def _entry(path: Path, entry: dict, archive, key: str) -> ReplicateSums:
 
 class ReplicateSumsByMethod:
     """The `ReplicateSums` of a scorer's dataset-level measures, per method, fed batch by batch;
-    the Poisson counts of a batch are drawn once and shared by its methods."""
+    the Poisson counts of a batch are drawn once and shared by its methods. The run's `methods`
+    get their (empty) sums at once: every rank holds every method's, so they reduce in step."""
 
-    def __init__(self, widths: dict[str, int], settings: BootstrapSettings) -> None:
+    def __init__(self, widths: dict[str, int], settings: BootstrapSettings, methods: Sequence[str] = ()) -> None:
         self.widths, self.settings = dict(widths), settings
         self.sums: dict[str, dict[str, ReplicateSums]] = {}
         self._last: tuple[tuple[str, ...], np.ndarray] | None = None  # the last batch's ids and counts
+        for method in methods:
+            self.of(method)
 
     def of(self, method: str) -> dict[str, ReplicateSums]:
         """The method's sums (empty ones at first)."""

@@ -1,8 +1,8 @@
 """Paired comparisons between the methods of one run (docs/protocol.md 7.2): for every measure
 and every pair of methods, the difference of their means on the images both scored (of their
-values, for a dataset-level measure), its paired bootstrap interval (the same resampled images for both methods,
-so what the images share cancels), a bootstrap p-value and Holm's correction over the pairs of
-that measure."""
+values, for a dataset-level measure), its paired bootstrap interval (the same resampled images
+for both methods, so what the images share cancels), a bootstrap p-value and Holm's
+correction over the pairs of that measure."""
 
 from __future__ import annotations
 

@@ -108,11 +108,8 @@ class SegmentationScorer(Scorer):
         self.kernel = SegmentationIncrements(bool(per_image), replicates=bootstrap is not None)
         self.metrics: dict[str, CheferSegmentation] = {m: CheferSegmentation() for m in methods}
         self.rows = CsvRows(out_dir / ROWS_FILE, ROW_COLUMNS) if per_image else None
-        self.replicates = ReplicateSumsByMethod({STATE_NAME: CONTRIBUTION_WIDTH}, bootstrap) \
+        self.replicates = ReplicateSumsByMethod({STATE_NAME: CONTRIBUTION_WIDTH}, bootstrap, methods) \
             if bootstrap is not None else None
-        for method in methods:  # every rank holds every method's sums, so they reduce in step
-            if self.replicates is not None:
-                self.replicates.of(method)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> SegmentationScorer | None:

@@ -146,14 +146,11 @@ class SweepScorer(Scorer):
         self.dataset_name, self.split = dataset_name, split
         self.kernel = SweepIncrements(tuple(self.thresholds), self.iou_thresholds, boxes, has_masks, box_protocol,
                                       replicates=bootstrap is not None and bootstrap.level is not None)
-        self.bootstrap = bootstrap
         self.metrics: dict[str, dict[str, RunMetric]] = {}
-        self.replicates = ReplicateSumsByMethod(self.kernel.replicate_widths(), bootstrap) \
+        self.replicates = ReplicateSumsByMethod(self.kernel.replicate_widths(), bootstrap, methods) \
             if self.kernel.replicates else None
         for method in methods:  # every rank holds every method's metrics, so they reduce in step
             self._metrics(method)
-            if self.replicates is not None:
-                self.replicates.of(method)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, context: RunContext) -> SweepScorer | None:
