@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from wsol_bench import choices
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, counted
 
 IGNORE_INDEX = 255  # mask value excluded from every pixel metric (VOC's "void")
 
@@ -214,6 +215,15 @@ class SkippedSample:
 
     image_id: str
     reason: str
+
+
+def skipped_summary(reasons: Sequence[str], items: int) -> str:
+    """The line that reports skipped items: how many of the `items` a run went through (those
+    its dataset's index skipped included, e.g. the images of an annotation file that are not on
+    disk), for which reasons (commonest first), and how many are left to use."""
+    why = "; ".join(f"{reason}: {count:,}" for reason, count in Counter(reasons).most_common())
+    used = max(items - len(reasons), 0)
+    return f"skipped {len(reasons):,} of {counted(items, 'item')} ({why}), {used:,} used; see skipped.csv"
 
 
 @dataclass

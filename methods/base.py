@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wsol_bench.errors import MissingLibraryError, SettingError
+from wsol_bench.errors import MissingLibraryError, SettingError, agreeing, counted
 from wsol_bench.methods.capture import require_class_token
 from wsol_bench.models import patch_grid
 
@@ -116,8 +116,9 @@ class Explainer:
                                "input normalisation (preprocess.std must not be 0)")
         bad_maps = int((~torch.isfinite(maps.detach()).flatten(1).all(1)).sum())
         if bad_maps:
-            log.warning("%s: %d of %d maps hold NaN or inf; they are scored as degenerate", self.name, bad_maps,
-                        batch)
+            log.warning("%s: %d of %s %s NaN or inf; %s scored as degenerate", self.name, bad_maps,
+                        counted(batch, "map"), agreeing(bad_maps, "holds", "hold"),
+                        agreeing(bad_maps, "it is", "they are"))
 
     def explain(self, images: torch.Tensor, targets: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

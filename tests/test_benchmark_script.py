@@ -16,6 +16,7 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "scripts" / "benchmark_paper_table.py"
 
 
+@pytest.mark.slow  # a whole benchmark script end to end: `pytest -m slow` (CI runs it)
 def test_paper_table_benchmark_times_every_stage_and_projects_imagenet(tmp_path):
     # The fewest images that still give every stage two batches and a measurable time. --fork:
     # the six runs are forked from the script after one import of wsol-bench (a new Python per

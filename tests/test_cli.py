@@ -167,8 +167,10 @@ def test_multirun_sweeps_a_parameter(tmp_path, command):
                                   "dataset.params.num_images=8", "progress=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "results" / "multirun").iterdir()
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_quickstart", "1_quickstart"]
-    tables = [pd.read_csv(sweep / f"{i}_quickstart" / "table.csv") for i in (0, 1)]
+    names = [f"{i}_quickstart_dataset.params.num_images=8,method.center.params.sigma={s},method=[center]"
+             for i, s in ((0, 0.2), (1, 0.4))]  # the job's number, the preset, the job's settings
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == names
+    tables = [pd.read_csv(sweep / name / "table.csv") for name in names]
     assert all(list(t["method"]) == ["center"] for t in tables)
     assert tables[0]["box_iou"].iloc[0] != tables[1]["box_iou"].iloc[0]
 

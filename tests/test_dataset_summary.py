@@ -141,7 +141,7 @@ def test_format_summary_lists_every_group(tmp_path: Path) -> None:
     text = format_summary(summarize(ds))
     assert text.splitlines()[:3] == [
         "ImageNetVal: 3 images, 4 boxes, 3 of 1,000 classes present",
-        "  boxes per image: max 2; 1 images with more than one box",
+        "  boxes per image: max 2; 1 image with more than one box",
         "  skipped by the index: 2"]
     assert "1  image file missing  (e.g. ILSVRC2012_val_00000004)" in text
     assert "1  no annotation for this image  (e.g. ILSVRC2012_val_00000009)" in text

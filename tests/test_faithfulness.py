@@ -396,7 +396,7 @@ def test_curve_figure_is_written_and_not_blank(tmp_path):
         rows += [{"method": method, **row} for row in faithfulness_rows(scores)]
     path = plot_perturbation_curves(pd.DataFrame(rows), tmp_path / "fig" / "curves.png")
     picture = np.asarray(Image.open(path).convert("RGB")).astype(float)
-    assert picture.shape == (420, 600, 3)
+    assert picture.shape == (460, 900, 3)
     assert picture.std() > 10
     with pytest.raises(ValueError, match="method"):
         plot_perturbation_curves(pd.DataFrame(rows).drop(columns="method"), tmp_path / "x.png")

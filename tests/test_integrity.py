@@ -69,7 +69,7 @@ def test_maps_of_the_wrong_grid_or_dtype_are_refused_naming_the_method():
 def test_non_finite_maps_are_reported_and_kept_for_the_degenerate_count(caplog):
     out = NanMaps(make_vit(0))(torch.rand(3, 3, 32, 32))
     assert torch.isnan(out.maps[0]).all() and torch.isfinite(out.maps[1:]).all()
-    assert "1 of 3 maps hold NaN or inf; they are scored as degenerate" in caplog.text
+    assert "1 of 3 maps holds NaN or inf; it is scored as degenerate" in caplog.text
 
 
 def test_non_finite_logits_are_an_error_naming_the_cause():

@@ -52,6 +52,12 @@ def _job_folders(sweep: Path) -> list[str]:
     return sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _job(sweep: Path, num: int) -> Path:
+    """Job `num`'s folder: its number, the preset and the job's own settings name it."""
+    (folder,) = (p for p in sweep.iterdir() if p.is_dir() and p.name.startswith(f"{num}_quickstart_"))
+    return folder
+
+
 def _assert_complete(job: Path, method: str) -> pd.DataFrame:
     """A finished run of `method` over the 4 images: run.json marks it complete and its tables
     are what its records rebuild to. Returns its table_box.csv."""
@@ -72,11 +78,12 @@ def test_joblib_runs_the_jobs_in_parallel_with_the_numbers_of_a_plain_run(tmp_pa
     _need("joblib")
     sweep = tmp_path / "sweep"
     proc = _run(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=[center],[random]", *TINY,
-                 f"store.root={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"], tmp_path)
+                 "verbose=true", f"store.root={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2," in proc.stdout  # Hydra's log line: the plugin ran the sweep
-    assert _job_folders(sweep) == ["0_quickstart", "1_quickstart"]
-    for job, method in ((sweep / "0_quickstart", "center"), (sweep / "1_quickstart", "random")):
+    assert "Joblib.Parallel(n_jobs=2," in proc.stdout  # Hydra's log line (verbose): the plugin ran the sweep
+    assert _job_folders(sweep) == [f"{i}_quickstart_dataset.params.num_images=4,method=[{method}],"
+                                   "metric.image_filter=all" for i, method in ((0, "center"), (1, "random"))]
+    for job, method in ((_job(sweep, 0), "center"), (_job(sweep, 1), "random")):
         _assert_complete(job, method)
         assert _launcher(job) == "joblib"
         folder = Path(json.loads((job / "maps.json").read_text())[method]["folder"])
@@ -85,9 +92,9 @@ def test_joblib_runs_the_jobs_in_parallel_with_the_numbers_of_a_plain_run(tmp_pa
     # its own store: the maps are explained again, not read back
     plain = _plain_run(["method=[random]", *TINY, f"store.root={tmp_path / 'cache_plain'}"],
                        tmp_path / "plain")
-    pd.testing.assert_frame_equal(pd.read_csv(sweep / "1_quickstart" / "table_box.csv"),
+    pd.testing.assert_frame_equal(pd.read_csv(_job(sweep, 1) / "table_box.csv"),
                                   pd.read_csv(plain / "table_box.csv"), check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_csv(sweep / "1_quickstart" / "records.csv"),
+    pd.testing.assert_frame_equal(pd.read_csv(_job(sweep, 1) / "records.csv"),
                                   pd.read_csv(plain / "records.csv"), check_exact=True)
 
 
@@ -100,8 +107,9 @@ def test_submitit_local_runs_each_job_as_a_submitit_job(tmp_path):
                  "method.center.params.sigma=0.2,0.4", *TINY, f"store.root={tmp_path / 'cache'}",
                  f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _job_folders(sweep) == ["0_quickstart", "1_quickstart"]
-    boxes = [_assert_complete(sweep / f"{i}_quickstart", "center") for i in (0, 1)]
+    assert _job_folders(sweep) == [f"{i}_quickstart_dataset.params.num_images=4,method.center.params.sigma={s},"
+                                   "method=[center],metric.image_filter=all" for i, s in ((0, 0.2), (1, 0.4))]
+    boxes = [_assert_complete(_job(sweep, i), "center") for i in (0, 1)]
     assert boxes[0]["IoU"].iloc[0] != boxes[1]["IoU"].iloc[0]  # each job got its own sigma
 
     # submitit's folder: one folder per job id (= hydra.job.id), with the job's stdout and result
@@ -109,7 +117,7 @@ def test_submitit_local_runs_each_job_as_a_submitit_job(tmp_path):
     ids = sorted(p.name for p in submitit.iterdir() if p.name.isdigit())
     assert len(ids) == 2
     for i in (0, 1):
-        job = sweep / f"{i}_quickstart"
+        job = _job(sweep, i)
         hydra_job = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job
         assert _launcher(job) == "submitit_local" and str(hydra_job.id) in ids
         out = submitit / str(hydra_job.id)
@@ -136,7 +144,7 @@ def test_joblib_reports_a_refused_job_in_one_line(joblib_sweep_with_a_bad_job):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"wsol-bench: error: {BAD_BATCH}"
     assert "Traceback" not in proc.stderr
-    bad = sweep / "0_quickstart"
+    bad = _job(sweep, 0)
     assert f"[wsol_bench][ERROR] - {BAD_BATCH}" in (bad / "wsol-bench.log").read_text()
     assert not (bad / "run.json").exists()
 
@@ -146,7 +154,7 @@ def test_joblib_finishes_the_other_jobs_of_a_sweep_with_a_refused_job(joblib_swe
     raises the user error instead of exiting, so Hydra records it in the job's result and the
     sweep reports it after every job ran."""
     _, sweep = joblib_sweep_with_a_bad_job
-    assert check_run(sweep / "1_quickstart") == []
+    assert check_run(_job(sweep, 1)) == []
 
 
 def test_submitit_local_finishes_the_other_jobs_of_a_sweep_with_a_refused_job(tmp_path):
@@ -158,8 +166,8 @@ def test_submitit_local_finishes_the_other_jobs_of_a_sweep_with_a_refused_job(tm
                  "batch_size=0,4", *TINY, f"store.root={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode != 0
     assert f"wsol-bench: error: {BAD_BATCH}" in proc.stderr  # quoted from the job's stderr by submitit
-    _assert_complete(sweep / "1_quickstart", "center")
-    bad = sweep / "0_quickstart"
+    _assert_complete(_job(sweep, 1), "center")
+    bad = _job(sweep, 0)
     assert not (bad / "run.json").exists()
     assert f"[wsol_bench][ERROR] - {BAD_BATCH}" in (bad / "wsol-bench.log").read_text()
     job_id = OmegaConf.load(bad / ".hydra" / "hydra.yaml").hydra.job.id
@@ -179,7 +187,7 @@ def test_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path):
                  "hydra.launcher.tasks_per_node=2", *run, f"store.root={tmp_path / 'cache'}",
                  f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = sweep / "0_quickstart"
+    job = _job(sweep, 0)
     assert check_run(job) == []
     assert json.loads((job / "run.json").read_text())["ranks"] == 2
     plain = _plain_run([*run, f"store.root={tmp_path / 'cache_plain'}"], tmp_path / "plain")

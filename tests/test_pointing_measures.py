@@ -333,7 +333,7 @@ def test_images_with_an_empty_region_or_no_masks_are_left_out_and_said(pointing_
     kept = rows[(rows["method"] == method)].iloc[1:]
     assert part.summary.loc[method, "Pointing (box)"] == pytest.approx(kept["pointing_box"].mean() * 100)
     assert part.summary.loc[method, "n_images_pointing_game"] == 5
-    assert any("leaves out 1 images whose ground-truth box has no pixel" in note for note in part.notes)
+    assert any("leaves out 1 image whose ground-truth box has no pixel" in note for note in part.notes)
 
     def no_masks(frame):
         frame["pointing_mask"] = frame["gt_mask_pixels"] = math.nan

@@ -384,7 +384,7 @@ def test_independent_order_and_maps_the_randomisation_erases(tmp_path):
     assert 0 < erased["ssim"].iloc[0] < 0.5 and erased["degenerate_states"].iloc[0] >= 1
     tables = ModelRandomisation.tables(read_run(out))
     assert tables.summary.loc["gradcam", "n_images_model_randomisation"] == 3
-    assert ("gradcam: its map on the fully randomised model is degenerate (constant or NaN/inf) for 1 images; "
+    assert ("gradcam: its map on the fully randomised model is degenerate (constant or NaN/inf) for 1 image; "
             "model_randomisation scores it as an empty map (Spearman and top-k 0).") in tables.notes
 
 

@@ -24,6 +24,7 @@ def load_script():
     return script
 
 
+@pytest.mark.slow  # a whole benchmark script end to end: `pytest -m slow` (CI runs it)
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the kernel's peaks from /proc")
 def test_soak_reports_peaks_store_stages_and_an_identical_resume(tmp_path):
     # --fork: each of the three runs is forked after one import of wsol-bench (a new Python per

@@ -34,3 +34,22 @@ class _CheckoutLayout(importlib.abc.MetaPathFinder):
 
 if not (_PACKAGE / "methods").is_dir() and (_PACKAGE.parent / "methods" / "__init__.py").is_file():
     sys.meta_path.append(_CheckoutLayout())
+
+
+# The Python API (wsol_bench.api) at the top, as `wsol_bench.explain(...)`: imported on first
+# use, since it needs torch and the package itself must stay light.
+_API_NAMES = ("Explained", "ImageLocalization", "as_frame", "explain", "localize", "overlay")
+
+
+def __getattr__(name: str):
+    """`wsol_bench.explain`, `.overlay`, `.localize` and the rest of `wsol_bench.api`, loaded lazily."""
+    if name in _API_NAMES:
+        from wsol_bench import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The package's names, the lazily loaded API's included."""
+    return sorted([*globals(), *_API_NAMES])

@@ -5,7 +5,10 @@ by the suite's own code is a bug and keeps its traceback.
 The subclasses also derive from the built-in exception a Python caller would expect
 (`ValueError` for a bad value, `FileNotFoundError` for an absent path, `ImportError` for a
 missing library), so code that calls the library and catches those keeps working. This module
-imports nothing heavy: the commands use it before torch is loaded."""
+imports nothing heavy: the commands use it before torch is loaded.
+
+`counted` and `agreeing` word the counts in every message, note and log line ("1 map is",
+"2 maps are"), so a count never disagrees with its noun or verb."""
 
 from __future__ import annotations
 
@@ -50,3 +53,18 @@ class DiskFullError(UserError, OSError):
 
 class FolderInUseError(UserError):
     """A run folder or map-store shard another process is writing; the message names the holder."""
+
+
+def agreeing(count: float, singular: str, plural: str | None = None) -> str:
+    """The form of a noun or verb that agrees with `count`: `singular` for exactly 1, else
+    `plural` (default: `singular` + "s"). agreeing(1, "is", "are") == "is"."""
+    if count == 1:
+        return singular
+    return plural if plural is not None else singular + "s"
+
+
+def counted(count: float, singular: str, plural: str | None = None) -> str:
+    """`count` (thousands separated) and the noun that agrees with it: counted(1, "map") ==
+    "1 map", counted(49997, "item") == "49,997 items", counted(2, "box", "boxes") == "2 boxes"."""
+    number = f"{int(count):,}" if float(count).is_integer() else f"{count:,}"
+    return f"{number} {agreeing(count, singular, plural)}"

@@ -8,6 +8,12 @@ so, and the exit code is 1. WSOL_BENCH_DEBUG=1 (or Hydra's HYDRA_FULL_ERROR=1) r
 with their traceback too. Ctrl-C (SIGINT) and SIGTERM end the command with one line saying what
 was kept, and exit code 130 or 143 (128 + the signal's number, as shells report it).
 
+Each refusal is said once, on stderr. In a sweep a refused job writes its line to its own log
+file (not to the terminal it may share with the sweep), and the sweep's process prints it. Under
+torchrun (or a submitit job of several tasks) rank 0 prints it and the other ranks exit with the
+same code quietly; a rank that alone refuses prints its own line. torchrun itself still ends with
+its ChildFailedError summary: it prints one for any rank that exits with a non-zero code.
+
 Hydra prints its composition errors itself, over several lines, unless HYDRA_FULL_ERROR=1 is
 set; `run_command` sets it around the call so that those errors reach the handler. This module
 imports no torch: the commands refuse a bad configuration before the heavy libraries load."""
@@ -23,17 +29,23 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf.errors import MissingMandatoryValue
 
+from wsol_bench.config.checks import check_launcher
 from wsol_bench.config.errors import COMPOSE_ERRORS, one_line
 from wsol_bench.errors import UserError
 from wsol_bench.files import DISK_FULL
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 DEBUG = "WSOL_BENCH_DEBUG"
+# How long the ranks of a launch wait for each other's refusal: long enough for ranks refusing the
+# same setting at once, short enough not to hold a rank that alone refuses.
+RANK_AGREEMENT = timedelta(seconds=5)
+REFUSAL_KEY = "wsol_bench/refusal/{rank}"  # in the process group's key-value store
 # The user's machine, not a bug: errno -> (what failed, the fix).
 _FILE_SYSTEM_FIXES = {
     errno.ENOSPC: ("write", "free some space or choose another folder"),
@@ -69,22 +81,93 @@ def refusal_line(exc: BaseException, config_name: str | None = None, argv: Seque
     return None
 
 
+def _process_group():
+    """torch.distributed when this process is one rank of a joined group of several, else None
+    (one process, or torch not loaded: nothing imports it here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return dist
+
+
+def launch_rank() -> int:
+    """This process's rank in its launch: the process group's, else the launcher's RANK (0 when
+    started plainly)."""
+    dist = _process_group()
+    if dist is not None:
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def says_refusal(line: str) -> bool:
+    """Whether this process prints the refusal `line`. One process always does. The ranks of a
+    group first post their lines in the group's store: rank 0 prints its own after waiting
+    (briefly) for the others', so that they all exit together with the same code rather than be
+    ended by the launcher; another rank prints only when rank 0 posted no such line in time (a
+    refusal of that rank alone). Without a group (it was never joined, or is gone) rank 0 prints."""
+    dist = _process_group()
+    if dist is None:
+        return launch_rank() == 0
+    if threading.current_thread() is threading.main_thread():
+        # this rank ends now with the refusal's code; the SIGTERM torchrun sends the ranks still
+        # running when one rank has ended must not turn that code into a kill
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store  # the group's own store
+
+        store = _get_default_store()
+        store.set(REFUSAL_KEY.format(rank=rank), line)
+        if rank == 0:
+            store.wait([REFUSAL_KEY.format(rank=r) for r in range(1, world)], RANK_AGREEMENT)
+            return True
+        store.wait([REFUSAL_KEY.format(rank=0)], RANK_AGREEMENT)
+        return store.get(REFUSAL_KEY.format(rank=0)).decode() != line
+    except Exception:  # a timeout, a store that is gone or unknown: this rank says its line  # noqa: BLE001
+        return True
+
+
+def print_refusal(prog: str, line: str) -> None:
+    """`<prog>: error: <line>` on stderr, once per launch (`says_refusal`)."""
+    if says_refusal(line):
+        print(f"{prog}: error: {line}", file=sys.stderr)
+
+
+def log_to_files(line: str, logger_name: str = "wsol_bench") -> None:
+    """`line` as an ERROR record of `logger_name`, written only to the log files among its
+    handlers and its ancestors' (a job's wsol-bench.log), not to the console."""
+    logger = logging.getLogger(logger_name)
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (line,), None)
+    node: logging.Logger | None = logger
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        node = node.parent if node.propagate else None
+
+
 @contextmanager
 def job_refusals(prog: str) -> Iterator[None]:
     """Around the work of a Hydra job. A single run's refusal ends the command here, with its
     line and exit code 2 (raised further, Hydra would add a line of its own). In a sweep the
-    job raises a UserError holding the line, so the launcher (joblib, submitit) records it,
-    finishes the other jobs, and the sweep's process prints it. Bugs pass unchanged."""
+    job writes the line to its own log file and raises a UserError holding it, so the launcher
+    (joblib, submitit) records it, finishes the other jobs, and the sweep's process prints it;
+    a submitit job also prints it to its own stderr file. Bugs pass unchanged."""
     try:
         yield
     except Exception as exc:
         line = refusal_line(exc)
         if line is None or os.environ.get(DEBUG):
             raise
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the job's own log names its refusal too
-            logging.getLogger("wsol_bench").error("%s", line)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log_to_files(line)  # not the console: joblib's and Hydra's own jobs share the sweep's terminal
+            if "SUBMITIT_EXECUTOR" in os.environ:  # a job of its own, whose stderr is a file the user reads
+                print_refusal(prog, line)
             raise (exc if isinstance(exc, UserError) else UserError(line)) from exc
-        print(f"{prog}: error: {line}", file=sys.stderr)
+        print_refusal(prog, line)
         sys.exit(2)
 
 
@@ -120,7 +203,8 @@ def terminate_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a handler set in the block stays
+            signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_line(prog: str, exc: KeyboardInterrupt) -> tuple[str, int]:
@@ -145,19 +229,22 @@ def run_command(prog: str, body: Callable[[], int | None], config_name: str | No
     os.environ[FULL_ERROR] = "1"
     try:
         with terminate_as_interrupt():
+            if config_name is not None:  # a Hydra command: what its launcher needs, before Hydra starts it
+                check_launcher(sys.argv[1:])
             return int(body() or 0)
     except KeyboardInterrupt as exc:
         if debug:
             raise
         line, code = interrupted_line(prog, exc)
-        print(line, file=sys.stderr)
+        if launch_rank() == 0:  # every rank of a launch gets the signal; one says so
+            print(line, file=sys.stderr)
         return code
     except Exception as exc:
         if debug:
             raise
         line = refusal_line(exc, config_name, sys.argv[1:])
         if line is not None:
-            print(f"{prog}: error: {line}", file=sys.stderr)
+            print_refusal(prog, line)
             return 2
         traceback.print_exc()
         print(bug_line(prog), file=sys.stderr)

@@ -40,20 +40,24 @@ from wsol_bench.run.run_tables import (
 
 
 def report_one(run_dir: Path, out: Path | None, gallery: bool, allow_incomplete: bool = False) -> None:
-    """Rebuild one run's tables (and gallery) and print them. Writing into the run folder takes
-    its lock: a run still writing it is not disturbed (the report is refused naming it)."""
-    target = out or run_dir
-    writes_run_folder = target == run_dir and run_dir.is_dir()  # a folder that is not there is refused below
+    """Rebuild one run's tables (and gallery) and print them, and where they were written.
+    Writing into the run folder (or its killed run's staging folder) takes the run folder's
+    lock: a run still writing it is not disturbed (the report is refused naming it)."""
+    writes_run_folder = (out is None or out == run_dir) and run_dir.is_dir()  # a missing folder is refused below
     with FolderLock(run_dir, "wait until it ends, or write the tables elsewhere with --out") if writes_run_folder \
             else nullcontext():
         run = read_run(run_dir, allow_incomplete)
+        target = out or run.path  # a killed run's tables go beside its rows, in its staging folder
         tables = run_tables(run)
-        write_run_tables(run_dir, target, tables)
+        write_run_tables(run.path, target, tables)
         print(format_run_tables(tables))
         if gallery:
             print(rebuild_gallery(run, target / "gallery.png"))
         report = write_html_report(run, tables, target)  # after the gallery: the page inlines it
     print(f"\ntables written to {target}")
+    if run.killed_run_of is not None and target == run.path:
+        print(f"(the staging folder of the run killed in {run.killed_run_of}: the next run into that folder "
+              "removes it; --out DIR keeps the tables elsewhere)")
     print(f"report: {report}")
 
 

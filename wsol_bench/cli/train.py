@@ -29,6 +29,7 @@ def _main(cfg: DictConfig) -> None:
         from wsol_bench.train.recipe import train_from_config  # torch and timm: there is work to do
 
         train_from_config(cfg, out_dir)
+        print(f"\nrun folder: {out_dir.absolute()}")
 
 
 def main() -> None:

@@ -80,6 +80,7 @@ class BenchConfig:
     tf32: bool = MISSING
     target: str = MISSING
     progress: Any = MISSING
+    verbose: bool = False  # other libraries' INFO log lines on the console too (timm, Hydra, torch)
     export_masks: bool = MISSING
     gallery_images: int = MISSING
     store: StoreConfig = field(default_factory=StoreConfig)

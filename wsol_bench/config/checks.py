@@ -5,6 +5,9 @@ method's parameters, the device) is checked when the run starts."""
 
 from __future__ import annotations
 
+import re
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -37,6 +40,10 @@ MINIMUM_COUNTS = {"batch_size": 1, "num_workers": 0, "scoring_workers": 0, "gall
 # side: its float64 RGB background and the temporaries of blending it); the larger is used.
 SYNTHETIC_BYTES_PER_PIXEL = 80
 FLOAT32_BYTES = 4
+# Hydra launchers -> the program each one submits jobs with, which must be on PATH
+LAUNCHER_PROGRAMS = {"submitit_slurm": "sbatch"}
+LAUNCHER_OVERRIDE = re.compile(r"^\+{0,2}hydra/launcher=(?P<name>.+)$")
+MULTIRUN_FLAGS = ("-m", "--multirun", "hydra.mode=MULTIRUN")
 
 
 def check_choice(value: str | None, setting: str) -> None:
@@ -140,6 +147,22 @@ def check_image_sizes(cfg: DictConfig) -> None:
         check_image_pixels(height, width, f"{setting}=[{height}, {width}]", "give a smaller input size")
         if cfg.get("mode", "run") == "run":
             check_batch_memory(int(cfg.batch_size), (height, width))
+
+
+def check_launcher(argv: Sequence[str]) -> None:
+    """Refuse a sweep (-m) whose Hydra launcher submits jobs with a program this machine lacks
+    (hydra/launcher=submitit_slurm without SLURM's sbatch), before Hydra and the launcher start;
+    `argv` is the command line after the program's name."""
+    if not any(arg in MULTIRUN_FLAGS for arg in argv):
+        return  # a single run never starts the launcher
+    for arg in argv:
+        match = LAUNCHER_OVERRIDE.match(arg)
+        program = LAUNCHER_PROGRAMS.get(match["name"]) if match else None
+        if program is not None and shutil.which(program) is None:
+            raise SettingError(f"hydra/launcher={match['name']} submits the sweep's jobs to SLURM with {program}, "
+                               f"which is not found on this machine (not on PATH); run the jobs here with "
+                               "hydra/launcher=submitit_local or hydra/launcher=joblib, or start the sweep on a "
+                               "SLURM login node")
 
 
 def check_resume(value) -> str:

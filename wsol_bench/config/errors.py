@@ -13,6 +13,7 @@ from hydra.errors import (
     OverrideParseException,
     SearchPathException,
 )
+from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 CONFIG_MODULE = "wsol_bench.conf"  # the config tree of both commands
@@ -103,4 +104,24 @@ def _untyped_key_line(err: OmegaConfBaseException, append: str, config_name: str
     if options:
         return (f"{key}: no {group} is selected; choose one first, e.g. {group}={options[0]} (valid: "
                 f"{', '.join(options)})")
-    return f"unknown key {key}; add it with {append}"
+    return _method_parameter_line(err) or f"unknown key {key}; add it with {append}"
+
+
+def _method_parameter_line(err: OmegaConfBaseException) -> str | None:
+    """For a key under a method's params (`method.<entry>.params.<name>`) that its explainer
+    does not take: the refusal naming the explainer's valid parameters (adding the key with +
+    would only be refused next). None for any other key, and for a parameter the explainer
+    takes but its YAML file leaves out (adding it with + is then right)."""
+    from wsol_bench.config.methods import check_method_params
+    from wsol_bench.errors import UserError
+
+    parts = (err.full_key or "").split(".")
+    if len(parts) != 4 or parts[0] != "method" or parts[2] != "params":
+        return None
+    entry = getattr(err.parent_node, "_get_parent", lambda: None)()  # the method's node: its explainer name
+    name = entry.get("name") if isinstance(entry, DictConfig) else None
+    try:
+        check_method_params(name if isinstance(name, str) else parts[1], {parts[3]: None})
+    except UserError as exc:  # an unknown parameter (or explainer): its one line lists the valid ones
+        return str(exc)
+    return None

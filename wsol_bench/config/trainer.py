@@ -48,6 +48,7 @@ class TrainerConfig:
     resume: Any = MISSING
     stop_after_epochs: int | None = None
     progress: Any = MISSING
+    verbose: bool = False
     num_workers: int | None = None
     threads: int | None = None
     cache_dir: str | None = None

@@ -5,25 +5,43 @@ registered with timm), with weights from a timm pretrained tag (timm's own downl
 or the packaged file), a local checkpoint (safetensors or .pth), or none; it returns the model
 in eval mode with fused attention switched off on every attention module and parameters
 frozen, ready for the explainers.
+
+Offline (HF_HUB_OFFLINE set, or the Hugging Face hub's host not answering within HUB_TIMEOUT
+seconds, checked once per process), a pretrained tag's weights come from a local copy only (the
+hub cache, or timm's download folder TORCH_HOME/hub/checkpoints), and without one the load fails
+at once, instead of after the hub client's minute of retries.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import timm
 import torch
 from torch import nn
 
-from wsol_bench.errors import UserError
+from wsol_bench.errors import UserError, counted
 from wsol_bench.models.attention import disable_fused_attention
 
 
 class ModelLoadError(UserError, RuntimeError):
     """A model could not be built or its weights could not be loaded; the message says why
     and what to do."""
+
+
+HUB_TIMEOUT = 2.0  # seconds the hub's host may take to accept a connection before we count as offline
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches from a hub repo, in order
+# the safetensors metadata entry in which wsol-bench-train records what the weights were trained on
+TRAINING_METADATA = "wsol_bench.training"
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,51 @@ def pretrained_file(name: str) -> Path | None:
         return None
     file = getattr(cfg, "file", None) if cfg is not None else None
     return Path(file) if file else None
+
+
+def training_facts(checkpoint: str | Path) -> dict[str, Any]:
+    """What wsol-bench-train recorded about a checkpoint it wrote ("epochs", "dataset",
+    "val_acc"): from the file's own safetensors metadata, else from the model.json the trainer
+    wrote beside it; {} for any other file, or one that cannot be read."""
+    path = Path(checkpoint).expanduser()
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    recorded = (handle.metadata() or {}).get(TRAINING_METADATA)
+            except SafetensorError:  # not a safetensors file: loading it is refused later, naming it
+                return {}
+            if recorded:
+                return json.loads(recorded)
+        record = json.loads((path.parent / "model.json").read_text())
+        if Path(record["weights"]).resolve() != path.resolve():
+            return {}
+        train = record.get("train_dataset") or {}
+        dataset = f"{train['name']}/{train.get('params', {}).get('split', '?')}" if "name" in train else None
+        return {"epochs": record["epochs"], "val_acc": record.get("final_val_acc"), "dataset": dataset}
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or not one the trainer wrote: no facts
+        return {}
+
+
+def weights_label(name: str, *, pretrained: bool = True, checkpoint: str | Path | None = None) -> str:
+    """The model as a table caption or log line names it: `name` alone for its pretrained tag's
+    weights (the published or shipped ones); otherwise `name` with where its weights come from:
+    random (model.pretrained=false), or the user's checkpoint, with what wsol-bench-train
+    recorded about it (epochs, dataset, validation accuracy)."""
+    if checkpoint is None:
+        return name if pretrained else f"{name} with random weights (model.pretrained=false)"
+    facts = training_facts(checkpoint)
+    trained = []
+    if "epochs" in facts:
+        trained.append(f"wsol-bench-train: {counted(facts['epochs'], 'epoch')}"
+                       + (f" on {facts['dataset']}" if facts.get("dataset") else ""))
+    if isinstance(facts.get("val_acc"), (int, float)):
+        trained.append(f"val acc {100 * facts['val_acc']:.1f} %")
+    if pretrained_file(name) is not None:
+        trained.append("not the shipped weights")
+    return f"{name} with your checkpoint {checkpoint}" + (f" ({', '.join(trained)})" if trained else "")
 
 
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,8 +198,9 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
         raise
 
 
-def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
-    cfg = getattr(timm.create_model(name, pretrained=False), "pretrained_cfg", {}) or {}
+def _pretrained_help(name: str, cause: str) -> ModelLoadError:
+    """The refusal of pretrained weights that could not be had: `cause`, and where to put a copy."""
+    cfg = _pretrained_cfg(name)
     sources = []
     if cfg.get("hf_hub_id"):
         sources.append(f"the Hugging Face hub repo {cfg['hf_hub_id']} (model.safetensors; put the "
@@ -146,8 +210,91 @@ def _pretrained_help(name: str, exc: Exception) -> ModelLoadError:
         sources.append(f"the file {filename} from {cfg['url']} (put it in TORCH_HOME/hub/checkpoints, "
                        f"or pass model.checkpoint=/path/to/{filename} model.pretrained=false)")
     where = "; or ".join(sources) or "timm's pretrained source for this tag"
-    return ModelLoadError(f"pretrained weights for {name!r} could not be fetched "
-                          f"({type(exc).__name__}: {exc}). Offline, copy {where}.")
+    return ModelLoadError(f"pretrained weights for {name!r} could not be fetched ({cause}). Offline, copy {where}.")
+
+
+def _pretrained_cfg(name: str) -> dict[str, Any]:
+    """timm's pretrained config of `name` (with its tag) as a dict; empty when it has none."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # not a registered model or tag  # noqa: BLE001
+        return {}
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _answers(host: str, port: int, timeout: float) -> str | None:
+    """None when `host`:`port` accepts a TCP connection within `timeout` seconds, else why not.
+    The lookup and the connection run in a thread of their own: a name lookup has no timeout."""
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from this process (offline mode set, or its
+    host, or the proxy to it, does not accept a connection within HUB_TIMEOUT seconds), or None
+    when it can. Checked once per process."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname or "", proxied.port or 80
+    why = _answers(host, port, HUB_TIMEOUT)
+    return None if why is None else f"offline: {host}:{port} cannot be reached ({why})"
+
+
+def local_pretrained_file(name: str) -> Path | None:
+    """A copy of `name`'s pretrained weights on this machine that timm can load without the
+    network: the hub repo's file in the Hugging Face cache, or the tag's download in timm's
+    folder (TORCH_HOME/hub/checkpoints); None when there is none."""
+    cfg = _pretrained_cfg(name)
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = str(cfg["hf_hub_id"]).partition("@")
+        for filename in ([cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else HUB_WEIGHT_FILES):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.get("url"):
+        download = Path(torch.hub.get_dir()) / "checkpoints" / str(cfg["url"]).rsplit("/", 1)[-1]
+        if download.is_file():
+            return download
+    return None
+
+
+def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
+    """timm model `name` with its pretrained tag's weights: downloaded (or read from the caches)
+    by timm online; offline from a local copy only, and refused at once without one."""
+    offline = hub_unreachable()
+    if offline is not None:
+        local = local_pretrained_file(name)
+        if local is None:
+            raise _pretrained_help(name, offline)
+        overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(local), "source": "timm"}
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return _create(name, pretrained=True, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # network errors surface as many types (OSError, HTTP, hub)
+        raise _pretrained_help(name, f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
@@ -173,23 +320,16 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
     if num_classes is not None or classes_in_head is not None:
         kwargs.setdefault("num_classes", num_classes if num_classes is not None else classes_in_head)
 
-    if state is not None:
-        model = _create(name, pretrained=False, **kwargs)
+    if pretrained and state is None and packaged is None:
+        model = _create_pretrained(name, **kwargs)
     else:
-        try:
-            model = _create(name, pretrained=pretrained, **kwargs)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # network errors surface as many types (OSError, HTTP, hub)
-            if pretrained:
-                raise _pretrained_help(name, exc) from exc
-            raise
+        model = _create(name, pretrained=pretrained and state is None, **kwargs)
 
     if state is not None:
         model_classes = getattr(model, "num_classes", None)
         if classes_in_head is not None and model_classes is not None and classes_in_head != model_classes:
             raise ModelLoadError(f"checkpoint {checkpoint} has a {classes_in_head}-class head but "
-                                 f"model {name} was built with {model_classes} classes")
+                                 f"model {name} was built with {counted(model_classes, 'class', 'classes')}")
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # tensor shape mismatches
@@ -198,7 +338,7 @@ def load_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | 
             raise ModelLoadError(f"checkpoint {checkpoint} does not match {name}: missing "
                                  f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     elif num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
-        raise ModelLoadError(f"model {name} has {model.num_classes} classes but num_classes="
+        raise ModelLoadError(f"model {name} has {counted(model.num_classes, 'class', 'classes')} but num_classes="
                              f"{num_classes} was requested")
 
     disable_fused_attention(model)

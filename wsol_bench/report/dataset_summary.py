@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from wsol_bench.datasets.base import IGNORE_INDEX, Sample, SkippedSample, boxes_to_mask
+from wsol_bench.errors import counted
 
 EXAMPLES_PER_GROUP = 3
 COVERAGE_GRID = 32  # cells per side of the coverage map (any image size maps onto it)
@@ -162,18 +163,20 @@ def _group_lines(counts: dict[str, int], examples: dict[str, list[str]]) -> list
 
 def format_summary(summary: dict[str, Any]) -> str:
     """`summarize`'s result as a readable text block."""
-    of = f" of {summary['num_classes']:,}" if summary.get("num_classes") else ""
-    lines = [(f"{summary['dataset']}: {summary['images']:,} images, {summary['boxes']:,} boxes, "
-              f"{summary['classes_present']:,}{of} classes present"),
+    present = summary["classes_present"]
+    classes = (f"{present:,} of {counted(summary['num_classes'], 'class', 'classes')}" if summary.get("num_classes")
+               else counted(present, "class", "classes"))
+    lines = [(f"{summary['dataset']}: {counted(summary['images'], 'image')}, "
+              f"{counted(summary['boxes'], 'box', 'boxes')}, {classes} present"),
              (f"  boxes per image: max {summary['max_boxes_per_image']}; "
-              f"{summary['multi_box_images']:,} images with more than one box"),
+              f"{counted(summary['multi_box_images'], 'image')} with more than one box"),
              f"  skipped by the index: {summary['skipped_at_index']:,}"]
     lines += _group_lines(summary["skipped_reasons"], summary["skipped_examples"])
     if summary["checked_images"]:
         lines.append(f"  loaded every item: {summary['loaded']:,} usable, {summary['unreadable']:,} skipped "
                      "while loading")
         lines += _group_lines(summary["unreadable_reasons"], summary["unreadable_examples"])
-        lines.append(f"  notes ({summary['images_with_notes']:,} images):")
+        lines.append(f"  notes ({counted(summary['images_with_notes'], 'image')}):")
     else:
         lines.append("  notes from the index (images not decoded; check_images=True counts all):")
     lines += _group_lines(summary["notes"], summary["note_examples"]) or ["    none"]

@@ -2,6 +2,10 @@
 has them), and the reading of the other files for the scorers that wrote them, each of which
 rebuilds its own tables from the folder (`Scorer.tables`; `wsol_bench.run.run_tables` puts them
 together). Also the comparison of a rebuilt table with the one on disk (`--check`).
+
+A run writes into a hidden staging folder and publishes it when it finishes
+(`wsol_bench.run.folder`), so the rows of a killed run are in its staging folder, not in the
+run folder: reading a run folder with `allow_incomplete` finds them there.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ log = logging.getLogger("wsol_bench")
 VARIANTS = {"box": "union of ground-truth boxes", "mask": "ground-truth segmentation mask"}
 FILTER_WORDS = {"correct": "correctly classified images", "all": "all images"}
 CHECK_TOLERANCE = 1e-9  # tables on disk are written at full precision
+STAGING_PREFIX = ".incomplete-"  # a run's staging folder: .<run>.incomplete-<pid> beside it, or inside it
 
 
 @dataclass
@@ -35,6 +40,7 @@ class RunFolder:
     config: dict
     records: pd.DataFrame
     allow_incomplete: bool = False  # rows a killed writer left unfinished are dropped, with a warning
+    killed_run_of: Path | None = None  # the run folder whose killed run's staging folder `path` is
 
     @cached_property
     def bootstrap(self) -> BootstrapSettings:
@@ -144,21 +150,53 @@ def _check_dataset(frame: pd.DataFrame | None, path: Path, dataset: str | None) 
                              f"dataset.name={dataset}; the file belongs to another run")
 
 
+def staging_folders(out_dir: Path) -> list[Path]:
+    """The staging folders of runs into `out_dir` (finished ones leave none; killed ones do)."""
+    out_dir = Path(out_dir)
+    beside = list(out_dir.parent.glob(f".{out_dir.name}{STAGING_PREFIX}*")) if out_dir.parent.is_dir() else []
+    inside = list(out_dir.glob(f"{STAGING_PREFIX}*")) if out_dir.is_dir() else []
+    return sorted(beside + inside)
+
+
+def killed_run_rows(run_dir: Path) -> Path:
+    """The staging folder holding the rows of the run killed while writing `run_dir` (which
+    then has no config.yaml): the newest one with a config and records. Refused naming what
+    was looked for when there is none, and listing them when the newest is not clear."""
+    stages = [s for s in staging_folders(run_dir) if (s / "config.yaml").is_file() and (s / "records.csv").is_file()]
+    if not stages:
+        raise MissingInputError(
+            f"{run_dir / 'config.yaml'} not found, and no staging folder of a killed run holds rows "
+            f"(.{run_dir.name}{STAGING_PREFIX}<pid> beside it or {STAGING_PREFIX}<pid> inside it): the run "
+            "ended before it wrote any; rerun `wsol-bench` into this folder")
+    times = sorted(((s / "records.csv").stat().st_mtime_ns, s) for s in stages)
+    if len(times) > 1 and times[-1][0] == times[-2][0]:
+        raise MissingInputError(
+            f"{run_dir} has several staging folders of killed runs written at the same time "
+            f"({', '.join(str(s) for s in stages)}); pass the one to report as RUN_DIR")
+    return times[-1][1]
+
+
 def read_run(run_dir: str | Path, allow_incomplete: bool = False) -> RunFolder:
     """Read the config and records of a complete run (run.json, inputs unchanged);
-    `allow_incomplete` reads what is there."""
+    `allow_incomplete` reads what is there, and for a folder whose run was killed before it
+    published anything (no config.yaml), the rows in the killed run's staging folder (the
+    RunFolder's `path` is then that folder, and `killed_run_of` the folder asked for)."""
     path = Path(run_dir)
     if not path.is_dir():
         raise MissingInputError(f"run folder {path} does not exist")
     if not allow_incomplete:
         check_complete(path)
+    asked = None
+    if allow_incomplete and not (path / "config.yaml").is_file():
+        asked, path = path, killed_run_rows(path)
+        log.warning("%s holds no finished run: reading the rows of the killed run in %s", asked, path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise MissingInputError(f"{config_path} not found: a run folder needs the config it ran with "
                                 "(metric.image_filter decides which images the table averages)")
     config = _read_config(config_path)
     run = RunFolder(path, config, _read_csv(path / "records.csv", optional=False, partial=allow_incomplete),
-                    allow_incomplete)
+                    allow_incomplete, killed_run_of=asked)
     _check_dataset(run.records, path / "records.csv", run.setting("dataset.name"))
     if run.setting("metric.image_filter") is None:
         raise InputFileError(f"{config_path} has no metric.image_filter; add `image_filter: correct` "

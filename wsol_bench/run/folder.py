@@ -35,19 +35,11 @@ from wsol_bench.errors import InputFileError
 from wsol_bench.files import write_json
 from wsol_bench.locks import FolderLock
 from wsol_bench.report.manifest import MANIFEST, manifest_payload, read_manifest
+from wsol_bench.report.run_folder import STAGING_PREFIX, staging_folders  # the report reads killed runs' rows
 
 log = logging.getLogger("wsol_bench")
-STAGING_PREFIX = ".incomplete-"  # a staging folder inside the run folder (the fallback)
 RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
-
-
-def staging_folders(out_dir: Path) -> list[Path]:
-    """The staging folders of runs into `out_dir` (finished ones leave none; killed ones do)."""
-    out_dir = Path(out_dir)
-    beside = list(out_dir.parent.glob(f".{out_dir.name}{STAGING_PREFIX}*")) if out_dir.parent.is_dir() else []
-    inside = list(out_dir.glob(f"{STAGING_PREFIX}*")) if out_dir.is_dir() else []
-    return sorted(beside + inside)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from wsol_bench.config.checks import check_batch_memory, check_checkpoint, check
 from wsol_bench.datasets import EvalTransform
 from wsol_bench.datasets.base import RESAMPLER
 from wsol_bench.environment import package_version, precision_key
+from wsol_bench.errors import counted
 from wsol_bench.methods import get_explainer
 from wsol_bench.methods.registry import explainer_class, source_digest
 from wsol_bench.models import (
@@ -161,8 +162,8 @@ def log_missing(stores: dict[str, dict[str, MapStore]], shards: range, root: str
         lacking = {m: k for m, k in lacking.items() if k}
         count += sum(lacking.values())
         if lacking:
-            log.info("explaining %s (target %s); cache %s", ", ".join(f"{m} ({k} shards)" for m, k in lacking.items()),
-                     policy, root)
+            explaining = ", ".join(f"{m} ({counted(k, 'shard')})" for m, k in lacking.items())
+            log.info("explaining %s (target %s); cache %s", explaining, policy, root)
     if not count:
         log.info("all maps found in the cache %s; no explanation pass", root)
     return count

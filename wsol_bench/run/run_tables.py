@@ -20,9 +20,15 @@ import pandas as pd
 from wsol_bench.errors import MissingInputError, SettingError
 from wsol_bench.files import atomic_write
 from wsol_bench.metrics.bootstrap import bound_names, is_bound_column
+from wsol_bench.models.loading import weights_label
 from wsol_bench.report.comparisons import method_replicate_means, paired_comparisons, wide_values
 from wsol_bench.report.manifest import IncompleteRun
-from wsol_bench.report.paper_numbers import PAPER_SETTINGS, published_numbers, published_settings
+from wsol_bench.report.paper_numbers import (
+    PAPER_SETTINGS,
+    other_weights_note,
+    published_numbers,
+    published_settings,
+)
 from wsol_bench.report.rankings import agreement_table, ranking_table
 from wsol_bench.report.run_folder import VARIANTS, RunFolder, disk_differences, read_run
 from wsol_bench.report.table_format import is_count_column, to_text, write_table_files
@@ -72,7 +78,8 @@ def run_tables(run_dir: str | Path | RunFolder, allow_incomplete: bool = False) 
     if len(methods) > 1:
         tables.update(method_comparisons(run, parts, methods))
     published = published_numbers(str(run.setting("dataset.name")), str(run.setting("dataset.split")),
-                                  str(run.setting("model.name")))
+                                  str(run.setting("model.name")), pretrained=run.setting("model.pretrained", True),
+                                  checkpoint=run.setting("model.checkpoint"))
     thresholds = sorted(set(localization.index.get_level_values("threshold").astype(float)))
     notes = [line for part in parts.values() for line in part.notes]
     for variant in VARIANTS:
@@ -109,8 +116,15 @@ def method_comparisons(run: RunFolder, parts: dict[str, MeasureTables], methods:
     return tables
 
 
+def model_label(run: RunFolder) -> str:
+    """The run's model as its tables name it: the name, and where its weights come from when they
+    are not its pretrained tag's (random, or the user's checkpoint)."""
+    return weights_label(str(run.setting("model.name", "?")), checkpoint=run.setting("model.checkpoint"),
+                         pretrained=run.setting("model.pretrained", True) is not False)
+
+
 def _run_sentence(run: RunFolder) -> str:
-    return f"{run.dataset_label}, model {run.setting('model.name', '?')}, target {run.setting('target', '?')}."
+    return f"{run.dataset_label}, model {model_label(run)}, target {run.setting('target', '?')}."
 
 
 def _interval_sentence(run: RunFolder, view: pd.DataFrame) -> str:
@@ -132,6 +146,10 @@ def _published_notes(run: RunFolder, published: list, thresholds: list[float]) -
     """Where the published numbers beside ours come from, and the settings in which this run
     departs from the published protocol (or that there are no published numbers)."""
     if not published:
+        other_weights = other_weights_note(str(run.setting("dataset.name")), str(run.setting("dataset.split")),
+                                           str(run.setting("model.name")), model_label(run))
+        if other_weights is not None:
+            return [other_weights]
         known = "; ".join(f"{d}/{s} with {m}" for d, s, m in published_settings())
         return [(f"No published numbers for {run.dataset_label} with {run.setting('model.name', '?')} "
                  f"(published numbers exist for {known}).")]
@@ -221,8 +239,7 @@ def combined_table(run_dirs: list[str | Path | RunFolder], variant: str = "box",
         view.insert(0, "dataset", label)
         view["filter"] = run.setting("metric.image_filter")
         blocks.append(view)
-        notes.append(f"{label}: {run.path}, model {run.setting('model.name', '?')}, "
-                     f"target {run.setting('target', '?')}.")
+        notes.append(f"{label}: {run.path}, model {model_label(run)}, target {run.setting('target', '?')}.")
         notes += [n for n in tables[variant].attrs.get("notes", ()) if n not in notes]
     combined = pd.concat(blocks, ignore_index=True)
     scores = ordered_columns(combined.drop(columns=["dataset", "filter"]))

@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from wsol_bench.config.checks import check_settings
 from wsol_bench.config.methods import check_method_params
 from wsol_bench.datasets import build_dataset
+from wsol_bench.datasets.base import skipped_summary
 from wsol_bench.environment import available_cores, check_device, environment, set_tf32
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, counted
 from wsol_bench.files import atomic_write_text, write_json
+from wsol_bench.models.loading import weights_label
 from wsol_bench.progress import progress_enabled
 from wsol_bench.report.dataset_summary import format_summary, summarize
 from wsol_bench.report.figures import coverage_figure
@@ -64,6 +66,14 @@ def summarize_dataset(cfg: DictConfig, dataset, out_dir: Path) -> dict:
     return summary
 
 
+def summary_outputs(out_dir: Path, summary: dict) -> str:
+    """Where mode=summary wrote its files, as the lines that end its output."""
+    lines = [f"run folder: {out_dir}", f"summary: {out_dir / 'summary.json'}"]
+    if "coverage" in summary:
+        lines.append(f"coverage map: {out_dir / 'coverage.png'}")
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict | None:
     """Run the benchmark described by `cfg` into `out_dir`; returns the table (or the dataset
     summary with mode=summary; None on the ranks other than 0 of a data-parallel run). The
@@ -82,6 +92,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame | dict | None:
         ranks.broadcast(str(stage))
         result = run_into(cfg, stage, summary, ranks, stage)
     if cfg.mode == "summary":  # it printed its summary already
+        print()
+        print(summary_outputs(out_dir, result))
         return result
     print()
     print(format_run_tables(result))
@@ -115,8 +127,10 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
     check_label_needs(cfg, dataset)
     model = LazyModel(cfg, getattr(dataset, "num_classes", None))
     if ranks.main:
-        log.info("model %s on %s, dataset %s/%s (%d images), methods %s%s", cfg.model.name, cfg.device, dcfg.name,
-                 dcfg.split, len(dataset), ", ".join(cfg.method), f", {ranks.world} ranks" if ranks.distributed else "")
+        label = weights_label(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint)
+        log.info("model %s on %s, dataset %s/%s (%s), methods %s%s", label, cfg.device, dcfg.name, dcfg.split,
+                 counted(len(dataset), "image"), ", ".join(cfg.method),
+                 f", {ranks.world} ranks" if ranks.distributed else "")
 
     policies = [cfg.target] + (["label"] if needs_label_maps(cfg) and cfg.target != "label" else [])
     stores = map_stores(cfg, dataset, transform, policies)
@@ -157,7 +171,7 @@ def run_into(cfg: DictConfig, out_dir: Path, summary: dict, ranks: Ranks = ONE_P
     index_skipped = [(s.image_id, s.reason) for s in getattr(dataset, "skipped", [])]
     notes = sum((r.notes for r in reports), Counter())
     write_data_report(out_dir, index_skipped + [item for r in reports for item in r.skipped], dict(notes),
-                      len(dataset))
+                      len(dataset) + len(index_skipped))  # every item the index went through
 
     if int(cfg.gallery_images) > 0:
         write_gallery(cfg, dataset, transform, stores[cfg.target], out_dir / "gallery.png")
@@ -219,14 +233,14 @@ def check_label_needs(cfg: DictConfig, dataset) -> None:
 
 
 def write_data_report(out_dir: Path, skipped: list[tuple[str, str]], notes: dict[str, int], total: int) -> None:
-    """skipped.csv (every item not scored, with its reason) and data.json (counts), and a log
-    line when anything was skipped or changed, so it is never silent."""
+    """skipped.csv (every item not scored, with its reason) and data.json (counts: `items` is every
+    item the run went through, those the dataset's index skipped included), and a log line when
+    anything was skipped or changed, so it is never silent."""
     pd.DataFrame(skipped, columns=["image_id", "reason"]).to_csv(out_dir / "skipped.csv", index=False)
     reasons = Counter(reason for _, reason in skipped)
     write_json(out_dir / "data.json", {"items": total, "skipped": len(skipped),
                                        "skipped_by_reason": dict(reasons), "notes": notes})
     if skipped:
-        log.warning("%d of %d items skipped (%s); see skipped.csv", len(skipped), total,
-                    "; ".join(f"{r}: {n}" for r, n in reasons.most_common()))
+        log.warning("%s", skipped_summary([reason for _, reason in skipped], total))
     if notes:
         log.warning("loader changes: %s; see data.json", "; ".join(f"{k}: {v}" for k, v in notes.items()))

@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from wsol_bench.datasets import Sample, SkippedSample
 from wsol_bench.datasets.base import normalize_image, resize_sample
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, counted
 from wsol_bench.train.image_cache import DatasetSpec, ImageCache, cached_images, class_label
 
 BATCH_AUGMENTS = ("none", "hflip", "dihedral")  # applied to whole batches on the device
@@ -247,7 +247,7 @@ def make_data(cfg: DictConfig, batch_size: int, augment: str, pre: dict[str, Any
     train_spec, val_spec = split_spec(cfg, "train"), split_spec(cfg, "val")
     train_ds, val_ds = build_split(train_spec, "train"), build_split(val_spec, "val")
     if train_ds.num_classes != val_ds.num_classes:
-        raise SettingError(f"train split has {train_ds.num_classes} classes but val split "
+        raise SettingError(f"train split has {counted(train_ds.num_classes, 'class', 'classes')} but val split "
                            f"{val_ds.num_classes}; check train.train_params / train.val_params")
     splits = (("train", train_spec, train_ds), ("val", val_spec, val_ds))
     facts: dict[str, Any] = {f"{w}_dataset": {"name": s.name, "params": s.params, "images": len(d)}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import wsol_bench.datasets as dataset_package
 from wsol_bench.datasets import Sample, SkippedSample, build_dataset
 from wsol_bench.datasets.base import resize_sample
-from wsol_bench.errors import DiskFullError, InputFileError, SettingError, UserError
+from wsol_bench.errors import DiskFullError, InputFileError, SettingError, UserError, counted
 from wsol_bench.files import DISK_FULL, disk_full_refused
 
 log = logging.getLogger("wsol_bench.train.recipe")
@@ -198,7 +198,7 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
     folder = cache_dir / cache_key(spec, size, interpolation) if cache_dir is not None else None
     if folder is not None and (folder / "meta.json").is_file():
         cache = read_cache(folder, size)
-        log.info("image cache hit: %s (%d images)", folder, len(cache.labels))
+        log.info("image cache hit: %s (%s)", folder, counted(len(cache.labels), "image"))
         return cache
     count = len(spec.build())
     start = time.perf_counter()
@@ -237,7 +237,7 @@ def cached_images(spec: DatasetSpec, size: tuple[int, int], interpolation: str, 
     except OSError:  # another run finished the same cache first: use theirs
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    log.info("decoded %d images into %s in %.0f s", count, folder, seconds)
+    log.info("decoded %s into %s in %.0f s", counted(count, "image"), folder, seconds)
     return replace(read_cache(folder, size), seconds=seconds)
 
 

@@ -5,6 +5,7 @@ and the weights and record the benchmark loads unchanged
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ from torch import nn
 
 from wsol_bench.config.checks import check_resume
 from wsol_bench.environment import available_cores, check_device, environment
-from wsol_bench.errors import InputFileError, MissingInputError, SettingError
+from wsol_bench.errors import InputFileError, MissingInputError, SettingError, counted
 from wsol_bench.files import atomic_write, write_json
 from wsol_bench.models import (
     ModelLoadError,
@@ -30,8 +31,9 @@ from wsol_bench.models import (
     load_weights_only,
     read_checkpoint,
 )
+from wsol_bench.models.loading import TRAINING_METADATA
 from wsol_bench.progress import progress_enabled
-from wsol_bench.train.data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data
+from wsol_bench.train.data import BATCH_AUGMENTS, SAMPLE_AUGMENTS, as_dict, make_data, split_spec
 from wsol_bench.train.trainer import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
@@ -105,7 +107,8 @@ def build_training_model(mcfg: DictConfig, num_classes: int, reset_head: bool,
         kwargs["dynamic_img_size"] = True
     if kwargs.pop("num_classes", num_classes) != num_classes:
         raise SettingError(f"model.kwargs.num_classes={mcfg.kwargs.num_classes} differs from the dataset's "
-                           f"{num_classes} classes; remove it (the head always matches the dataset)")
+                           f"{counted(num_classes, 'class', 'classes')}; remove it (the head always matches the "
+                           "dataset)")
     checkpoint = mcfg.checkpoint
     if checkpoint is None and mcfg.pretrained:
         return load_model(name, pretrained=True, num_classes=num_classes, **kwargs)
@@ -124,8 +127,8 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, num_classes: 
         state = {k: v for k, v in state.items() if k.split(".")[0] not in HEAD_MODULES}
     elif (classes_in_head := head_classes(state, checkpoint)) is not None and classes_in_head != num_classes:
         raise ModelLoadError(f"model.checkpoint={checkpoint} has a {classes_in_head}-class head but the dataset "
-                             f"has {num_classes} classes; set train.reset_head=true to fine-tune it with a "
-                             f"new {num_classes}-class head")
+                             f"has {counted(num_classes, 'class', 'classes')}; set train.reset_head=true to "
+                             f"fine-tune it with a new {num_classes}-class head")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensor shape mismatches
@@ -267,6 +270,15 @@ def benchmark_overrides(cfg: DictConfig, weights: Path) -> list[str]:
     return out
 
 
+def training_metadata(cfg: DictConfig, epochs: int, val_acc: float) -> dict[str, str]:
+    """The safetensors metadata of the exported weights: what they were trained on, which the
+    benchmark's tables name (`wsol_bench.models.weights_label`) wherever the file is moved."""
+    train = split_spec(cfg, "train")
+    facts = {"trainer": "wsol-bench-train", "model": str(cfg.model.name), "epochs": int(epochs),
+             "dataset": f"{train.name}/{train.params.get('split', '?')}", "val_acc": float(val_acc)}
+    return {TRAINING_METADATA: json.dumps(facts)}
+
+
 def export(cfg: DictConfig, trainer: Trainer, pre: dict[str, Any], facts: dict[str, Any],
            out_dir: Path) -> dict[str, Any]:
     """Final weights as safetensors (the keys `load_model` expects) and the JSON record."""
@@ -274,16 +286,16 @@ def export(cfg: DictConfig, trainer: Trainer, pre: dict[str, Any], facts: dict[s
 
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+    s = trainer.state
+    last = s.history[-1]
     umask = os.umask(0)
     os.umask(umask)
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=training_metadata(cfg, s.epoch, last["val_acc"]))
         tmp.chmod(0o666 & ~umask)  # safetensors creates the file owner-only
 
     atomic_write(weights, write)
-    s = trainer.state
-    last = s.history[-1]
     overrides = benchmark_overrides(cfg, weights.resolve())
     skipped_train: dict[str, int] = {}
     for reason in s.skipped.values():

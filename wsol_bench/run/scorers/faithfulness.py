@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 import wsol_bench.metrics.faithfulness as faithfulness_module
 import wsol_bench.metrics.faithfulness_settings as faithfulness_settings_module
-from wsol_bench.errors import InputFileError
+from wsol_bench.errors import InputFileError, agreeing, counted
 from wsol_bench.metrics.bootstrap import Replicates
 from wsol_bench.metrics.faithfulness import (
     FaithfulnessSettings,
@@ -135,10 +135,11 @@ def coverage_notes(faithfulness: pd.DataFrame, records: pd.DataFrame) -> list[st
     """Faithfulness rows that do not cover every image of a method are reported, not hidden."""
     totals = records.groupby("method", sort=False)["image_id"].nunique()
     counts = faithfulness.groupby("method", sort=False)["image_id"].nunique()
-    notes = [f"{FILE} covers {int(counts.get(m, 0))} of {int(n)} images for {m}."
+    notes = [f"{FILE} covers {int(counts.get(m, 0)):,} of {counted(int(n), 'image')} for {m}."
              for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
     if "degenerate" in faithfulness.columns:
         bad = faithfulness[faithfulness["degenerate"] == 1].groupby("method", sort=False).size()
-        notes += [f"{m}: ABPC averages {int(counts[m]) - int(n)} of {int(counts[m])} images; {int(n)} "
-                  "ground-truth-class maps are degenerate and have no curve." for m, n in bad.items()]
+        notes += [f"{m}: ABPC averages {int(counts[m]) - int(n):,} of {counted(int(counts[m]), 'image')}; "
+                  f"{counted(int(n), 'ground-truth-class map')} {agreeing(n, 'is', 'are')} degenerate and "
+                  f"{agreeing(n, 'has', 'have')} no curve." for m, n in bad.items()]
     return notes

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 import wsol_bench.metrics.randomisation as engine_module
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, counted
 from wsol_bench.metrics.randomisation import (
     FULL,
     ORDERS,
@@ -158,8 +158,8 @@ def comparison_tables(cls: type[MeasureRows], run: RunFolder, rows: pd.DataFrame
     names = {column: name for column, name in cls.table_columns.items() if column in rows.columns}
     summary = method_means(rows, names, cls.count_column, source, scale=cls.table_scale, replicates=run.replicates)
     notes = unscored_notes(rows, run.records, cls.file, cls.name)
-    notes += [f"{method}: {what} is degenerate (constant or NaN/inf) for {int(count)} images; {cls.name} scores it "
-              "as an empty map (Spearman and top-k 0)."
+    notes += [f"{method}: {what} is degenerate (constant or NaN/inf) for {counted(int(count), 'image')}; "
+              f"{cls.name} scores it as an empty map (Spearman and top-k 0)."
               for method, count in rows[rows[flag] == 1].groupby("method", sort=False).size().items()]
     return MeasureTables(summary=summary, caption=cls.caption, notes=notes,
                          per_image=per_image_values(rows, names, cls.table_scale),

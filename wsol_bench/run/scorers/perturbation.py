@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wsol_bench.environment import package_version, precision_key
-from wsol_bench.errors import InputFileError
+from wsol_bench.errors import InputFileError, agreeing, counted
 from wsol_bench.files import atomic_write, disk_full_refused, write_json
 from wsol_bench.metrics.bootstrap import Replicates, bound_names
 from wsol_bench.regions.heatmaps import to_heatmaps
@@ -312,9 +312,11 @@ def unscored_notes(rows: pd.DataFrame, records: pd.DataFrame, file: str, measure
     scores), are reported under the tables, not hidden."""
     totals = records.groupby("method", sort=False)["image_id"].nunique()
     counts = rows.groupby("method", sort=False)["image_id"].nunique()
-    notes = [f"{file} covers {int(counts.get(m, 0))} of {int(n)} images for {m}."
+    notes = [f"{file} covers {int(counts.get(m, 0)):,} of {counted(int(n), 'image')} for {m}."
              for m, n in totals.items() if int(counts.get(m, 0)) != int(n)]
     bad = rows[rows["degenerate"] == 1].groupby("method", sort=False).size()
-    notes += [f"{m}: {measure} averages {int(counts[m]) - int(n)} of {int(counts[m])} images; {int(n)} maps are "
-              "degenerate and have no score." for m, n in bad.items()]
+    notes += [f"{m}: {measure} averages {int(counts[m]) - int(n):,} of {counted(int(counts[m]), 'image')}; "
+              f"{counted(int(n), 'map')} {agreeing(n, 'is', 'are')} degenerate and "
+              f"{agreeing(n, 'has', 'have')} no score."
+              for m, n in bad.items()]
     return notes

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 import wsol_bench.metrics.pointing as engine_module
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, counted
 from wsol_bench.metrics.bootstrap import Replicates, bound_names
 from wsol_bench.metrics.pointing import pointing_hits, region_pixels
 from wsol_bench.report.run_folder import RunFolder
@@ -113,7 +113,7 @@ class RegionRows(MeasureRows):
         """One note per method with images whose `region` is empty at the evaluation size."""
         empty = rows[(rows["degenerate"] != 1) & (rows[size_column] == 0)].groupby("method", sort=False).size()
         name = cls.table_columns[f"{cls.score_prefix}_{region}"]
-        return [f"{method}: {name} leaves out {int(n)} images whose ground-truth {region} "
+        return [f"{method}: {name} leaves out {counted(int(n), 'image')} whose ground-truth {region} "
                 f"has no pixel at the evaluation size ({size_column} = 0 in {cls.file})."
                 for method, n in empty.items()]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from wsol_bench.errors import SettingError
+from wsol_bench.errors import SettingError, agreeing, counted
 from wsol_bench.files import CsvRows, csv_text
 from wsol_bench.metrics.localization import localization_scores, metric_columns
 from wsol_bench.report.run_folder import FILTER_WORDS, VARIANTS, RunFolder
@@ -130,6 +130,7 @@ def degenerate_notes(records: pd.DataFrame, all_degenerate: list[str]) -> list[s
         if method in all_degenerate:
             notes.append(ALL_DEGENERATE.format(method=method))
         elif bad:
-            notes.append(f"{method}: {int(bad)} of {int(total)} maps are degenerate (constant or NaN/inf); "
-                         "they count as empty predictions here (n_degenerate).")
+            they = agreeing(bad, "it counts as an empty prediction", "they count as empty predictions")
+            notes.append(f"{method}: {int(bad):,} of {counted(int(total), 'map')} {agreeing(bad, 'is', 'are')} "
+                         f"degenerate (constant or NaN/inf); {they} here (n_degenerate).")
     return notes

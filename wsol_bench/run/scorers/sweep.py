@@ -198,7 +198,7 @@ class SweepScorer(Scorer):
             paths.append(save_replicate_sums(out_dir / REPLICATE_FILE, self.replicates.sums))
         sweep = self.compute()["sweep"]
         if len(sweep):
-            plot_sweep(sweep, out_dir / "sweep.png")
+            plot_sweep(sweep, out_dir / "sweep.png", states=self.metrics)
             paths.append(out_dir / "sweep.png")
         else:
             log.warning("sweep: no image passes metric.image_filter=%s; sweep.csv is empty (try "
