@@ -32,7 +32,7 @@ NUMBERS = ["records.csv", "faithfulness.csv", "table.csv", "table_box.csv", "tab
            "wsoleval.csv", "states/sweep.json", "skipped.csv", "segmentation.csv", "segmentation_records.csv",
            "states/segmentation.json", "compare.csv",
            # the bootstrap replicates of the dataset-level measures: the same intervals from 1 or 2 ranks
-           "states/sweep_replicates.npz", "states/segmentation_replicates.npz"]
+           "states/sweep_replicates.npz", "states/sweep_curve_replicates.npz", "states/segmentation_replicates.npz"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

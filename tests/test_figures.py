@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_rgb
 from matplotlib.legend import Legend
 from PIL import Image
 
@@ -218,6 +220,28 @@ def test_sweep_figure_has_a_title_readable_axes_and_explains_its_stars(tmp_path,
     # The best threshold is starred: agcam peaks at 0.5, rollout at 0.2.
     stars = [(line.get_xdata()[0], line.get_color()) for line in box.get_lines() if line.get_marker() == "*"]
     assert [x for x, _ in stars] == [0.5, 0.2] and stars[0][1] != stars[1][1]
+
+
+def test_sweep_figure_shades_each_methods_interval_where_the_table_has_bounds(tmp_path, drawn):
+    """With the bounds of sweep.csv, each IoU panel shades every method's interval in the
+    method's colour (percent, like the line), and the legend says what the shading is."""
+    table = _sweep_table()
+    for column in ("box_iou", "mask_iou"):
+        table[f"{column} ci_lo"] = table[column] - 0.05
+        table[f"{column} ci_hi"] = table[column] + 0.1
+    plot_sweep(table.drop(columns=["mask_iou ci_lo", "mask_iou ci_hi"]), tmp_path / "s.png", level=0.9)
+    (fig,) = drawn
+    box, mask = fig.axes
+    bands = [c for c in box.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2 and not [c for c in mask.collections if isinstance(c, PolyCollection)]
+    lines = [line for line in box.get_lines() if line.get_marker() != "*"]
+    for band, line in zip(bands, lines):
+        assert band.get_facecolor()[0][:3] == pytest.approx(to_rgb(line.get_color()))
+        top = band.get_paths()[0].vertices[:, 1].max()
+        assert top == pytest.approx(max(line.get_ydata()) + 10)  # the upper bound, in percent
+    assert any(text.startswith("shaded: 90% bootstrap interval") for text in _legend_texts(fig))
+    plot_sweep(_sweep_table(), tmp_path / "t.png")
+    assert not any("shaded" in text for text in _legend_texts(drawn[1]))
 
 
 def _sweep_states(with_masks: bool) -> dict:

@@ -84,7 +84,12 @@ def check_counts(cfg: DictConfig, minimums: dict[str, int] = MINIMUM_COUNTS) -> 
 
 def check_sweep(node: DictConfig) -> list[float]:
     """The sweep's thresholds (an explicit list, or numpy.arange(start, stop, step), whose length
-    is checked before the grid is built), or a SettingError naming the setting."""
+    is checked before the grid is built), or a SettingError naming the setting; also checks
+    `sweep.resamples`."""
+    resamples = node.get("resamples", 0)
+    if resamples == 1 or resamples < 0:
+        raise SettingError(f"sweep.resamples={resamples} must be 0 (no intervals on the sweep curve) or at least "
+                           "2 (200 is the default)")
     if node.thresholds is not None:
         return check_thresholds(node.thresholds, "sweep.thresholds")
     return threshold_grid(node.start, node.stop, node.step, "sweep")

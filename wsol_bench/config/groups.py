@@ -110,7 +110,8 @@ class SacoConfig:
 @dataclass
 class SweepConfig:
     """The threshold sweep: numpy.arange(start, stop, step) or an explicit list, the IoU levels
-    (percent) of MaxBoxAccV2 and the box extraction."""
+    (percent) of MaxBoxAccV2, the box extraction, and the bootstrap replicates of the curve's
+    intervals (0: none)."""
 
     start: float = MISSING
     stop: float = MISSING
@@ -118,6 +119,7 @@ class SweepConfig:
     thresholds: list[float] | None = None
     iou_thresholds: list[int] = MISSING
     boxes: str = "opencv"
+    resamples: int = 200
 
 
 @dataclass

@@ -127,6 +127,17 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, fl
     return float(lo), float(hi)
 
 
+def percentile_intervals(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """`percentile_interval` of every column of `replicates` [R, ...] at once: the lower and
+    upper bounds [...] (NaN replicates left out; NaN where a column has none left)."""
+    replicates = np.asarray(replicates, dtype=np.float64)
+    tail = (1 - level) / 2
+    empty = np.isnan(replicates).all(axis=0)
+    filled = np.where(empty, 0.0, replicates)  # nanquantile warns on an all-NaN column
+    lo, hi = np.nanquantile(filled, [tail, 1 - tail], axis=0)
+    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
 def bound_names(column: str) -> tuple[str, str]:
     """The names of the bound columns of table column `column`."""
     return f"{column}{CI_LO}", f"{column}{CI_HI}"

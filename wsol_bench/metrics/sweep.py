@@ -82,3 +82,56 @@ class SweepMeans(RunMetric):
             frame["n_images"] = count
             out[name] = frame
         return out
+
+
+# Bootstrap replicates of the curve (docs/protocol.md 7.1). Each image adds, per replicate, its
+# Poisson count times its contribution vector: [kept by the image filter (0/1), every score column
+# at every threshold in units of 2^-CURVE_BITS, its box count at every threshold]. Integer
+# contributions make the replicate sums exact (`metrics.replicate_sums`): a data-parallel run's
+# curve intervals equal a one-process run's. Rounding a score to 2^-24 moves a replicate mean by at
+# most 2^-25 (3e-8), far below the interval's own resampling noise.
+CURVE_BITS = 24
+CURVE_COUNT = "n_pred_boxes"  # the one curve column that is a count, summed as it is
+
+
+def curve_columns(columns: Sequence[str]) -> list[str]:
+    """The sweep table columns the curve replicates cover, in contribution order."""
+    return [*columns, CURVE_COUNT]
+
+
+def curve_width(levels: int, columns: Sequence[str]) -> int:
+    """The length of one image's curve contribution vector at `levels` thresholds."""
+    return 1 + levels * len(curve_columns(columns))
+
+
+def curve_contributions(scores: dict[str, np.ndarray], keep: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """int64 [B, width]: each image's curve contribution (see above) from `scores` as
+    `metrics.localization.region_scores` gives them ({column: [T, B]} and n_pred_boxes), all
+    zero for an image the image filter leaves out (`keep` false)."""
+    keep = np.asarray(keep, dtype=bool).reshape(-1)
+    parts = [keep[:, None].astype(np.int64)]
+    for column in columns:
+        values = np.asarray(scores[column], dtype=np.float64).T  # [B, T]
+        parts.append(np.rint(np.ldexp(values, CURVE_BITS)).astype(np.int64))  # ldexp: exact scaling
+    parts.append(np.asarray(scores[CURVE_COUNT]).T.astype(np.int64))
+    out = np.concatenate(parts, axis=1)
+    out[~keep] = 0
+    return out
+
+
+def curve_replicate_means(totals: np.ndarray, columns: Sequence[str], levels: int) -> dict[str, np.ndarray]:
+    """{sweep table column: float64 [R, T]}: each replicate's mean of the column at every
+    threshold over the images the filter keeps, from the summed contributions [R, width]; NaN
+    where a replicate drew none of them."""
+    totals = np.asarray(totals)
+    if totals.ndim != 2 or totals.shape[1] != curve_width(levels, columns):
+        raise ValueError(f"curve replicate sums {list(totals.shape)} do not fit {levels} thresholds of "
+                         f"{len(curve_columns(columns))} columns")
+    count = totals[:, :1].astype(np.float64)
+    out = {}
+    for c, column in enumerate(curve_columns(columns)):
+        block = totals[:, 1 + c * levels:1 + (c + 1) * levels].astype(np.float64)
+        unit = 1.0 if column == CURVE_COUNT else 2.0 ** -CURVE_BITS
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[column] = np.where(count > 0, block * unit / count, np.nan)
+    return out

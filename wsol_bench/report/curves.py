@@ -17,10 +17,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from wsol_bench.errors import counted
 from wsol_bench.files import save_figure
 from wsol_bench.metrics.base import RunMetric
+from wsol_bench.metrics.bootstrap import bound_names
 from wsol_bench.report.sweep_tables import BOX_STATE, PXAP_STATE
 
 CURVE_COLUMN = re.compile(r"^(morf|lerf|deletion|insertion)_(\d+)$")
@@ -145,6 +147,7 @@ FILTER_WORDS = {"correct": "correctly classified images", "all": "images"}
 THRESHOLD_LABEL = "heatmap threshold (normalised map value)"
 SWEEP_PANEL_IN = (4.6, 3.6)  # width, height of one sweep panel
 LEGEND_CHAR_IN = 0.06  # about the width of a character of the 7 pt legend, in inches (DejaVu Sans)
+BAND_ALPHA = 0.15  # a method's interval band: light enough that crossing bands stay readable
 BEST_MARK = {"marker": "*", "ms": 11, "markeredgecolor": "black", "markeredgewidth": 0.6, "linestyle": "none"}
 
 
@@ -156,10 +159,15 @@ def sweep_metric_name(column: str) -> str:
 
 def _iou_panel(ax, sweep: pd.DataFrame, metric: str, styles: dict[str, dict[str, str]]) -> None:
     """One sweep column against the threshold, a line per method, each method's best
-    threshold (the highest mean; ties: the lowest threshold) starred."""
+    threshold (the highest mean; ties: the lowest threshold) starred, and the mean's bootstrap
+    interval shaded where the table has its bounds."""
+    low, high = bound_names(metric)
     for method, part in sweep.groupby("method", sort=False):
         style = styles[str(method)]
         values = part[metric] * 100
+        if {low, high} <= set(part.columns):
+            ax.fill_between(part["threshold"], part[low] * 100, part[high] * 100, color=style["color"],
+                            alpha=BAND_ALPHA, lw=0)
         ax.plot(part["threshold"], values, lw=1.4, ms=3.5, markevery=max(1, len(part) // 10), **style)
         best = values.idxmax()
         ax.plot(part.loc[best, "threshold"], values[best], color=style["color"], **BEST_MARK)
@@ -241,12 +249,15 @@ def _sweep_subtitle(sweep: pd.DataFrame) -> str:
 
 
 def plot_sweep(sweep: pd.DataFrame, path: Path, metrics: tuple[str, ...] = SWEEP_METRICS, *,
-               states: dict[str, dict[str, RunMetric]] | None = None, title: str | None = None) -> Path:
+               states: dict[str, dict[str, RunMetric]] | None = None, title: str | None = None,
+               level: float | None = None) -> Path:
     """Save the threshold sweep: a panel per sweep table column of `metrics` present (mean
     score against the heatmap threshold, a line per method, each method's best threshold
     starred) and, given the sweep's metric states (`states`: per method the metrics of
     states/sweep.json), a box-accuracy panel and a PxAP precision-recall panel, with
-    MaxBoxAccV2 and PxAP in the legend. Methods keep one style (`method_style`) in every panel."""
+    MaxBoxAccV2 and PxAP in the legend. Methods keep one style (`method_style`) in every panel.
+    Where the table has the bounds of a column, its panel shades each method's bootstrap
+    interval (`level` names it in the legend)."""
     present = [m for m in metrics if m in sweep.columns]
     if not present:
         raise ValueError(f"sweep table has none of the columns {metrics}")
@@ -256,6 +267,9 @@ def plot_sweep(sweep: pd.DataFrame, path: Path, metrics: tuple[str, ...] = SWEEP
     key = [_method_key(m, styles[m], boxes, pixels) for m in methods]
     key.append(Line2D([], [], color="grey", label="best threshold of each method\n(highest mean IoU)",
                       **BEST_MARK))
+    if any(set(bound_names(m)) <= set(sweep.columns) for m in present):
+        interval = f"{level:.0%} bootstrap interval" if level is not None else "bootstrap interval"
+        key.append(Patch(color="grey", alpha=BAND_ALPHA * 2, label=f"shaded: {interval}\nof the mean over images"))
     # The legend sits right of the panels, in a strip as wide as its longest line needs.
     legend_in = 0.9 + LEGEND_CHAR_IN * max(len(line) for k in key for line in k.get_label().splitlines())
     panels = len(present) + bool(boxes) + bool(pixels)

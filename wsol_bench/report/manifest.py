@@ -18,7 +18,7 @@ MANIFEST = "run.json"
 FORMAT = 1
 # the files the tables are built from: a report checks them against the manifest
 INPUTS = ("config.yaml", "records.csv", "faithfulness.csv", "states/sweep.json", "states/sweep_replicates.npz",
-          "states/segmentation_replicates.npz")
+          "states/sweep_curve_replicates.npz", "states/segmentation_replicates.npz")
 
 
 class IncompleteRun(UserError, ValueError):

@@ -27,14 +27,14 @@ class ReplicatedMeasure:
 
 
 def check_replicate_settings(sums: dict[str, dict[str, ReplicateSums]], settings: BootstrapSettings,
-                             path: Path) -> None:
-    """The replicate states must be drawn as the run's settings say (`report.resamples`,
+                             path: Path, resamples_key: str = "report.resamples") -> None:
+    """The replicate states must be drawn as the run's settings say (`resamples_key`,
     `report.seed`): replicate r of every measure is then the same resample of the images."""
     for method, named in sums.items():
         for name, metric in named.items():
             if (metric.resamples, metric.seed) != (settings.resamples, settings.seed):
                 raise InputFileError(f"{path}: {method}/{name} holds {metric.resamples} replicates of seed "
-                                     f"{metric.seed}, but the run's config.yaml says report.resamples="
+                                     f"{metric.seed}, but the run's config.yaml says {resamples_key}="
                                      f"{settings.resamples}, report.seed={settings.seed}; restore config.yaml, "
                                      "or rerun the benchmark into this folder")
 

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wsol_bench.errors import InputFileError
 from wsol_bench.metrics.base import RunMetric, load_states
+from wsol_bench.metrics.bootstrap import (
+    bound_names,
+    is_bound_column,
+    percentile_interval,
+    percentile_intervals,
+)
 from wsol_bench.metrics.box_accuracy import BoxAccuracy
 from wsol_bench.metrics.pxap import PxAP
-from wsol_bench.metrics.sweep import SweepMeans
+from wsol_bench.metrics.sweep import SweepMeans, curve_replicate_means
 
 SWEEP_STATE = "sweep"  # the names of the metrics of one method in the state file
 BOX_STATE = "box_accuracy"
@@ -65,6 +72,56 @@ def sweep_table(states: dict[str, dict[str, RunMetric]], image_filter: str) -> p
     if not frames:
         return pd.DataFrame(columns=["method", "threshold", "n_images", "filter"])
     return pd.concat(frames, ignore_index=True)
+
+
+def curve_means(totals: dict[str, np.ndarray], states: dict[str, dict[str, RunMetric]]
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """{method: {sweep table column: replicate means [R, T]}} from each method's summed curve
+    contributions [R, width] (`metrics.sweep.curve_contributions`), at its sweep's thresholds."""
+    out = {}
+    for method, summed in totals.items():
+        sweep = states[method][SWEEP_STATE]
+        out[method] = curve_replicate_means(summed, sweep.columns, len(sweep.thresholds))
+    return out
+
+
+def with_curve_bounds(table: pd.DataFrame, means: dict[str, dict[str, np.ndarray]], level: float) -> pd.DataFrame:
+    """sweep.csv's table with the percentile interval of every cell of the methods in `means`
+    (`curve_means`) as "<column> ci_lo/hi" columns, each pair right after its column (NaN for a
+    method without replicates)."""
+    table = table.copy()
+    columns = list(dict.fromkeys(c for found in means.values() for c in found))
+    for column in columns:
+        for bound in bound_names(column):
+            table[bound] = np.nan
+    for method, found in means.items():
+        rows = np.flatnonzero(table["method"].to_numpy() == method)
+        for column, replicates in found.items():
+            if len(rows) != replicates.shape[1]:
+                continue  # the filter kept no image of this method: it has no rows
+            lo, hi = percentile_intervals(replicates, level)
+            table.loc[table.index[rows], bound_names(column)[0]] = lo
+            table.loc[table.index[rows], bound_names(column)[1]] = hi
+    order = []
+    for column in table.columns:
+        if is_bound_column(column):
+            continue
+        order += [column, *(b for b in bound_names(column) if b in table.columns)]
+    return table[order]
+
+
+def best_iou_bounds(means: dict[str, dict[str, np.ndarray]], level: float) -> pd.DataFrame:
+    """Per method (the index), the interval of each best mean IoU of wsoleval.csv (percent):
+    the percentile interval of the replicates' highest mean over the thresholds, as columns
+    "best_<column> ci_lo/hi"."""
+    rows = {}
+    for method, found in means.items():
+        row = {}
+        for column in (c for c in found if c.endswith("_iou")):
+            best = found[column].max(axis=1) * 100  # NaN where a replicate drew no kept image
+            row.update(zip(bound_names(f"best_{column}"), percentile_interval(best, level)))
+        rows[method] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
 
 
 def best_thresholds(table: pd.DataFrame) -> dict[str, dict[str, float]]:

@@ -69,7 +69,7 @@ def with_bounds_after(table: pd.DataFrame, bounds: pd.DataFrame) -> pd.DataFrame
     for column in table.columns:
         order.append(column)
         order += [b for b in bound_names(column) if b in joined.columns]
-    return joined[order]
+    return joined[list(dict.fromkeys(order))]  # a table that has bounds already keeps each once
 
 
 def localization_table(records: pd.DataFrame, image_filter: str = "correct", source: str = "records",
