@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import kendalltau
 
 from wsol_bench.errors import SettingError
 from wsol_bench.metrics.bootstrap import BootstrapSettings, Replicates
 from wsol_bench.report.comparisons import method_replicate_means, wide_values
-from wsol_bench.report.rankings import agreement_table, ranking_table, ranks
+from wsol_bench.report.rankings import agreement_table, kendall_tau_b, ranking_table, ranks
 from wsol_bench.report.replicated import ReplicatedMeasure
 
 METHODS = ["a", "b", "c"]
@@ -57,31 +58,83 @@ def test_ranking_table_by_hand():
     assert list(unranked.columns) == ["method", "AUC", "median rank"]  # IoU has no direction: not ranked
 
 
-def test_median_rank_interval_equals_a_direct_recomputation_of_every_replicate():
+def _three_measures(methods: list[str]) -> tuple[list[str], dict[str, pd.DataFrame], dict[str, str]]:
+    """30 images' values of three measures whose orderings of `methods` differ."""
     rng = np.random.default_rng(0)
     ids = [f"img{i}" for i in range(30)]
-    per_image = {name: _long({m: rng.normal(shift, 1.0, len(ids)).tolist() for m, shift in zip(METHODS, shifts)}, ids)
-                 for name, shifts in (("m1", (0.0, 0.3, 0.6)), ("m2", (0.6, 0.0, 0.3)), ("m3", (0.2, 0.1, 0.0)))}
-    better = {"m1": "higher", "m2": "higher", "m3": "lower"}
+    shifts = {"m1": np.linspace(0, 0.6, len(methods)), "m2": np.roll(np.linspace(0, 0.6, len(methods)), 1),
+              "m3": np.linspace(0.2, 0, len(methods))}
+    per_image = {name: _long({m: rng.normal(shift, 1.0, len(ids)).tolist() for m, shift in zip(methods, found)}, ids)
+                 for name, found in shifts.items()}
+    return ids, per_image, {"m1": "higher", "m2": "higher", "m3": "lower"}
+
+
+def _replicate_means(per_image: dict[str, pd.DataFrame], ids: list[str], methods: list[str],
+                     weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Each measure's per-method means on one resample (image i counted weights[i] times)."""
+    out = {}
+    for name, values in per_image.items():
+        wide = values.pivot(index="image_id", columns="method", values="value").loc[ids, methods]
+        out[name] = weights @ wide.to_numpy() / weights.sum()
+    return out
+
+
+def test_rank_intervals_equal_a_direct_recomputation_of_every_replicate():
+    """Each measure's rank and the median rank get the percentile interval of their values
+    in the replicates, every replicate recomputed here from the resampled means."""
+    ids, per_image, better = _three_measures(METHODS)
     settings = BootstrapSettings(resamples=200, seed=3)
     replicates = Replicates(ids, settings)
     wides = _wides(per_image)
     table = ranking_table(wides, {}, better, METHODS, method_replicate_means(wides, replicates), 0.9)
     table = table.set_index("method")
-    medians = []
+    assert list(table.columns[:3]) == ["m1", "m1 ci_lo", "m1 ci_hi"]
+    per_measure = {name: [] for name in per_image}
     for r in range(settings.resamples):
-        weights = replicates.weights[r].astype(float)
-        per_measure = []
-        for name, values in per_image.items():
-            wide = values.pivot(index="image_id", columns="method", values="value").loc[ids, METHODS]
-            means = weights @ wide.to_numpy() / weights.sum()
-            per_measure.append(ranks(means, better[name]))
-        medians.append(np.median(np.stack(per_measure), axis=0))
-    medians = np.array(medians)
-    for j, method in enumerate(METHODS):
-        lo, hi = np.quantile(medians[:, j], [0.05, 0.95])
-        assert table.loc[method, "median rank ci_lo"] == pytest.approx(lo)
-        assert table.loc[method, "median rank ci_hi"] == pytest.approx(hi)
+        for name, means in _replicate_means(per_image, ids, METHODS, replicates.weights[r].astype(float)).items():
+            per_measure[name].append(ranks(means, better[name]))
+    found = {name: np.array(rows) for name, rows in per_measure.items()}
+    found["median rank"] = np.median(np.stack(list(found.values())), axis=0)
+    for column, rows in found.items():
+        for j, method in enumerate(METHODS):
+            lo, hi = np.quantile(rows[:, j], [0.05, 0.95])
+            assert table.loc[method, f"{column} ci_lo"] == pytest.approx(lo), (column, method)
+            assert table.loc[method, f"{column} ci_hi"] == pytest.approx(hi), (column, method)
+
+
+def test_kendall_tau_interval_equals_scipys_tau_on_every_replicate():
+    methods = ["a", "b", "c", "d", "e"]
+    ids, per_image, better = _three_measures(methods)
+    settings = BootstrapSettings(resamples=150, seed=1)
+    replicates = Replicates(ids, settings)
+    wides = _wides(per_image)
+    table = agreement_table(wides, {}, better, methods, method_replicate_means(wides, replicates), 0.9)
+    assert list(table.columns) == ["measure_a", "measure_b", "kendall_tau", "kendall_tau ci_lo", "kendall_tau ci_hi",
+                                   "n_methods"]
+    taus = {pair: [] for pair in (("m1", "m2"), ("m1", "m3"), ("m2", "m3"))}
+    for r in range(settings.resamples):
+        means = _replicate_means(per_image, ids, methods, replicates.weights[r].astype(float))
+        oriented = {name: v if better[name] == "higher" else -v for name, v in means.items()}
+        for a, b in taus:
+            taus[(a, b)].append(kendalltau(oriented[a], oriented[b]).statistic)
+    for row in table.itertuples(index=False):
+        lo, hi = np.quantile(taus[(row.measure_a, row.measure_b)], [0.05, 0.95])
+        assert (row[3], row[4]) == pytest.approx((lo, hi)), (row.measure_a, row.measure_b)
+    assert "kendall_tau ci_lo" not in agreement_table(wides, {}, better, methods)  # no replicates, no bounds
+
+
+def test_vectorised_tau_b_equals_scipy_with_ties_and_missing_values():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 4, size=(300, 6)).astype(float)
+    y = rng.integers(0, 4, size=(300, 6)).astype(float)
+    x[rng.uniform(size=x.shape) < 0.15] = np.nan
+    found = kendall_tau_b(x, y)
+    for r in range(len(x)):
+        both = ~np.isnan(x[r]) & ~np.isnan(y[r])
+        if both.sum() >= 3 and np.ptp(x[r][both]) > 0 and np.ptp(y[r][both]) > 0:
+            assert found[r] == pytest.approx(kendalltau(x[r][both], y[r][both]).statistic, abs=1e-12), r
+        else:
+            assert np.isnan(found[r]), r
 
 
 def test_kendall_tau_between_measures_by_hand():

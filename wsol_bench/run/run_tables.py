@@ -112,7 +112,7 @@ def method_comparisons(run: RunFolder, parts: dict[str, MeasureTables], methods:
                                              wides=wides, method_means=method_means)
     if set(better) & (set(per_image) | set(replicated)):
         tables[RANKING] = ranking_table(wides, replicated, better, methods, method_means, run.bootstrap.level)
-        tables[AGREEMENT] = agreement_table(wides, replicated, better, methods)
+        tables[AGREEMENT] = agreement_table(wides, replicated, better, methods, method_means, run.bootstrap.level)
     return tables
 
 
