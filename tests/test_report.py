@@ -124,11 +124,19 @@ def test_comparison_marks_an_injected_difference(real_run, run_copy, tmp_path, c
     assert md.loc["agcam", "B-A: IoU"] == "**+1.00**"
     marked = [(m, c) for m in md.index for c in md.columns if "**" in md.loc[m, c]]
     assert marked == [("agcam", "B-A: IoU")]
-    assert float(md.loc["agcam", "B: IoU"]) == pytest.approx(float(md.loc["agcam", "A: IoU"]) + 1, abs=0.011)
+    # each run's value with its own interval; the bounds are in the CSV
+    b_value, b_half = (float(part) for part in md.loc["agcam", "B: IoU"].split(" ± "))
+    a_value, a_half = (float(part) for part in md.loc["agcam", "A: IoU"].split(" ± "))
+    assert b_value == pytest.approx(a_value + 1, abs=0.011) and a_half > 0
+    a_table = pd.read_csv(real_run / "table_box.csv").set_index("method")
+    assert a_half == pytest.approx((a_table.loc["agcam", "IoU ci_hi"] - a_table.loc["agcam", "IoU ci_lo"]) / 2,
+                                   abs=0.006)
     text_row = next(line for line in printed.splitlines() if line.startswith("agcam"))
     assert "+1.00*" in text_row and text_row.count("*") == 1
     csv = pd.read_csv(out / "comparison_box.csv")
     assert csv.loc[csv["method"] == "agcam", "B-A: IoU"].item() == pytest.approx(1.0)
+    assert csv.loc[csv["method"] == "agcam", "A: IoU ci_lo"].item() == pytest.approx(a_table.loc["agcam", "IoU ci_lo"])
+    assert "B-A: IoU ci_lo" not in csv  # a difference between runs has no interval
     # The mask table is unchanged: nothing is marked there.
     assert "**" not in (out / "comparison_mask.md").read_text().split("\n\n")[0]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from wsol_bench.metrics.bootstrap import is_bound_column
-from wsol_bench.report.table_format import cell_text, is_count_column
+from wsol_bench.metrics.bootstrap import bound_names, is_bound_column
+from wsol_bench.report.table_format import cell_text, interval_text, is_count_column
 from wsol_bench.report.tables import COLUMN_ORDER
 
 DEFAULT_TOLERANCE = 0.01  # percentage points: below what two decimals can show
@@ -18,8 +18,9 @@ DEFAULT_TOLERANCE = 0.01  # percentage points: below what two decimals can show
 @dataclass
 class Comparison:
     """Runs side by side: `values` holds the key columns, then per run its columns
-    ("A: IoU") and, from the second run on, the difference to the first ("B-A: IoU");
-    `flags` is True where a difference exceeds the tolerance or a value exists in one run only."""
+    ("A: IoU", with the run's interval bounds "A: IoU ci_lo", "A: IoU ci_hi" where its table
+    has them) and, from the second run on, the difference to the first ("B-A: IoU"); `flags`
+    is True where a difference exceeds the tolerance or a value exists in one run only."""
 
     values: pd.DataFrame
     flags: pd.DataFrame
@@ -35,8 +36,9 @@ def run_labels(count: int) -> list[str]:
 
 def compare_tables(views: list[pd.DataFrame], labels: list[str],
                    tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
-    """Align paper-layout tables on (method[, threshold]) and put their numbers side by side
-    with differences to the first; rows present in some runs only are kept (and flagged)."""
+    """Align paper-layout tables on (method[, threshold]) and put their numbers side by side,
+    each with the run's own interval bounds where its table has them, with differences to the
+    first; rows present in some runs only are kept (and flagged)."""
     views = [v.copy() for v in views]
     if any("threshold" in v.columns for v in views):
         for v in views:
@@ -44,20 +46,23 @@ def compare_tables(views: list[pd.DataFrame], labels: list[str],
                 v.insert(1, "threshold", (v.attrs.get("thresholds") or [np.nan])[0])
     keys = ["method"] + (["threshold"] if "threshold" in views[0].columns else [])
     columns = [c for c in COLUMN_ORDER if c not in keys and any(c in v.columns for v in views)]
-    # every other numeric column once; interval bounds are left out (a difference of two runs'
-    # means is compared, not their bounds)
+    # every other numeric column once; the bounds go with their column (`bounded` below)
     columns += list(dict.fromkeys(c for v in views for c in v.columns if c not in keys and c not in columns
                                   and not is_bound_column(c) and pd.api.types.is_numeric_dtype(v[c])))
     rows = pd.concat([v[keys] for v in views]).drop_duplicates()
     index = pd.MultiIndex.from_frame(rows) if len(keys) > 1 else pd.Index(rows["method"], name="method")
     aligned = [v.set_index(keys).reindex(index).reindex(columns=columns).astype(float) for v in views]
+    bounded = [{c: v.set_index(keys).reindex(index)[list(bound_names(c))].astype(float) for c in columns
+                if set(bound_names(c)) <= set(v.columns)} for v in views]
     values = pd.DataFrame(index=index)
     flags = pd.DataFrame(index=index)
     diff_columns = []
-    for i, (label, frame) in enumerate(zip(labels, aligned)):
+    for i, (label, frame, bounds) in enumerate(zip(labels, aligned, bounded)):
         for column in columns:
             values[f"{label}: {column}"] = frame[column]
             flags[f"{label}: {column}"] = False
+            for bound in bound_names(column) if column in bounds else ():
+                values[f"{label}: {bound}"] = bounds[column][bound]
         if i == 0:
             continue
         for column in columns:
@@ -71,13 +76,18 @@ def compare_tables(views: list[pd.DataFrame], labels: list[str],
 
 
 def comparison_cells(comparison: Comparison, style: str = "text") -> pd.DataFrame:
-    """The comparison as display text: differences signed, flagged cells marked with `*`
-    (text) or in bold (Markdown)."""
+    """The comparison as display text: a run's value with its interval as "mean ± half-width"
+    where the run has one (the bound columns are not shown), differences signed, flagged cells
+    marked with `*` (text) or in bold (Markdown)."""
     cells = {}
-    for column in comparison.values.columns:
+    frame = comparison.values
+    for column in [c for c in frame.columns if not is_bound_column(c)]:
+        low, high = bound_names(column)
+        lows, highs = (frame[low], frame[high]) if {low, high} <= set(frame.columns) else (None, None)
         texts = []
-        for row, value in enumerate(comparison.values[column]):
-            text = cell_text(column, value)
+        for row, value in enumerate(frame[column]):
+            text = cell_text(column, value) if lows is None else \
+                interval_text(column, value, lows.iloc[row], highs.iloc[row])
             if column in comparison.diff_columns and text != "--":
                 text = f"{round(value):+d}" if is_count_column(column) else f"{value:+.2f}"
             if column in comparison.flags and comparison.flags[column].iloc[row]:
