@@ -98,31 +98,43 @@ def test_joblib_runs_the_jobs_in_parallel_with_the_numbers_of_a_plain_run(tmp_pa
                                   pd.read_csv(plain / "records.csv"), check_exact=True)
 
 
-def test_submitit_local_runs_each_job_as_a_submitit_job(tmp_path):
+def test_submitit_local_runs_each_job_as_a_submitit_job_and_finishes_past_a_refused_one(tmp_path):
     """submitit's local executor (what SLURM jobs run, without SLURM): each job a complete run
-    folder with its own override, and submitit's job folders with their logs and results."""
+    folder with its own override, and submitit's job folders with their logs and results. Every
+    job is its own process: a refused job's error is in its submitit logs and its run log, the
+    other jobs are complete runs, and the sweep exits non-zero (one sweep for both: each costs
+    a process start per job)."""
     _need("submitit")
     sweep = tmp_path / "sweep"
     proc = _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "method=[center]",
-                 "method.center.params.sigma=0.2,0.4", *TINY, f"store.root={tmp_path / 'cache'}",
+                 "method.center.params.sigma=0.2,0.4", "batch_size=0,4", *TINY, f"store.root={tmp_path / 'cache'}",
                  f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _job_folders(sweep) == [f"{i}_quickstart_dataset.params.num_images=4,method.center.params.sigma={s},"
-                                   "method=[center],metric.image_filter=all" for i, s in ((0, 0.2), (1, 0.4))]
-    boxes = [_assert_complete(_job(sweep, i), "center") for i in (0, 1)]
+    assert proc.returncode != 0
+    assert f"wsol-bench: error: {BAD_BATCH}" in proc.stderr  # quoted from the job's stderr by submitit
+    assert _job_folders(sweep) == [f"{i}_quickstart_batch_size={b},dataset.params.num_images=4,"
+                                   f"method.center.params.sigma={s},method=[center],metric.image_filter=all"
+                                   for i, (s, b) in enumerate(((0.2, 0), (0.2, 4), (0.4, 0), (0.4, 4)))]
+    boxes = [_assert_complete(_job(sweep, i), "center") for i in (1, 3)]
     assert boxes[0]["IoU"].iloc[0] != boxes[1]["IoU"].iloc[0]  # each job got its own sigma
 
     # submitit's folder: one folder per job id (= hydra.job.id), with the job's stdout and result
     submitit = sweep / ".submitit"
     ids = sorted(p.name for p in submitit.iterdir() if p.name.isdigit())
-    assert len(ids) == 2
-    for i in (0, 1):
+    assert len(ids) == 4
+    for i in (1, 3):
         job = _job(sweep, i)
         hydra_job = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job
         assert _launcher(job) == "submitit_local" and str(hydra_job.id) in ids
         out = submitit / str(hydra_job.id)
         assert (out / f"{hydra_job.id}_0_result.pkl").is_file()
         assert f"run folder: {job}" in (out / f"{hydra_job.id}_0_log.out").read_text()
+    for i in (0, 2):
+        bad = _job(sweep, i)
+        assert not (bad / "run.json").exists()
+        assert f"[wsol_bench][ERROR] - {BAD_BATCH}" in (bad / "wsol-bench.log").read_text()
+        job_id = OmegaConf.load(bad / ".hydra" / "hydra.yaml").hydra.job.id
+        logs = submitit / str(job_id)  # what a SLURM user reads: the job's stdout and stderr
+        assert BAD_BATCH in "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
 
 
 @pytest.fixture(scope="module")
@@ -155,24 +167,6 @@ def test_joblib_finishes_the_other_jobs_of_a_sweep_with_a_refused_job(joblib_swe
     sweep reports it after every job ran."""
     _, sweep = joblib_sweep_with_a_bad_job
     assert check_run(_job(sweep, 1)) == []
-
-
-def test_submitit_local_finishes_the_other_jobs_of_a_sweep_with_a_refused_job(tmp_path):
-    """Under submitit every job is its own process: the refused job's error is in its submitit
-    logs and its run log, the other job is a complete run, and the sweep exits non-zero."""
-    _need("submitit")
-    sweep = tmp_path / "sweep"
-    proc = _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "method=[center]",
-                 "batch_size=0,4", *TINY, f"store.root={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert proc.returncode != 0
-    assert f"wsol-bench: error: {BAD_BATCH}" in proc.stderr  # quoted from the job's stderr by submitit
-    _assert_complete(_job(sweep, 1), "center")
-    bad = _job(sweep, 0)
-    assert not (bad / "run.json").exists()
-    assert f"[wsol_bench][ERROR] - {BAD_BATCH}" in (bad / "wsol-bench.log").read_text()
-    job_id = OmegaConf.load(bad / ".hydra" / "hydra.yaml").hydra.job.id
-    logs = sweep / ".submitit" / str(job_id)  # what a SLURM user reads: the job's stdout and stderr
-    assert BAD_BATCH in "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
 
 
 def test_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path):
