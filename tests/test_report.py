@@ -125,7 +125,7 @@ def test_comparison_marks_an_injected_difference(real_run, run_copy, tmp_path, c
     marked = [(m, c) for m in md.index for c in md.columns if "**" in md.loc[m, c]]
     assert marked == [("agcam", "B-A: IoU")]
     # each run's value with its own interval; the bounds are in the CSV
-    b_value, b_half = (float(part) for part in md.loc["agcam", "B: IoU"].split(" ± "))
+    b_value, _ = (float(part) for part in md.loc["agcam", "B: IoU"].split(" ± "))
     a_value, a_half = (float(part) for part in md.loc["agcam", "A: IoU"].split(" ± "))
     assert b_value == pytest.approx(a_value + 1, abs=0.011) and a_half > 0
     a_table = pd.read_csv(real_run / "table_box.csv").set_index("method")
