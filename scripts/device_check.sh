@@ -48,11 +48,11 @@ cp /tmp/quick/table_box.csv "$OUT/quick_table_box.csv"; cp /tmp/quick/wsoleval.c
 step "explainer benchmark, batch 64"
 timeout 60 python3 scripts/benchmark_explainers.py --device cuda --batch-size 64
 step "Chefer perturbation benchmark, 128 images"
-timeout 120 python3 scripts/benchmark_chefer_perturbation.py 128 --device cuda
+timeout 120 python3 scripts/benchmark_chefer_perturbation.py 128 --rounds 1 --block 32 --device cuda
 step "SaCo benchmark, 128 images"
-timeout 120 python3 scripts/benchmark_saco.py 128 --device cuda
+timeout 120 python3 scripts/benchmark_saco.py 128 --rounds 1 --block 32 --device cuda
 step "ROAD benchmark, 64 images (16 through the library)"
-timeout 150 python3 scripts/benchmark_road.py --images 64 --reference-images 16 --device cuda
+timeout 150 python3 scripts/benchmark_road.py --images 64 --reference-images 16 --rounds 1 --device cuda
 step "measure group against Quantus, 64 images (map-only) and 16 (explainer-bound)"
 timeout 60 python3 scripts/benchmark_measures.py 64 --device cuda \
   --measures sparseness,complexity,pointing_game,energy_pointing_game

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from torch import nn
 
 from wsol_bench.models import disable_fused_attention
 
@@ -118,6 +119,20 @@ def installed_copy(tmp_path_factory, wheel) -> Path:
                     str(wheel)], check=True, timeout=600, capture_output=True)
     (target / "sitecustomize.py").write_text(HIDE_EDITABLE_INSTALL)
     return target
+
+
+class InputRecorder(nn.Module):
+    """A stand-in model for the perturbation engines' tests: keeps a copy of every input image
+    it is given; logits from the channel means."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs += list(x.clone())
+        return x.mean((2, 3)) @ self.weights
 
 
 class CommandResult:

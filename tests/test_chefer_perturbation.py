@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_vit
+from conftest import InputRecorder, make_vit
 from torch import nn
 
 from wsol_bench.datasets import EvalTransform, build_dataset
@@ -14,6 +14,7 @@ from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.chefer_perturbation import (
     PUBLISHED_STEPS,
     CheferSettings,
+    RemovalPlan,
     chefer_rows,
     explained_classes,
     pixel_counts,
@@ -122,6 +123,10 @@ def test_steps_that_remove_nothing_reuse_the_clean_pass() -> None:
                              CheferSettings(steps=(0.01, 0.5), test="positive", **HALF))
     assert out["positive"][0].tolist() == [1.0, 0.0]  # int(16 * 0.01) = 0 pixels: the clean image
     assert counter.samples == 2  # the clean image and the 0.5 step, nothing else
+    counter.samples = 0
+    nothing = score_chefer_batch(model, images, heat, torch.tensor([0]), CheferSettings(steps=(0.01, 0.05), **HALF),
+                                 clean_logits=torch.tensor([[1.0, 0.0]]))
+    assert counter.samples == 0 and nothing["positive"][0].tolist() == [1.0, 1.0]  # no step removes a pixel
 
 
 def synthetic_raw(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +192,12 @@ def test_equals_the_published_loop_on_the_shipped_model() -> None:
     heatmaps, _ = to_heatmaps(maps, (224, 224))
     counter = PassCounter(model)
     out = score_chefer_batch(model, images, heatmaps, labels, CheferSettings(batch_size=16), explanation.logits)
-    assert counter.samples == 3 * 18  # every perturbed input once, no clean pass
+    # Every distinct perturbed input once, no clean pass: where torch.topk picks the same tied
+    # pixels of the constant map and of its negation, its negative input is its positive one.
+    flat = heatmaps[1].flatten()[None]
+    shared = sum(torch.equal(torch.topk(flat, k).indices.sort().values, torch.topk(-flat, k).indices.sort().values)
+                 for k in pixel_counts(224 * 224, PUBLISHED_STEPS))
+    assert counter.samples == 3 * 18 - shared
     for test, neg in (("positive", False), ("negative", True)):
         clean, curve, area = published_loop(model, raw, heatmaps, labels, neg, mean, std)
         assert out["clean_correct"].tolist() == clean.tolist()
@@ -205,11 +215,113 @@ def test_batched_equals_one_image_at_a_time() -> None:
     maps = torch.rand(8, 4, 4)
     maps[3] = 1.0
     heatmaps, _ = to_heatmaps(maps, (32, 32))
+    heatmaps[5] = (heatmaps[5] * 4).round() / 4  # five levels: most cuts split a run of ties
+    heatmaps[6] = heatmaps[6].half().float()
     whole = score_chefer_batch(model, images, heatmaps, labels, CheferSettings(batch_size=7))
     singles = [score_chefer_batch(model, images[i:i + 1], heatmaps[i:i + 1], labels[i:i + 1],
                                   CheferSettings(batch_size=1)) for i in range(len(images))]
     for key, value in whole.items():
         assert torch.equal(value, torch.cat([s[key] for s in singles])), key
+
+
+def tied_maps(size: int) -> torch.Tensor:
+    """[7, size, size] maps whose step cuts fall inside runs of equal values: constant, zeros
+    of both signs, quantised to 5 and to 3 levels, float16-rounded, a few peaks on zeros (the
+    negative test cuts inside the zeros, the positive does not), and all values distinct."""
+    generator = torch.Generator().manual_seed(3)
+    smooth, _ = to_heatmaps(torch.rand(7, 4, 4, generator=generator), (size, size))
+    signed_zeros = torch.zeros(size * size)
+    signed_zeros[::3] = -0.0
+    peaks = torch.zeros(size * size)
+    count = size * size // 3
+    peaks[torch.randperm(size * size, generator=generator)[:count]] = 1.0 + torch.arange(count, dtype=torch.float32)
+    return torch.stack([torch.full((size, size), 0.3), signed_zeros.view(size, size),
+                        (smooth[2] * 4).round() / 4, (smooth[3] * 2).round() / 2, smooth[4].half().float(),
+                        peaks.view(size, size), torch.randperm(size * size, generator=generator).float().view(size, size)])
+
+
+@pytest.mark.parametrize("size", [16, 64, 224])
+def test_every_step_removes_torch_topks_pixels(size: int) -> None:
+    """The removal plan's pixels at every (test, step, image) are torch.topk's on that map
+    alone (P 91, one image per loader batch), for maps whose cuts split runs of ties; the
+    rank shortcut is taken where the cut is clean (all values distinct: no topk at all)."""
+    maps = tied_maps(size).flatten(1)
+    counts = pixel_counts(size * size, PUBLISHED_STEPS)
+    signed = {"positive": maps, "negative": -maps}  # P 83-84
+    plan = RemovalPlan(maps, counts, ("positive", "negative"), clean_pass=False)
+    for t, test in enumerate(("positive", "negative")):
+        for s, k in enumerate(counts):
+            for b in range(len(maps)):
+                job = int(plan.job[t, s, b])
+                chosen = torch.topk(signed[test][b:b + 1], k, dim=1).indices[0]
+                expected = torch.zeros(size * size, dtype=torch.bool).index_fill_(0, chosen, True)
+                assert torch.equal(plan.removed(job, job + 1)[0], expected), (test, k, b)
+                assert plan.owners[job] == b
+    distinct = [j for j in range(plan.total) if plan.owners[j] == len(maps) - 1]
+    assert len(distinct) == 18 and not any(j in plan.masks for j in distinct)
+
+
+def test_tied_maps_give_the_published_loops_rows() -> None:
+    """End to end on a model that reads 40 scattered pixels of an image of ones (so which tied
+    pixels go decides the prediction): the engine's rows equal the published loop's, one
+    image per loader batch and 4 per loader batch, on tied and untied maps."""
+    heat = tied_maps(32)
+    pixels = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(5))[:40].tolist()
+    model = PixelSetModel(pixels).eval()
+    raw, labels = torch.ones(len(heat), 3, 32, 32), torch.zeros(len(heat), dtype=torch.long)
+    out = score_chefer_batch(model, raw.clone(), heat, labels, CheferSettings(batch_size=5, **HALF))
+    for loader_batch in (1, 4):
+        for test, neg in (("positive", False), ("negative", True)):
+            clean, curve, area = published_loop(model, raw, heat, labels, neg, HALF["mean"], HALF["std"], loader_batch)
+            assert out["clean_correct"].tolist() == clean.tolist()
+            assert out[test].tolist() == curve.tolist(), (test, loader_batch)
+            assert out[f"auc_{test}"].mean().item() == pytest.approx(area, abs=1e-12)
+    assert 0 < out["positive"].mean() < 1 and 0 < out["negative"].mean() < 1  # the curves do move
+
+
+def test_every_input_is_the_published_loops_input_bit_for_bit() -> None:
+    """The engine's inputs, in chunks of 5 that split and mix images, are exactly the images
+    P builds (topk, scatter 0 into the [0, 1] image, normalise), image by image, positive then
+    negative, each distinct one once."""
+    model = InputRecorder().eval()
+    heat = tied_maps(16)
+    raw = torch.rand(len(heat), 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    images = normalize(raw.clone(), HALF["mean"], HALF["std"])
+    score_chefer_batch(model, images, heat, torch.zeros(len(heat), dtype=torch.long),
+                       CheferSettings(batch_size=5, **HALF), clean_logits=torch.zeros(len(heat), 4))
+    expected: list[torch.Tensor] = []
+    for b in range(len(heat)):
+        mine: list[torch.Tensor] = []
+        for sign in (1, -1):
+            for k in pixel_counts(256, PUBLISHED_STEPS):
+                idx = torch.topk(sign * heat[b:b + 1].reshape(1, -1), k, dim=-1).indices
+                data = raw[b:b + 1].clone().reshape(1, 3, -1).scatter_(-1, idx.unsqueeze(1).repeat(1, 3, 1), 0)
+                data = normalize(data.reshape(1, 3, 16, 16), HALF["mean"], HALF["std"])[0]
+                if not any(torch.equal(data, seen) for seen in mine):
+                    mine.append(data)
+        expected += mine
+    assert len(model.inputs) == len(expected)
+    for got, want in zip(model.inputs, expected):
+        assert torch.equal(got, want)
+
+
+def test_equal_inputs_go_through_the_model_once() -> None:
+    """Two steps with the same pixel count (int(16 * 0.1) = int(16 * 0.11) = 1) are one input;
+    a constant map's positive and negative inputs are one input where torch.topk picks the
+    same tied pixels of the map and of its negation."""
+    model, images, heat = top_row_case()
+    counter = PassCounter(model)
+    settings = CheferSettings(steps=(0.1, 0.11, 0.5), test="both", **HALF)
+    out = score_chefer_batch(model, images, heat, torch.tensor([0]), settings, clean_logits=model(images))
+    assert counter.samples == 1 + 2 * 2  # the clean_logits pass above, then counts 1 and 8 per test
+    assert out["positive"][0].tolist() == [1.0, 1.0, 0.0] and out["negative"][0].tolist() == [1.0, 1.0, 1.0]
+    constant = torch.full((1, 4, 4), 0.5)
+    flat = constant.flatten(1)
+    shared = sum(torch.equal(torch.topk(flat, k).indices.sort().values, torch.topk(-flat, k).indices.sort().values)
+                 for k in (1, 8))
+    counter.samples = 0
+    score_chefer_batch(model, images, constant, torch.tensor([0]), settings, clean_logits=torch.zeros(1, 2))
+    assert counter.samples == 4 - shared
 
 
 def test_rows_and_explained_classes() -> None:

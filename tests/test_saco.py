@@ -9,7 +9,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import make_vit
+from conftest import InputRecorder, make_vit
 from torch import nn
 from torch.nn.functional import avg_pool2d
 
@@ -264,6 +264,34 @@ def test_batched_equals_one_image_at_a_time_and_the_naive_reference():
         score, drops = naive_saco(model, images[b], heat[b], 10)
         torch.testing.assert_close(batched["drops"][b], torch.tensor(drops, dtype=torch.float64), atol=1e-5, rtol=0)
         assert batched["saco"][b].item() == pytest.approx(score, abs=1e-6)
+
+
+@pytest.mark.parametrize(("baseline", "grouping", "chunk"), [("mean", "pixel", 3), ((0.5, -1.0, 2.0), "patch", 4),
+                                                               (0.0, "pixel", 64)])
+def test_every_perturbed_input_is_the_image_with_its_subset_replaced(baseline, grouping, chunk):
+    """Bit for bit, in image-by-image order: image b with subset i set to the baseline, for
+    chunks that split one image's subsets and mix images; a constant map costs no input. Maps
+    float16-rounded and quantised, so subsets cut through ties."""
+    model = InputRecorder().eval()
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(4, 3, 16, 16, generator=generator)
+    heat = torch.rand(4, 16, 16, generator=generator)
+    heat[1] = (heat[1] * 3).round() / 3
+    heat[2] = heat[2].half().float()
+    heat[3] = 0.25
+    settings = SacoSettings(num_subsets=5, baseline=baseline, grouping=grouping, patch_size=4, batch_size=chunk)
+    out = score_saco_batch(model, images, heat, settings=settings, clean_logits=torch.zeros(4, 4))
+    subsets = salience_subsets(heat, 5, 4 if grouping == "patch" else None)
+    fill = images.mean((2, 3)) if baseline == "mean" else torch.tensor(baseline).expand(4, 3)
+    expected = []
+    for b in range(3):
+        for i in range(5):
+            perturbed = images[b].clone()
+            perturbed[:, subsets[b] == i] = fill[b][:, None]
+            expected.append(perturbed)
+    assert len(model.inputs) == len(expected) and out["degenerate"].tolist() == [False, False, False, True]
+    for got, want in zip(model.inputs, expected):
+        assert torch.equal(got, want)
 
 
 def test_clean_logits_are_reused():

@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -112,3 +113,23 @@ def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
+
+
+def alternate_timings(contenders: dict[str, Callable[[slice], object]], num_images: int, block: int, rounds: int,
+                      device: torch.device | str = "cpu") -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Seconds of every contender on every block of `block` images, the contenders taking turns
+    (their order reversed from one block to the next, so a change in the machine's load hits
+    all of them alike), and each one's outputs of the last round. For benchmark scripts."""
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    outputs: dict[str, list] = {name: [] for name in contenders}
+    order = list(contenders)
+    for r in range(rounds):
+        for start in range(0, num_images, block):
+            images = slice(start, min(start + block, num_images))
+            for name in order:
+                out, took = timed(partial(contenders[name], images), device)
+                seconds[name].append(took)
+                if r == rounds - 1:
+                    outputs[name].append(out)
+            order.reverse()
+    return seconds, outputs

@@ -12,10 +12,13 @@ its conventions below is followed and tested:
 - Which pixels: torch.topk(relevance, k) over the flattened map at pixel resolution (P 86, 91):
   the positive test removes the k most relevant pixels, the negative test the k least relevant,
   as topk of the negated map (P 83-84). Pixels tied at the cut are chosen the way torch.topk
-  chooses them, which is not a stable order (nor nested from one step to the next): the engine
-  calls torch.topk with the same k on the same values, so it removes the same pixels (a row's
-  choice does not depend on the other rows of the call; tested on CPU). This is on purpose a
-  different rule from the stable sort of `faithfulness.pixel_ranks`.
+  chooses them, which is not a stable order (nor nested from one step to the next). The engine
+  sorts each map once: where the k-th and (k+1)-th values differ, topk's k pixels are exactly
+  those at or above the k-th value, a comparison; only where the cut splits tied values does it
+  call torch.topk itself, with the same k on the same values, so it removes the same pixels (a
+  row's choice does not depend on the other rows of a call). Every step of tied, quantised and
+  float16-rounded maps is tested against topk. This is on purpose a different rule from the
+  stable sort of `faithfulness.pixel_ranks`.
 - Removal: every channel of a removed pixel is set to 0 in the unnormalised [0, 1] image
   (P 92-94), before normalisation (P 97); in the normalised input that is (0 - mean) / std
   per channel (-1 for mean = std = 0.5, the published ViT-B and the shipped model).
@@ -32,8 +35,11 @@ its conventions below is followed and tested:
 
 No input goes through the model twice: the clean point comes from the clean logits of the
 explanation pass (one extra pass per image when they are not given), a step that removes no
-pixel reuses it, and the perturbed inputs of all images, steps and tests are stacked and sent
-through the model `batch_size` at a time with the fused attention kernel.
+pixel reuses it, equal inputs of one image (steps with equal counts; a constant map's positive
+and negative steps where topk picks the same pixels) share a pass, and the distinct perturbed
+inputs of all images, steps and tests are built in one reused buffer and sent through the model
+`batch_size` at a time with the fused attention kernel. The model passes are most of the cost
+(scripts/benchmark_chefer_perturbation.py).
 """
 
 from __future__ import annotations
@@ -162,6 +168,102 @@ def curve_area(clean: torch.Tensor, curve: torch.Tensor, steps: tuple[float, ...
     return torch.trapezoid(y, x, dim=1)
 
 
+class RemovalPlan:
+    """The distinct perturbed inputs ("jobs") of a batch, and which job each (test, step,
+    image) is: `job` [tests, steps, B], -1 for a step that removes nothing (the clean image).
+
+    Where the k-th and (k+1)-th largest relevance differ, the k pixels torch.topk returns are
+    exactly those at or above the k-th value, whatever order tied pixels take, so one sort per
+    map turns such a step into a comparison with that threshold. Only a cut inside a run of tied
+    values asks torch.topk itself (the script's k on the script's values) and keeps its choice
+    as a mask. Equal inputs of one image (equal counts, or a constant map whose two tests remove
+    the same pixels) are one job. Jobs run image by image, so a chunk copies no image.
+    """
+
+    def __init__(self, relevance: torch.Tensor, counts: list[int], tests: tuple[str, ...], clean_pass: bool) -> None:
+        self.relevance = relevance  # [B, H*W]: the positive test ranks x, the negative -x (P 83-84)
+        self.owners: list[int] = []
+        self._signs: list[float] = []  # a job removes the pixels where sign * x >= its threshold
+        self._thresholds: list[float] = []
+        self.masks: dict[int, torch.Tensor] = {}  # job -> its pixels, for a cut inside a tie
+        self.clean_jobs: list[int] = []
+        self.job = torch.full((len(tests), len(counts), len(relevance)), -1, dtype=torch.long)
+        for b, edges in enumerate(self._cut_values(counts, tests)):
+            if clean_pass:
+                self.clean_jobs.append(self._add(b, 1.0, math.inf))
+            seen: dict[tuple, int] = {}
+            pairs = iter(zip(edges[0::2], edges[1::2]))
+            for t, test in enumerate(tests):
+                for s, k in enumerate(counts):
+                    if k > 0:
+                        self.job[t, s, b] = self._job(seen, b, test, k, *next(pairs))
+        self.total = len(self.owners)
+        self.signs, self.thresholds = (torch.tensor(v, dtype=relevance.dtype, device=relevance.device)
+                                       for v in (self._signs, self._thresholds))
+
+    def _cut_values(self, counts: list[int], tests: tuple[str, ...]) -> list[list[float]]:
+        """Per image, the two values of x on either side of every (test, k > 0) cut, flattened:
+        the k-th and (k+1)-th largest for the positive test, the k-th and (k+1)-th smallest
+        for the negative one (the k-th and (k+1)-th largest of -x, un-negated)."""
+        num_pixels = self.relevance.shape[1]
+        # stable only because it is the faster sort here: the order of ties never matters
+        descending = torch.sort(self.relevance, dim=1, descending=True, stable=True).values
+        cuts = [i for test in tests for k in counts if k > 0
+                for i in ((k - 1, k) if test == "positive" else (num_pixels - k, num_pixels - k - 1))]
+        return descending[:, cuts].tolist() if cuts else [[] for _ in range(len(descending))]
+
+    def _add(self, owner: int, sign: float, threshold: float, mask: torch.Tensor | None = None) -> int:
+        self.owners.append(owner)
+        self._signs.append(sign)
+        self._thresholds.append(threshold)
+        if mask is not None:
+            self.masks[len(self.owners) - 1] = mask
+        return len(self.owners) - 1
+
+    def _job(self, seen: dict[tuple, int], owner: int, test: str, k: int, kth: float, after: float) -> int:
+        """The job removing `test`'s k pixels of image `owner`, added unless `seen` has it."""
+        sign = 1.0 if test == "positive" else -1.0
+        if kth != after:  # -0.0 == 0.0: a cut between zeros of both signs is a tie
+            key, job = ("cut", test, k), (sign, sign * kth, None)
+        else:
+            mask = topk_mask(sign * self.relevance[owner:owner + 1], k)  # sign * x is -x exactly
+            key, job = ("tie", k, mask.cpu().numpy().tobytes()), (1.0, math.inf, mask)
+        if key not in seen:
+            seen[key] = self._add(owner, *job)
+        return seen[key]
+
+    def removed(self, first: int, last: int) -> torch.Tensor:
+        """Bool [last - first, H*W]: the pixels jobs first..last-1, all of one image, remove."""
+        row = self.relevance[self.owners[first]]
+        removed = row * self.signs[first:last, None] >= self.thresholds[first:last, None]
+        for j in range(first, last):
+            if j in self.masks:
+                removed[j - first] = self.masks[j]
+        return removed
+
+    def perturbed(self, images: torch.Tensor, fill: torch.Tensor, start: int, stop: int,
+                  out: torch.Tensor) -> torch.Tensor:
+        """The inputs of jobs start..stop-1 written into `out` [stop - start, C, H, W]: each
+        image with its removed pixels set to `fill`."""
+        height, width = images.shape[2:]
+        first = start
+        for j in range(start + 1, stop + 1):
+            if j == stop or self.owners[j] != self.owners[first]:
+                removed = self.removed(first, j).view(-1, 1, height, width)
+                torch.where(removed, fill, images[self.owners[first]], out=out[first - start:j - start])
+                first = j
+        return out
+
+
+def topk_mask(row: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [H*W]: torch.topk's k pixels of a [1, H*W] map, the same call as P 91, so ties
+    resolve the same way. On CPU `sorted` only orders the chosen pixels (TopKImpl.h picks them
+    by nth_element or partial_sort either way), so that sort is skipped; elsewhere the call is
+    the script's own."""
+    chosen = torch.topk(row, k, dim=1, sorted=row.device.type != "cpu").indices[0]
+    return torch.zeros(row.shape[1], dtype=torch.bool, device=row.device).index_fill_(0, chosen, True)
+
+
 @torch.inference_mode()
 def score_chefer_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, labels: torch.Tensor,
                        settings: CheferSettings | None = None,
@@ -188,43 +290,32 @@ def score_chefer_batch(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
         _check_targets(labels, clean_logits.shape[1])
     fill = removed_value(model, settings, channels, device)
     counts = pixel_counts(height * width, settings.steps)
-    # Relevance as P ranks it: the map for the positive test, its negation for the negative.
-    signed = {"positive": heatmaps.flatten(1), "negative": -heatmaps.flatten(1)}
+    plan = RemovalPlan(heatmaps.flatten(1), counts, settings.tests, clean_pass=clean_logits is None)
 
-    # One group per input kind, each holding the batch's images in order: the clean image (when
-    # its logits are not given), then every (test, step) that removes pixels. A step that
-    # removes nothing is the clean image and is not run.
-    groups = [("clean", -1, 0)] if clean_logits is None else []
-    groups += [(test, s, k) for test in settings.tests for s, k in enumerate(counts) if k > 0]
-    total = len(groups) * batch
-    top = torch.empty(total, dtype=torch.long, device=device)
+    # Every distinct input (each image's clean one first when its logits are not given),
+    # `batch_size` per forward pass; without clean logits the first pass tells the number of
+    # classes, so bad labels fail before the other passes.
+    top = torch.empty(plan.total, dtype=torch.long, device=device)
     chunk = settings.batch_size or default_batch_size(device)
+    buffer = torch.empty(min(chunk, plan.total), channels, height, width, device=device)  # reused: no new pages
     with fused_attention(model):  # outputs only: the fused kernel is faster
-        for start in range(0, total, chunk):
-            stop = min(start + chunk, total)
-            removed = torch.zeros(stop - start, height * width, dtype=torch.bool, device=device)
-            for g in range(start // batch, (stop - 1) // batch + 1):  # the groups this chunk holds
-                test, _, k = groups[g]
-                lo, hi = max(start, g * batch), min(stop, (g + 1) * batch)
-                if k:  # topk with the same k on the same values as P 91: ties resolve the same way
-                    chosen = torch.topk(signed[test][lo - g * batch:hi - g * batch], k, dim=1).indices
-                    removed[lo - start:hi - start].scatter_(1, chosen, True)
-            owners = torch.arange(start, stop, device=device) % batch
-            inputs = torch.where(removed.view(-1, 1, height, width), fill, images[owners])
-            logits = model(inputs).float()
-            if clean_logits is None and start == 0:  # bad labels fail before the other passes
+        for start in range(0, plan.total, chunk):
+            stop = min(start + chunk, plan.total)
+            logits = model(plan.perturbed(images, fill, start, stop, buffer[:stop - start])).float()
+            if clean_logits is None and start == 0:
                 _check_targets(labels, logits.shape[1])
             top[start:stop] = logits.max(1).indices  # as P 110: first index on ties
-    top = top.view(len(groups), batch).cpu()
-    predicted = {(test, s): top[g] for g, (test, s, _) in enumerate(groups)}
+    top = top.cpu()
 
     labels_cpu = labels.cpu()
-    clean_top = predicted[("clean", -1)] if clean_logits is None else clean_logits.max(1).indices.cpu()
+    clean_top = top[plan.clean_jobs] if clean_logits is None else clean_logits.max(1).indices.cpu()
     clean = (clean_top == labels_cpu).double()
     out: dict[str, torch.Tensor] = {"clean_correct": clean}
-    for test in settings.tests:
-        curve = torch.stack([(predicted[(test, s)] == labels_cpu).double() if k > 0 else clean
-                             for s, k in enumerate(counts)], dim=1)
+    for t, test in enumerate(settings.tests):
+        jobs = plan.job[t].T  # [B, steps]; -1: the clean image
+        predicted = clean_top[:, None].repeat(1, len(counts))
+        predicted[jobs >= 0] = top[jobs[jobs >= 0]]
+        curve = (predicted == labels_cpu[:, None]).double()
         out[test] = curve
         out[f"auc_{test}"] = curve_area(clean, curve, settings.steps)
     return out

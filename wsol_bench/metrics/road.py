@@ -31,12 +31,19 @@ Passes: the clean logits of the explanation pass are reused, so an image costs o
 image per (curve, percentile): 18 for the defaults (the library: 36, the clean image once per
 percentile and curve). The perturbed images of the whole batch are sent through the model
 `batch_size` at a time, with the fused attention kernel.
+
+Solves: a grid system costs the same whatever it removes, so an image's removal masks that are
+pairwise disjoint share one (`pack_disjoint`: MoRF at p with LeRF at 100 - p, 9 to 10 systems
+for the 18 default inputs instead of 18), each mask one part of it, solved exactly as alone.
+On CPU, chunks of systems are solved by one single-threaded solver thread per torch thread
+(`map_in_threads`), in order, while the model scores the finished ones.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import closing
 
 import torch
 from torch import nn
@@ -44,7 +51,7 @@ from torch import nn
 from wsol_bench.errors import SettingError
 from wsol_bench.metrics.faithfulness import _check_inputs as check_perturbation_inputs
 from wsol_bench.metrics.faithfulness_settings import default_batch_size
-from wsol_bench.metrics.road_imputation import solve_imputation
+from wsol_bench.metrics.road_imputation import map_in_threads, solve_imputation, solver_threads
 from wsol_bench.metrics.road_settings import (  # noqa: F401  (re-exported: one import for users)
     ACCELERATOR_SOLVE_BATCH_SIZE,
     DEFAULT_PERCENTILES,
@@ -188,41 +195,74 @@ def road_scores(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, 
             raise SettingError(f"clean_logits {tuple(clean_logits.shape)} must be [B={batch}, classes]")
         _check_targets(targets, clean_logits.shape[1])
         chunk = settings.solve_batch_size or SOLVE_BATCH_SIZE.get(device.type, ACCELERATOR_SOLVE_BATCH_SIZE)
-        pending: list[tuple[int, int, torch.Tensor | None]] = []
+        systems: list[tuple[int, list[int], list[torch.Tensor | None]]] = []
         for b in range(batch):
             generator = torch.Generator().manual_seed(seeds[b]) if settings.noise else None
-            for j in range(counts.shape[1]):
-                draw = noise_draw(generator, int(counts[b, j]), channels) if generator is not None else None
-                pending.append((b, j, draw))
-                if len(pending) == chunk:
-                    passes.add(*_impute(images, masks, masks_cpu, pending, settings.noise))
-                    pending = []
-        if pending:
-            passes.add(*_impute(images, masks, masks_cpu, pending, settings.noise))
+            # the library's draw order: every input of the image, in slot order, before packing
+            draws = [noise_draw(generator, int(count), channels) if generator is not None else None
+                     for count in counts[b].tolist()]
+            systems += [(b, slots, [draws[j] for j in slots]) for slots in pack_disjoint(masks[b], counts[b])]
+        chunks = [systems[s:s + chunk] for s in range(0, len(systems), chunk)]
+        solved = map_in_threads(lambda jobs: _impute(images, masks, masks_cpu, jobs, settings.noise), chunks,
+                                solver_threads(device))
+        with closing(solved):  # on an error: the solver threads stop and the thread count is restored
+            for inputs in solved:
+                passes.add(*inputs)
         passes.flush()
     return _summarise(scores.cpu(), target_scores(clean_logits, targets, settings.score).cpu(), counts,
                       settings, height * width)
 
 
+def pack_disjoint(masks: torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
+    """Slots of one image's removal masks [J, H, W] grouped into grid systems: each group's
+    masks are pairwise disjoint, so one factorisation serves them all (a grid system costs
+    the same however many pixels it removes). First fit, largest mask first: MoRF at p takes
+    LeRF at 100 - p, its near complement. Masks removing every pixel stay alone (unsolvable)."""
+    total = masks[0].numel()
+    order = sorted(range(len(counts)), key=lambda j: -int(counts[j]))
+    systems: list[tuple[list[int], torch.Tensor, int]] = []  # slots, union of their masks, count
+    for j in order:
+        count = int(counts[j])
+        for i, (slots, union, used) in enumerate(systems):
+            if used + count <= total and used < total and count < total and not (union & masks[j]).any():
+                systems[i] = (slots + [j], union | masks[j], used + count)
+                break
+        else:
+            systems.append(([j], masks[j].clone(), count))
+    return [sorted(slots) for slots, _, _ in systems]
+
+
 def _impute(images: torch.Tensor, masks: torch.Tensor, masks_cpu: torch.Tensor | None,
-            jobs: list[tuple[int, int, torch.Tensor | None]], noise: float
+            systems: list[tuple[int, list[int], list[torch.Tensor | None]]], noise: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The perturbed inputs of `jobs` (image, input slot, noise draw): solved, rounded to
-    float32, noise added at the removed pixels. -> (inputs, owners, slots)."""
-    owners = torch.tensor([b for b, _, _ in jobs], device=images.device)
-    slots = torch.tensor([j for _, j, _ in jobs], device=images.device)
-    removed = masks[owners, slots]
-    values = torch.zeros(len(jobs), *images.shape[1:], device=images.device)
-    solvable = ~removed.flatten(1).all(1)  # every pixel removed: 0, the library's solution there
+    """The perturbed inputs of `systems` (image, its input slots, their noise draws): each
+    system's slots solved as the parts of one grid system, rounded to float32, noise added
+    at the removed pixels. -> (inputs, owners, slots), one input per slot."""
+    device = images.device
+    owners = torch.tensor([b for b, slots, _ in systems], device=device)
+    height, width = masks.shape[-2:]
+    parts = torch.zeros(len(systems), height, width, dtype=torch.int64, device=device)
+    for i, (b, slots, _) in enumerate(systems):
+        for label, j in enumerate(slots, 1):
+            parts[i][masks[b, j]] = label
+    # a lone part removing every pixel has nothing to impute from: 0, the library's solution there
+    solvable = ~(parts != 0).flatten(1).all(1) | (parts.flatten(1).amax(1) > 1)
+    values = torch.zeros(len(systems), *images.shape[1:], device=device)
     if solvable.any():
-        values[solvable] = solve_imputation(images[owners[solvable]], removed[solvable]).float()
+        values[solvable] = solve_imputation(images[owners[solvable]], parts[solvable]).float()
+    row = torch.tensor([i for i, (_, slots, _) in enumerate(systems) for _ in slots], device=device)
+    input_owners = owners[row]
+    input_slots = torch.tensor([j for _, slots, _ in systems for j in slots], device=device)
+    removed = masks[input_owners, input_slots]
+    values = values[row]  # every part's own solution sits at its removed pixels
     if noise:
-        noise_field = torch.zeros(len(jobs), images.shape[1], removed[0].numel())
-        for i, (b, j, draw) in enumerate(jobs):
+        noise_field = torch.zeros(len(row), images.shape[1], removed[0].numel())
+        draws = [(b, j, draw) for b, slots, system_draws in systems for j, draw in zip(slots, system_draws)]
+        for i, (b, j, draw) in enumerate(draws):
             noise_field[i][:, masks_cpu[b, j].flatten()] = draw  # removed pixels in row-major order
         # float32 as the library: solution + (noise * draw), the product rounded first
-        values = values + noise_field.view(values.shape).to(images.device) * noise
-    return torch.where(removed[:, None], values, images[owners]), owners, slots
+        values = values + noise_field.view(values.shape).to(device) * noise
+    return torch.where(removed[:, None], values, images[input_owners]), input_owners, input_slots
 
 
 def _summarise(scores: torch.Tensor, clean: torch.Tensor, counts: torch.Tensor, settings: RoadSettings,

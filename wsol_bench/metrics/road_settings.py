@@ -13,9 +13,10 @@ from wsol_bench.errors import SettingError
 ORDERS = {"both": ("lerf", "morf"), "morf": ("morf",), "lerf": ("lerf",)}  # library order: LeRF first
 SCORES = ("softmax", "logit")
 DEFAULT_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # ROADCombined's default
-# Imputation systems factored together. On CPU small stacks win (the fronts of 6 systems at
-# 224 x 224, ~45 MB each, stay nearer the caches: ~95 ms a system at 6, ~125 at 18 on 1 core);
-# accelerators want large batches.
+# Grid systems factored together (each holds one to a few disjoint inputs, see road.py). On
+# CPU small stacks win: each solver thread factors its own stack single-threaded, and the
+# fronts of a few 224 x 224 systems (~45 MB each in float32) stay nearer the caches; 2 to 10
+# measured alike within the load's noise. Accelerators want large batches.
 SOLVE_BATCH_SIZE = {"cpu": 6}
 ACCELERATOR_SOLVE_BATCH_SIZE = 256
 
@@ -29,8 +30,8 @@ class RoadSettings:
     "morf" or "lerf". noise: standard deviation of the Gaussian noise added to imputed pixels
     (in the normalised input). seed: the noise seed of every image unless `road_scores` gets
     per-image seeds. score: "softmax" or "logit". batch_size: perturbed images per forward
-    pass; solve_batch_size: imputation systems solved together (None: the device's default;
-    neither changes the numbers beyond the float rounding of the model).
+    pass; solve_batch_size: grid systems (each one to a few inputs) solved together (None: the
+    device's default; neither changes the numbers beyond the float rounding of the model).
     """
 
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES

@@ -24,8 +24,8 @@ Definition (each step is tested):
   and none of its subsets goes through the model.
 
 Cost: K perturbed inputs per image (10 by default) and no clean pass when the clean logits of
-the explanation pass are given; they are stacked across the batch and sent through the model
-`batch_size` at a time with the fused attention kernel. SaCo depends only on the order of the
+the explanation pass are given; they are stacked across the batch, built in one reused buffer
+and sent through the model `batch_size` at a time with the fused attention kernel. SaCo depends only on the order of the
 perturbed probabilities (the clean probability is common to all d_i of an image), so clean
 logits from the explicit attention path change no coefficient.
 """
@@ -191,15 +191,31 @@ def _fill(settings: SacoSettings, images: torch.Tensor) -> torch.Tensor:
 
 def _run_jobs(model: nn.Module, images: torch.Tensor, subsets: torch.Tensor, fill: torch.Tensor,
               owners: torch.Tensor, perturbed: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Logits [jobs, classes] of image owners[j] with subset perturbed[j] replaced (-1: none)."""
+    """Logits [jobs, classes] of image owners[j] with subset perturbed[j] replaced (-1: none),
+    `chunk` jobs per pass, each chunk's inputs written into one reused buffer (no new pages)."""
     outputs = []
+    buffer = torch.empty(min(chunk, len(owners)), *images.shape[1:], dtype=images.dtype, device=images.device)
+    owner_list = owners.tolist()
     with fused_attention(model):  # these passes need no attention maps: the fused kernel is faster
-        for start in range(0, len(owners), chunk):
-            owner, subset = owners[start:start + chunk], perturbed[start:start + chunk]
-            mask = (subsets[owner] == subset[:, None, None])[:, None]
-            values = fill[owner] if fill.shape[0] > 1 else fill
-            outputs.append(model(torch.where(mask, values, images[owner])).float())
+        for start in range(0, len(owner_list), chunk):
+            stop = min(start + chunk, len(owner_list))
+            inputs = _perturbed(images, subsets, fill, owner_list, perturbed, start, stop, buffer[:stop - start])
+            outputs.append(model(inputs).float())
     return torch.cat(outputs)
+
+
+def _perturbed(images: torch.Tensor, subsets: torch.Tensor, fill: torch.Tensor, owners: list[int],
+               perturbed: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Jobs start..stop-1 written into `out`. Jobs come image by image, so each run of one
+    image's jobs is built from that image by broadcasting, with no copy of it per job."""
+    first = start
+    for j in range(start + 1, stop + 1):
+        if j == stop or owners[j] != owners[first]:
+            b = owners[first]
+            mask = (subsets[b] == perturbed[first:j, None, None])[:, None]
+            torch.where(mask, fill[b if fill.shape[0] > 1 else 0], images[b], out=out[first - start:j - start])
+            first = j
+    return out
 
 
 def _scored_classes(clean_logits: torch.Tensor, targets: torch.Tensor | None,

@@ -5,6 +5,7 @@ from wsol_bench.models import shipped
 from wsol_bench.models.attention import (
     UnsupportedModelError,
     disable_fused_attention,
+    forward_alone,
     fused_attention,
     switch_off_fused,
 )
@@ -24,7 +25,7 @@ from wsol_bench.models.loading import (
 )
 
 __all__ = ["DataConfig", "ModelLoadError", "UnsupportedModelError", "architecture_data_config", "attention_size",
-           "data_config", "disable_fused_attention", "fused_attention", "head_classes", "load_model", "load_weights_only", "map_grid",
+           "data_config", "disable_fused_attention", "forward_alone", "fused_attention", "head_classes", "load_model", "load_weights_only", "map_grid",
            "patch_grid", "pretrained_file", "read_checkpoint", "shipped", "shipped_weights_path",
            "switch_off_fused"]
 

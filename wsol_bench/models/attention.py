@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from wsol_bench.errors import UserError
@@ -52,3 +53,15 @@ def disable_fused_attention(model: nn.Module) -> int:
     matrix; returns how many modules were switched. Raises if one cannot be switched."""
     switched = [switch_off_fused(m, f"{type(model).__name__}.{name}") for name, m in model.named_modules()]
     return sum(s is not None for s in switched)
+
+
+@torch.inference_mode()
+def forward_alone(model: nn.Module, images: torch.Tensor, batch: int, count: int) -> int:
+    """`count` images (`images` repeated as needed) through the model alone, `batch` per pass,
+    fused attention; returns the number of images passed. A benchmark's bound: what the model's
+    forward passes cost without the work around them."""
+    inputs = images[torch.arange(count) % len(images)]
+    with fused_attention(model):
+        for start in range(0, count, batch):
+            model(inputs[start:start + batch])
+    return count

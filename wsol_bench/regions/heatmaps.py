@@ -34,3 +34,17 @@ def to_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor
 def binarize(heatmaps: torch.Tensor, threshold: float) -> torch.Tensor:
     """heatmap > threshold (strictly greater, as the AG-CAM and wsolevaluation code do)."""
     return heatmaps > threshold
+
+
+def explained_heatmaps(explainer, images: torch.Tensor, targets: torch.Tensor, chunk: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`explainer`'s heatmaps [N, H, W] of `images` [N, 3, H, W] for `targets`, `chunk` images
+    per call, with their degenerate flags [N] and the logits [N, K] of the explanation pass (a
+    benchmark's inputs: the maps a run would score, and the clean logits it reuses)."""
+    maps, logits = [], []
+    for start in range(0, len(images), chunk):
+        explanation = explainer(images[start:start + chunk], targets[start:start + chunk])
+        maps.append(explanation.maps)
+        logits.append(explanation.logits)
+    heatmaps, degenerate = to_heatmaps(torch.cat(maps), tuple(images.shape[2:]))
+    return heatmaps, degenerate, torch.cat(logits)
