@@ -120,6 +120,7 @@ def one_process(tmp_path_factory) -> Path:
     return _run_here([*RUN, "scoring_workers=0", f"store.root={tmp / 'cache'}"], tmp / "run")
 
 
+@pytest.mark.slow  # torchrun starts two processes: `pytest -m slow` (CI runs it)
 def test_torchrun_with_two_cpu_processes_gives_the_one_process_run(one_process, tmp_path):
     """torchrun --nproc-per-node=2 (gloo): each rank explains and scores its half of the shards
     into the shared store, rank 0 writes one run folder, in the folder both ranks named from
@@ -143,6 +144,7 @@ def test_torchrun_with_two_cpu_processes_gives_the_one_process_run(one_process, 
     assert run_json["ranks"] == 2
 
 
+@pytest.mark.slow  # scoring worker processes (with the torchrun test's one-process run): `pytest -m slow` (CI runs it)
 def test_scoring_workers_give_the_in_process_numbers(one_process, tmp_path):
     """The model-free scorers in two worker processes, reading the maps the reference stored:
     the same bytes as scoring in the main process."""

@@ -302,6 +302,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow  # four runs as processes in their own namespace: `pytest -m slow` (CI runs it)
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="no unprivileged mount namespace to make a small tmpfs")
 def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_with_space_resumes(tmp_path):
     """A real small file system (tmpfs in a private mount namespace) under the map store, then

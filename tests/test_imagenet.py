@@ -4,7 +4,6 @@ boxes, multi-box images, and every kind of bad input (each with its own test).""
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,9 +321,7 @@ def test_real_three_image_tree_in_each_layout(tmp_path: Path, shared_data: Path,
 
 def test_full_wsol_metadata_parses(shared_data: Path) -> None:
     meta = shared_data / "wsolevaluation-metadata" / "ILSVRC" / "test"
-    start = time.perf_counter()
     annotations, problems = read_wsol_metadata(meta)
-    seconds = time.perf_counter() - start
     counts = [len(a.boxes) for a in annotations.values()]
     assert problems == [] and len(annotations) == 50_000
     assert sum(counts) == 80_477 and sum(c > 1 for c in counts) == 11_715 and max(counts) == 20
@@ -335,7 +332,6 @@ def test_full_wsol_metadata_parses(shared_data: Path) -> None:
     sizes = np.array([a.size for a in annotations.values() for _ in a.boxes])
     assert (boxes[:, :2] >= 0).all()
     assert (boxes[:, 2] <= sizes[:, 0] - 1).all() and (boxes[:, 3] <= sizes[:, 1] - 1).all()
-    assert seconds < 20  # about half a second on one core; the bound only catches a pathological slowdown
 
 
 def test_full_metadata_with_three_present_images(tmp_path: Path, shared_data: Path) -> None:

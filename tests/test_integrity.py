@@ -330,6 +330,7 @@ def test_report_refuses_edited_inputs(tmp_path, capsys):
 # -- kill -9 at random moments ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs started and SIGKILLed as processes, again and again: `pytest -m slow` (CI runs it)
 def test_runs_killed_at_random_moments_finish_identical_to_an_uninterrupted_run(tmp_path, command):
     """Three kills (SIGKILL) of real runs at seeded points: while the first shards are explained
     and scored (ABPC), half way, and while the outputs are written; each rerun into the same

@@ -20,6 +20,9 @@ from wsol_bench.run.runner import run as run_benchmark
 
 # a run of a few seconds: 4 synthetic images, no progress bars, no gallery figure
 # every image counts, so each table holds the 4 images whatever the shipped model predicts
+# every test starts a sweep's jobs as processes: `pytest -m slow` (CI runs them)
+pytestmark = pytest.mark.slow
+
 TINY = ["dataset.params.num_images=4", "metric.image_filter=all", "progress=false", "gallery_images=0"]
 BAD_BATCH = "batch_size=0 must be at least 1"  # the one-line user error of a job with batch_size=0
 

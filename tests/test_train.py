@@ -555,6 +555,7 @@ def test_bad_types_and_keys_are_refused_when_composing(monkeypatch, capsys, tmp_
 # ---------------------------------------------------------------- the shipped model's recipe script
 
 
+@pytest.mark.slow  # a script end to end: `pytest -m slow` (CI runs it)
 def test_train_synthetic_script_trains_and_installs_without_paths(tmp_path, monkeypatch):
     """scripts/train_synthetic.py (shrunk by overrides): one run of the recipe at the input size,
     its weights installed byte for byte, and the installed record names no folder of this machine."""
