@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import numpy as np
 import torch
 from torch import nn
 
 from wsol_bench.datasets import EvalTransform, build_dataset
-from wsol_bench.environment import alternate_timings
+from wsol_bench.environment import alternate_timings, speed_lines
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.chefer_perturbation import (
     CheferSettings,
@@ -184,14 +183,7 @@ def main() -> None:
               f"{counted / total['script']:8.2f} img/s")
     print(f"  batched engine, chunks of {chunk:<3d} ({passes:.2f} passes/image)       "
           f"{counted / total['engine']:8.2f} img/s")
-    ratios = sorted(r / e for r, e in zip(seconds["reference"], seconds["engine"]))
-    print(f"  engine / published loop: {total['reference'] / total['engine']:.2f}x over all blocks; per block "
-          f"median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}x to {ratios[-1]:.2f}x")
-    rate_1 = counted / total["model_batch_1"]
-    rate_chunk = len(seconds["model_chunk"]) * 2 * chunk / total["model_chunk"]
-    print(f"  model alone: {rate_1:.1f} img/s at batch 1, {rate_chunk:.1f} at batch {chunk} -> at most "
-          f"{rate_1 / 20:.2f} img/s for the loop, {rate_chunk / passes:.2f} for the engine, "
-          f"{rate_chunk / passes / (rate_1 / 20):.2f}x between them")
+    print("\n".join(speed_lines(seconds, counted, chunk, "published loop", 20, passes)))
     joined = {name: {key: np.concatenate([part[key] for part in outputs[name]]) for key in outputs[name][0]}
               for name in ("reference", "engine", *(("script",) if args.script_batch else ()))}
     for line in compare(joined["reference"], joined["engine"]):

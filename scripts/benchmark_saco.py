@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 from torch import nn
 from torch.nn.functional import avg_pool2d
 
 from wsol_bench.datasets.synthetic import synthetic_model_inputs
-from wsol_bench.environment import alternate_timings
+from wsol_bench.environment import alternate_timings, speed_lines
 from wsol_bench.methods import get_explainer
 from wsol_bench.metrics.faithfulness import default_batch_size
 from wsol_bench.metrics.saco import SacoSettings, model_patch_size, score_saco_batch
@@ -139,14 +138,7 @@ def score_method(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor,
           f"{int((~valid).sum())} degenerate")
     print(f"  reference (batch 1, {k + 1} passes/image)      {counted / total['reference']:8.2f} img/s")
     print(f"  batched   (chunks of {chunk:<3d}, {k} passes/image) {counted / total['engine']:8.2f} img/s")
-    ratios = sorted(r / e for r, e in zip(seconds["reference"], seconds["engine"]))
-    print(f"  engine / reference: {total['reference'] / total['engine']:.2f}x over all blocks; per block median "
-          f"{statistics.median(ratios):.2f}x, range {ratios[0]:.2f}x to {ratios[-1]:.2f}x")
-    rate_1 = counted / total["model_batch_1"]
-    rate_chunk = len(seconds["model_chunk"]) * 2 * chunk / total["model_chunk"]
-    print(f"  model alone: {rate_1:.1f} img/s at batch 1, {rate_chunk:.1f} at batch {chunk} -> at most "
-          f"{rate_1 / (k + 1):.2f} img/s for the reference, {rate_chunk / k:.2f} for the engine, "
-          f"{rate_chunk / k / (rate_1 / (k + 1)):.2f}x between them")
+    print("\n".join(speed_lines(seconds, counted, chunk, "reference", k + 1, k)))
     print(f"  largest per-image |drop reference - batched| {drop_gap:.2e}, |SaCo reference - batched| {saco_gap:.2e}")
     assert drop_gap < 1e-4, f"batched drops differ from the reference by {drop_gap:.2e}"
 

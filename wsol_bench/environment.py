@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -133,3 +134,21 @@ def alternate_timings(contenders: dict[str, Callable[[slice], object]], num_imag
                     outputs[name].append(out)
             order.reverse()
     return seconds, outputs
+
+
+def speed_lines(seconds: dict[str, list[float]], counted: int, chunk: int, reference: str, reference_passes: float,
+                engine_passes: float) -> list[str]:
+    """A benchmark's ratio and bound lines from `alternate_timings`' seconds of the contenders
+    "reference", "engine", "model_batch_1" (the model alone on the reference's images, one per
+    pass) and "model_chunk" (2 x `chunk` images, `chunk` per pass): the engine's speed-up over
+    the whole run and per block, and the most each side could reach at the model's own rate."""
+    total = {name: sum(values) for name, values in seconds.items()}
+    ratios = sorted(r / e for r, e in zip(seconds["reference"], seconds["engine"]))
+    rate_1 = counted / total["model_batch_1"]
+    rate_chunk = len(seconds["model_chunk"]) * 2 * chunk / total["model_chunk"]
+    bound_reference, bound_engine = rate_1 / reference_passes, rate_chunk / engine_passes
+    return [(f"  engine / {reference}: {total['reference'] / total['engine']:.2f}x over all blocks; per block median "
+            f"{statistics.median(ratios):.2f}x, range {ratios[0]:.2f}x to {ratios[-1]:.2f}x"),
+            (f"  model alone: {rate_1:.1f} img/s at batch 1, {rate_chunk:.1f} at batch {chunk} -> at most "
+            f"{bound_reference:.2f} img/s for the {reference}, {bound_engine:.2f} for the engine, "
+            f"{bound_engine / bound_reference:.2f}x between them")]
