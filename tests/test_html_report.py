@@ -176,3 +176,18 @@ def test_cells_carry_their_values_and_every_table_appears(real_run):
     assert page.index("<h3>ranking.csv</h3>") > rankings and 'data-value="1.5">1.50</td>' in page
     assert "<td>1 to 2</td>" in page  # a rank's interval by its ends: it is far from symmetric
     assert page.index("<h3>ranking.csv</h3>") < page.index('<h2 id="other-tables">')
+
+
+def test_the_sweep_table_is_shown_in_percent_with_its_intervals(real_run):
+    """sweep.csv holds fractions; the page shows its scores in percent with "± half-width", as
+    every other table, and the mean number of boxes with its decimals (not rounded as a count)."""
+    page = (real_run / "report.html").read_text()
+    sweep = pd.read_csv(real_run / "sweep.csv")
+    row = sweep.iloc[len(sweep) // 2]
+    start = page.index("<h3>sweep.csv</h3>")
+    block = page[start:page.index("<h3>", start + 1)]
+    assert "Scores in percent here" in block and 'title="click to sort by mean boxes">mean boxes</th>' in block
+    iou = interval_text("box_iou", row["box_iou"] * 100, row["box_iou ci_lo"] * 100, row["box_iou ci_hi"] * 100)
+    assert "±" in iou and f">{iou}</td>" in block
+    boxes = interval_text("mean boxes", row["n_pred_boxes"], row["n_pred_boxes ci_lo"], row["n_pred_boxes ci_hi"])
+    assert f">{boxes}</td>" in block

@@ -22,7 +22,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader
 
 from wsol_bench.files import atomic_write_text
-from wsol_bench.metrics.bootstrap import bound_names, is_bound_column
+from wsol_bench.metrics.bootstrap import CI_HI, CI_LO, bound_names, is_bound_column
 from wsol_bench.report.compare import (
     DEFAULT_TOLERANCE,
     Comparison,
@@ -37,6 +37,9 @@ from wsol_bench.report.table_format import MISSING, formatted_cells
 
 REPORT_FILE = "report.html"
 COMPARE_FILE = "compare.html"
+SWEEP = "sweep"  # sweep.csv's table: fractions, shown in percent
+SWEEP_CAPTION = "Scores in percent here (fractions in sweep.csv); mean boxes: predicted boxes per image."
+MEAN_BOXES_FROM, MEAN_BOXES = "n_pred_boxes", "mean boxes"
 COMPARE = "compare"  # the paired comparisons (run_tables' key), shown as significance matrices
 RANKINGS = ("ranking", "agreement")
 # "localization" holds the rows of "table" (table.csv) without the other scorers' columns
@@ -161,9 +164,21 @@ def significance_sentence(run: RunFolder) -> str:
 
 def other_tables(tables: dict[str, pd.DataFrame]) -> list[HtmlTable]:
     """Every table not drawn in a section of its own, in the order `run_tables` gives them, each
-    titled by the file it is written to."""
+    titled by the file it is written to (sweep.csv in percent, `sweep_view`)."""
     dedicated = {*VARIANTS, *RANKINGS, *(k for k, v in SHOWN_WITH.items() if v in tables)}
-    return [html_table(f"{name}.csv", frame) for name, frame in tables.items() if name not in dedicated]
+    return [html_table(f"{name}.csv", frame) if name != SWEEP else
+            html_table(f"{name}.csv", sweep_view(frame), caption=SWEEP_CAPTION)
+            for name, frame in tables.items() if name not in dedicated]
+
+
+def sweep_view(frame: pd.DataFrame) -> pd.DataFrame:
+    """sweep.csv as the page shows it: its scores (fractions in the CSV) in percent, like every
+    other table, and the mean number of boxes with its decimals (not a count to round)."""
+    view = frame.copy()
+    for column in view.columns:
+        if str(column).startswith(("box_", "mask_")):
+            view[column] = view[column] * 100
+    return view.rename(columns={f"{MEAN_BOXES_FROM}{end}": f"{MEAN_BOXES}{end}" for end in ("", CI_LO, CI_HI)})
 
 
 def _inline_png(path: Path) -> Figure:
